@@ -1,0 +1,195 @@
+"""The electrostatic embedding of the ML zone: which MM charges it sees, where, and with which scale.
+
+This module is the single definition of the environment. The ML client and the QM/MM reference-data
+generator both call :func:`select_environment` + :func:`embedded_charges`, so training data and simulation
+see exactly the same point charges.
+
+Scheme (standard residue-based QM/MM cutoff, made smooth):
+
+* MM atoms are grouped by residue (water molecule, amino acid, ion); a residue is embedded whole or not at
+  all, so every embedded group carries its (near-)integer charge.
+* A residue's distance to ML atom ``i`` is measured from the residue's geometric centre, ``r_im``.
+* ``S(r)`` is a quintic switch, 1 below ``cutoff - width``, 0 above ``cutoff`` (C2-continuous).
+* The residue's scale is ``s_m = 1 - prod_i (1 - S(r_im))``: 1 as soon as any ML atom is inside the inner
+  radius, 0 when all are beyond the cutoff, smooth in between. All its charges are multiplied by ``s_m``.
+* Periodic boxes: each residue is made whole and placed at its minimum image relative to the ML-zone
+  centroid. This image is the right one for every ML atom as long as ``cutoff + zone radius`` is below half
+  the shortest box width, which is checked.
+
+Units are internal (nm, e, kJ/mol). Selection (discrete) is numpy without gradients; the scales and the
+imaged positions are torch and differentiable, so forces on MM atoms come out of autograd.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.spatial import cKDTree
+
+from driver.errors import SetupError
+from driver.units import COULOMB_KJMOL_NM
+
+
+@dataclass(frozen=True)
+class MMEnvironment:
+    """Static description of the MM point charges, read once from the OpenMM system.
+
+    charges: (n_atoms,) partial charges (e) of every atom of the system (ML entries are ignored).
+    residue: (n_atoms,) residue id of every atom.
+    ml_indices: (n_ml,) atom indices of the ML zone.
+    cutoff, switch_width: nm.
+    """
+
+    charges: np.ndarray
+    residue: np.ndarray
+    ml_indices: np.ndarray
+    cutoff: float = 1.2
+    switch_width: float = 0.2
+
+    def __post_init__(self):
+        n = len(self.charges)
+        if len(self.residue) != n:
+            raise SetupError(f"charges ({n}) and residue ids ({len(self.residue)}) differ in length")
+        if len(self.ml_indices) == 0:
+            raise SetupError("the ML zone is empty; give a selection that matches at least one atom")
+        if not 0.0 <= self.switch_width <= self.cutoff:
+            raise SetupError(f"switch width {self.switch_width} nm must lie in [0, cutoff={self.cutoff} nm]")
+        is_ml = np.zeros(n, bool)
+        is_ml[self.ml_indices] = True
+        # MM atoms only, grouped: residues that contain ML atoms keep their MM atoms as their own group
+        mm = np.flatnonzero(~is_ml)
+        groups, gid = np.unique(self.residue[mm], return_inverse=True)
+        order = np.argsort(gid, kind="stable")
+        object.__setattr__(self, "_mm_atoms", mm[order])            # MM atoms sorted by group
+        object.__setattr__(self, "_mm_group", gid[order])           # group id of each
+        counts = np.bincount(gid, minlength=len(groups))
+        object.__setattr__(self, "_group_start", np.concatenate([[0], np.cumsum(counts)]))
+        object.__setattr__(self, "_n_groups", len(groups))
+
+    @property
+    def n_groups(self) -> int:
+        return self._n_groups
+
+
+@dataclass
+class Selection:
+    """The discrete part of one frame's embedding (no gradients; valid for that frame's geometry).
+
+    atoms: (M,) indices of embedded MM atoms; group: (M,) local group id (0..G-1) of each;
+    shift: (M,3) nm, constant offset (whole-residue + periodic image) added to those atoms' positions;
+    pair_ml, pair_group: ML-atom (0..n_ml-1) / local group pairs whose centre distance is below the cutoff.
+    """
+
+    atoms: np.ndarray
+    group: np.ndarray
+    shift: np.ndarray
+    pair_ml: np.ndarray
+    pair_group: np.ndarray
+    n_groups: int
+
+
+def _min_image(d: np.ndarray, box: np.ndarray) -> np.ndarray:
+    """Minimum-image displacement for (triclinic) box vectors as rows."""
+    frac = d @ np.linalg.inv(box)
+    return (frac - np.round(frac)) @ box
+
+
+def _half_min_width(box: np.ndarray) -> float:
+    vol = abs(np.linalg.det(box))
+    a, b, c = box
+    return 0.5 * min(vol / np.linalg.norm(np.cross(b, c)), vol / np.linalg.norm(np.cross(c, a)),
+                     vol / np.linalg.norm(np.cross(a, b)))
+
+
+def select_environment(env: MMEnvironment, positions: np.ndarray, box: np.ndarray | None) -> Selection:
+    """Choose the embedded MM residues for one frame. positions (n_atoms,3) nm; box rows nm or None."""
+    positions = np.asarray(positions, dtype=np.float64)
+    ml = positions[env.ml_indices]
+    if not np.all(np.isfinite(positions)):
+        raise SetupError("positions contain NaN or inf")
+    mm_atoms, mm_group = env._mm_atoms, env._mm_group
+    x = positions[mm_atoms]
+    shift = np.zeros_like(x)
+    if box is not None:
+        box = np.asarray(box, dtype=np.float64)
+        first = x[env._group_start[:-1]][mm_group]
+        whole = first + _min_image(x - first, box)           # residues whole
+        shift = whole - x
+        x = whole
+    counts = np.diff(env._group_start)
+    centers = np.zeros((env.n_groups, 3))
+    np.add.at(centers, mm_group, x)
+    centers /= np.maximum(counts, 1)[:, None]
+    if box is not None:
+        centroid = ml.mean(axis=0)
+        radius = float(np.max(np.linalg.norm(ml - centroid, axis=1)))
+        if env.cutoff + radius >= _half_min_width(box):
+            raise SetupError(
+                f"box too small for the embedding: cutoff {env.cutoff:.3f} nm + ML-zone radius {radius:.3f} nm "
+                f">= half the shortest box width {_half_min_width(box):.3f} nm; enlarge the solvent padding or "
+                "lower [coupling] cutoff_nm")
+        d = centers - centroid
+        image = _min_image(d, box) - d
+        centers = centers + image
+        shift = shift + image[mm_group]
+    pairs = cKDTree(ml).sparse_distance_matrix(cKDTree(centers), env.cutoff, output_type="coo_matrix")
+    used = np.unique(pairs.col)
+    local = np.full(env.n_groups, -1)
+    local[used] = np.arange(len(used))
+    keep = local[mm_group] >= 0
+    return Selection(atoms=mm_atoms[keep], group=local[mm_group[keep]], shift=shift[keep],
+                     pair_ml=pairs.row.astype(np.int64), pair_group=local[pairs.col],
+                     n_groups=len(used))
+
+
+def switch(r: torch.Tensor, cutoff: float, width: float) -> torch.Tensor:
+    """Quintic switch: 1 for r <= cutoff-width, 0 for r >= cutoff, C2 in between."""
+    if width <= 0:
+        return (r < cutoff).to(r.dtype)
+    t = ((r - (cutoff - width)) / width).clamp(0.0, 1.0)
+    return 1.0 - t * t * t * (10.0 - 15.0 * t + 6.0 * t * t)
+
+
+def embedded_charges(env: MMEnvironment, sel: Selection, positions: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled charges (M,) in e and imaged positions (M,3) in nm of the embedded MM atoms.
+
+    ``positions`` is the full-system (n_atoms,3) nm tensor; gradients flow to it through both outputs.
+    """
+    dev, dt = positions.device, positions.dtype
+    atoms = torch.as_tensor(sel.atoms, device=dev)
+    group = torch.as_tensor(sel.group, device=dev)
+    mm_pos = positions[atoms] + torch.as_tensor(sel.shift, device=dev, dtype=dt)
+    counts = torch.bincount(group, minlength=sel.n_groups).to(dt)
+    centers = torch.zeros(sel.n_groups, 3, device=dev, dtype=dt).index_add_(0, group, mm_pos) / counts[:, None]
+    ml_pos = positions[torch.as_tensor(env.ml_indices, device=dev)]
+    pml = torch.as_tensor(sel.pair_ml, device=dev)
+    pgr = torch.as_tensor(sel.pair_group, device=dev)
+    r = (ml_pos[pml] - centers[pgr]).norm(dim=-1)
+    s_pair = switch(r, env.cutoff, env.switch_width)
+    inside = torch.zeros(sel.n_groups, dtype=torch.bool, device=dev).index_fill_(
+        0, pgr[s_pair >= 1.0], True)
+    # log prod (1 - S) over pairs; pairs with S == 1 would give log(0): their group is fully inside anyway
+    log_out = torch.log1p(-torch.where(s_pair < 1.0, s_pair, torch.zeros_like(s_pair)))
+    log_prod = torch.zeros(sel.n_groups, device=dev, dtype=dt).index_add_(0, pgr, log_out)
+    scale = torch.where(inside, torch.ones_like(log_prod), -torch.expm1(log_prod))
+    q = torch.as_tensor(env.charges[sel.atoms], device=dev, dtype=dt) * scale[group]
+    return q, mm_pos
+
+
+def potential_and_field(ml_pos: torch.Tensor, mm_pos: torch.Tensor, mm_q: torch.Tensor,
+                        chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Electrostatic potential (kJ/mol/e) and field (kJ/mol/e/nm) of point charges at each ML atom.
+
+    phi_i = k sum_j q_j / r_ij;  E_i = k sum_j q_j (r_i - r_j) / r_ij^3   (positions nm, charges e).
+    Differentiable w.r.t. all three inputs. Chunked over ML atoms to bound memory.
+    """
+    phis, fields = [], []
+    for start in range(0, max(len(ml_pos), 1), chunk):
+        d = ml_pos[start:start + chunk, None, :] - mm_pos[None, :, :]         # [n, M, 3]
+        inv_r = torch.rsqrt((d * d).sum(-1))                                  # [n, M]
+        qr = mm_q[None, :] * inv_r
+        phis.append(qr.sum(-1))
+        fields.append(((qr * inv_r * inv_r)[..., None] * d).sum(1))
+    return COULOMB_KJMOL_NM * torch.cat(phis), COULOMB_KJMOL_NM * torch.cat(fields)

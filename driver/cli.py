@@ -1,0 +1,112 @@
+"""The `mlmm` command line. Argument parsing only; each subcommand's work lives in its own module and is
+imported lazily, so `mlmm --help` stays fast and a missing optional dependency only hits its own command.
+
+Every failure ends with one line on stderr (`mlmm: error: ...`) and a non-zero exit code.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from .errors import MLMMError
+
+# subcommand -> "module:function"; the function takes the parsed argparse.Namespace and returns an exit code
+TARGETS = {
+    "prepare": "driver.prepare:main",
+    "run": "driver.launch:main",
+    "client": "driver.client:main",
+    "label": "potentials.qmmm_reference:main",
+    "train": "potentials.train:main",
+    "evaluate": "potentials.train:evaluate_main",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mlmm", description="Multiscale ML/MM molecular dynamics driven by i-PI.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    # --- prepare (driver/prepare.py)
+    s = sub.add_parser("prepare", help="fix a PDB, solvate it, select the ML zone, write system.toml")
+    s.add_argument("pdb", help="input structure (PDB or PDBx/mmCIF)")
+    s.add_argument("--ml", default="", help='ML-zone selection, e.g. "resname MOL", "resid 3 5", "index 0-20", '
+                                            '"resname LIG or resid 12"')
+    s.add_argument("--ml-charge", type=int, default=None,
+                   help="total ML-zone charge (e); default: from the force field / formal charges")
+    s.add_argument("--out", required=True, help="output folder (created)")
+    s.add_argument("--forcefield", nargs="+", default=["amber14-all.xml", "amber14/tip3p.xml"],
+                   help="OpenMM force-field XML files (names or paths)")
+    s.add_argument("--ph", type=float, default=7.0, help="pH for adding hydrogens")
+    s.add_argument("--no-fix", action="store_true", help="do not run PDBFixer (missing atoms are then an error)")
+    s.add_argument("--solvate", type=float, default=None, metavar="PADDING_NM",
+                   help="solvate in TIP3P with this padding (nm); omit to keep the structure as is")
+    s.add_argument("--ionic-strength", type=float, default=0.0, help="molar salt concentration (NaCl)")
+    s.add_argument("--no-neutralize", action="store_true", help="do not add neutralising ions")
+    s.add_argument("--nonperiodic", action="store_true", help="cluster/droplet: no box, NoCutoff electrostatics")
+    s.add_argument("--mm-cutoff", type=float, default=1.0, help="MM nonbonded cutoff (nm)")
+    s.add_argument("--embedding-cutoff", type=float, default=1.2, help="ML–MM embedding cutoff (nm)")
+
+    # --- run (driver/launch.py)
+    s = sub.add_parser("run", help="run i-PI with the XML and one client per <ffsocket>")
+    s.add_argument("xml", help="i-PI input XML (e.g. inputs/templates/nvt_bussi.xml)")
+    s.add_argument("--system", required=True, help="system.toml written by `mlmm prepare`")
+    s.add_argument("--model", default=None, help="network model file for the ML client")
+    s.add_argument("--out", default=None, help="run folder (default: next to the system file, run-<timestamp>)")
+    s.add_argument("--steps", type=int, default=None, help="override <total_steps>")
+    s.add_argument("--device", default="cpu", help="torch device for the ML client (cpu, cuda, cuda:N)")
+    s.add_argument("--platform", default=None, help="OpenMM platform for the MM client (CPU, CUDA, Reference)")
+    s.add_argument("--seed", type=int, default=None, help="override the i-PI <prng><seed>")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    # --- client (driver/client.py)
+    s = sub.add_parser("client", help="run one force client that connects to i-PI")
+    s.add_argument("kind", choices=["mm", "ml"], help="mm: OpenMM; ml: the embedding-aware network")
+    s.add_argument("--system", required=True, help="system.toml")
+    s.add_argument("--address", required=True,
+                   help="unix:NAME (socket /tmp/ipi_NAME), unix:/path/to/socket, or HOST:PORT for inet")
+    s.add_argument("--model", default=None, help="model file (ML client)")
+    s.add_argument("--device", default="cpu", help="torch device (ML client)")
+    s.add_argument("--platform", default=None, help="OpenMM platform (MM client): CPU, CUDA, OpenCL, Reference")
+    s.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the server to appear")
+
+    # --- label (potentials/qmmm_reference.py)
+    s = sub.add_parser("label", help="generate QM/MM reference data (PySCF B3LYP/def2-SVP, TIP3P embedding)")
+    s.add_argument("--out", required=True, help="dataset file (NetCDF4), appended to if it exists (resumable)")
+    s.add_argument("--config", default=None, help="TOML with solutes, frame counts, temperatures, seeds")
+    s.add_argument("--frames", type=int, default=None, help="stop after this many new frames")
+
+    # --- train / evaluate (potentials/train.py)
+    s = sub.add_parser("train", help="train the embedding-aware network from a TOML config")
+    s.add_argument("config", help="training config (TOML)")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    s = sub.add_parser("evaluate", help="print held-out errors of a model on a dataset")
+    s.add_argument("model")
+    s.add_argument("dataset")
+    s.add_argument("--split", default="test")
+    s.add_argument("--device", default="cpu")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S")
+    module, func = TARGETS[args.command].split(":")
+    try:
+        return int(getattr(importlib.import_module(module), func)(args) or 0)
+    except MLMMError as exc:
+        print(f"mlmm: error: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"mlmm: error: file not found: {exc.filename or exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mlmm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

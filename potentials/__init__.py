@@ -1,0 +1,1 @@
+"""What computes energies: the embedding-aware network, its training, QM/MM reference data, the OpenMM engine."""
