@@ -148,7 +148,8 @@ def switch(r: torch.Tensor, cutoff: float, width: float) -> torch.Tensor:
     if width <= 0:
         return (r < cutoff).to(r.dtype)
     t = ((r - (cutoff - width)) / width).clamp(0.0, 1.0)
-    return 1.0 - t * t * t * (10.0 - 15.0 * t + 6.0 * t * t)
+    u = 1.0 - t                       # (1-t)^3 (1+3t+6t^2) == 1 - 10t^3 + 15t^4 - 6t^5, exact at both ends
+    return u * u * u * (1.0 + 3.0 * t + 6.0 * t * t)
 
 
 def embedded_charges(env: MMEnvironment, sel: Selection, positions: torch.Tensor

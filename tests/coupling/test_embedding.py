@@ -1,0 +1,139 @@
+"""The embedding definition: whole residues, smooth switch, periodic images, exact gradients."""
+import numpy as np
+import pytest
+import torch
+
+from coupling.embedding import (MMEnvironment, embedded_charges, potential_and_field, select_environment,
+                                switch)
+from driver.errors import SetupError
+
+
+def water_box(n_side=6, spacing=0.31, seed=0):
+    """A 3-atom 'solute' at the centre of a cubic lattice of rigid-geometry waters (nm)."""
+    rng = np.random.default_rng(seed)
+    L = n_side * spacing
+    grid = (np.stack(np.meshgrid(*[np.arange(n_side)] * 3, indexing="ij"), -1).reshape(-1, 3) + 0.5) * spacing
+    grid = grid[np.linalg.norm(grid - L / 2, axis=1) > 0.3]                 # room for the solute
+    oh = np.array([[0, 0, 0], [0.0957, 0, 0], [-0.024, 0.0927, 0]])
+    waters = []
+    for o in grid:
+        rot, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+        waters.append(o + (oh + rng.normal(0, 0.003, oh.shape)) @ rot.T)
+    solute = L / 2 + np.array([[0, 0, 0], [0.11, 0, 0], [-0.03, 0.1, 0.02]])
+    pos = np.concatenate([solute] + waters)
+    nw = len(waters)
+    q = np.concatenate([[0.0, 0.0, 0.0], np.tile([-0.834, 0.417, 0.417], nw)])
+    res = np.concatenate([[0, 0, 0], np.repeat(np.arange(1, nw + 1), 3)])
+    return pos, q, res, np.eye(3) * L
+
+
+def ml_energy(env, pos, box, weights):
+    sel = select_environment(env, pos, box)
+    p = torch.tensor(pos, requires_grad=True)
+    q, mm = embedded_charges(env, sel, p)
+    phi, field = potential_and_field(p[env.ml_indices], mm, q)
+    w = torch.as_tensor(weights)
+    e = (w * phi).sum() + 0.01 * (field * field).sum()       # linear in phi + quadratic in E
+    grad, = torch.autograd.grad(e, p)
+    return float(e.detach()), grad.numpy(), sel, q.detach().numpy()
+
+
+@pytest.fixture
+def system():
+    pos, q, res, box = water_box()
+    env = MMEnvironment(q, res, np.arange(3), cutoff=0.8, switch_width=0.2)
+    return env, pos, box
+
+
+def test_switch_shape():
+    r = torch.linspace(0.0, 1.5, 301, dtype=torch.float64)
+    s = switch(r, 1.2, 0.2)
+    assert torch.all(s[r < 0.999] == 1) and torch.all(s[r > 1.2] == 0)
+    assert torch.all(s[1:] <= s[:-1] + 1e-15)                                 # monotone
+    assert float(switch(torch.tensor(1.1, dtype=torch.float64), 1.2, 0.2)) == pytest.approx(0.5)
+
+
+def test_whole_residues_and_neutral_groups(system):
+    env, pos, box = system
+    e, g, sel, q = ml_energy(env, pos, box, [0.3, -0.2, -0.1])
+    # every embedded water appears with all 3 atoms and one common scale -> each group neutral
+    counts = np.bincount(sel.group)
+    assert np.all(counts == 3)
+    qsum = np.zeros(sel.n_groups)
+    np.add.at(qsum, sel.group, q)
+    assert np.allclose(qsum, 0, atol=1e-12)
+    scales = q[sel.group * 0 + np.arange(len(q))] / env.charges[sel.atoms]
+    for gi in range(sel.n_groups):
+        s = scales[sel.group == gi]
+        assert np.allclose(s, s[0]) and 0 < s[0] <= 1
+    assert np.any(scales < 1) and np.any(scales == 1)                  # switch region is populated
+
+
+def test_gradient_matches_finite_differences(system):
+    env, pos, box = system
+    w = [0.3, -0.2, -0.1]
+    e0, g, sel, q = ml_energy(env, pos, box, w)
+    scales = q / env.charges[sel.atoms]
+    partial = sel.atoms[(scales > 0.05) & (scales < 0.95)][:6]          # atoms inside the switching shell
+    targets = [(0, 0), (1, 2)] + [(int(a), k) for a in partial for k in range(3)]
+    assert len(targets) > 5
+    h = 1e-6
+    for atom, k in targets:
+        pp, pm = pos.copy(), pos.copy()
+        pp[atom, k] += h
+        pm[atom, k] -= h
+        fd = (ml_energy(env, pp, box, w)[0] - ml_energy(env, pm, box, w)[0]) / (2 * h)
+        assert fd == pytest.approx(g[atom, k], rel=1e-5, abs=1e-6)
+
+
+def test_periodic_images_and_wrapping_do_not_matter(system):
+    env, pos, box = system
+    w = [0.3, -0.2, -0.1]
+    e0, g0, _, _ = ml_energy(env, pos, box, w)
+    rng = np.random.default_rng(1)
+    # MM atoms wrapped independently (residues broken across the boundary); the ML zone stays whole
+    kicks = rng.integers(-2, 3, size=(len(pos), 1)) * box[0] + rng.integers(-1, 2, size=(len(pos), 1)) * box[2]
+    kicks[env.ml_indices] = box[1]
+    shifted = pos + kicks
+    e1, g1, _, _ = ml_energy(env, shifted, box, w)
+    assert e1 == pytest.approx(e0, rel=1e-12)
+    assert np.allclose(g1, g0, atol=1e-9)
+    e2, _, _, _ = ml_energy(env, pos + np.array([0.37, -1.1, 2.3]), box, w)     # rigid translation
+    assert e2 == pytest.approx(e0, rel=1e-10)
+
+
+def test_energy_continuous_when_water_leaves(system):
+    env, pos, box = system
+    w = [0.3, -0.2, -0.1]
+    centre = pos[:3].mean(0)
+    # move one water radially from 0.55 nm to 0.85 nm (through the 0.6-0.8 nm switch) in small steps
+    water = 3 + 3 * int(np.argmin(np.abs(np.linalg.norm(pos[3::3] - centre, axis=1) - 0.7)))
+    direction = pos[water] - centre
+    direction /= np.linalg.norm(direction)
+    energies, grads = [], []
+    steps = np.linspace(0.55, 0.85, 61)
+    for r in steps:
+        p = pos.copy()
+        p[water:water + 3] += (r - np.linalg.norm(pos[water] - centre)) * direction
+        e, g, _, _ = ml_energy(env, p, box, w)
+        energies.append(e)
+        grads.append(g[water:water + 3].sum(0) @ direction)
+    de = np.diff(energies)
+    predicted = 0.5 * (np.array(grads[1:]) + np.array(grads[:-1])) * np.diff(steps)
+    assert np.allclose(de, predicted, atol=2e-3 * np.max(np.abs(energies)) + 1e-6)   # no jumps
+
+
+def test_box_too_small_is_refused():
+    pos, q, res, box = water_box(n_side=4)
+    env = MMEnvironment(q, res, np.arange(3), cutoff=1.2, switch_width=0.2)
+    with pytest.raises(SetupError, match="box too small"):
+        select_environment(env, pos, box)
+
+
+def test_nonperiodic_and_empty_zone():
+    pos, q, res, _ = water_box()
+    env = MMEnvironment(q, res, np.arange(3), cutoff=0.8, switch_width=0.2)
+    sel = select_environment(env, pos, None)
+    assert sel.n_groups > 0
+    with pytest.raises(SetupError, match="empty"):
+        MMEnvironment(q, res, np.array([], dtype=int))
