@@ -79,6 +79,8 @@ class Selection:
     atoms: (M,) indices of embedded MM atoms; group: (M,) local group id (0..G-1) of each;
     shift: (M,3) nm, constant offset (whole-residue + periodic image) added to those atoms' positions;
     pair_ml, pair_group: ML-atom (0..n_ml-1) / local group pairs whose centre distance is below the cutoff.
+    ml_shift: (n_ml,3) nm, constant offset that makes the ML zone whole in a periodic box (zeros otherwise);
+    the network, the embedding and the virial all use ``positions[ml_indices] + ml_shift``.
     """
 
     atoms: np.ndarray
@@ -87,6 +89,7 @@ class Selection:
     pair_ml: np.ndarray
     pair_group: np.ndarray
     n_groups: int
+    ml_shift: np.ndarray | None = None
 
 
 def _min_image(d: np.ndarray, box: np.ndarray) -> np.ndarray:
@@ -102,12 +105,24 @@ def _half_min_width(box: np.ndarray) -> float:
                      vol / np.linalg.norm(np.cross(a, b)))
 
 
+def zone_shift(ml_positions: np.ndarray, box: np.ndarray | None) -> np.ndarray:
+    """Offsets (n_ml,3) nm that make the ML zone whole: each ML atom moves to the periodic image nearest to the
+    first ML atom (exact while the zone spans less than half the box, which the cutoff check implies for
+    zones smaller than the cutoff). Zeros without a box."""
+    ml_positions = np.asarray(ml_positions, dtype=np.float64)
+    if box is None:
+        return np.zeros_like(ml_positions)
+    d = ml_positions - ml_positions[0]
+    return _min_image(d, np.asarray(box, dtype=np.float64)) - d
+
+
 def select_environment(env: MMEnvironment, positions: np.ndarray, box: np.ndarray | None) -> Selection:
     """Choose the embedded MM residues for one frame. positions (n_atoms,3) nm; box rows nm or None."""
     positions = np.asarray(positions, dtype=np.float64)
-    ml = positions[env.ml_indices]
     if not np.all(np.isfinite(positions)):
         raise SetupError("positions contain NaN or inf")
+    ml_shift = zone_shift(positions[env.ml_indices], box)
+    ml = positions[env.ml_indices] + ml_shift
     mm_atoms, mm_group = env._mm_atoms, env._mm_group
     x = positions[mm_atoms]
     shift = np.zeros_like(x)
@@ -140,7 +155,7 @@ def select_environment(env: MMEnvironment, positions: np.ndarray, box: np.ndarra
     keep = local[mm_group] >= 0
     return Selection(atoms=mm_atoms[keep], group=local[mm_group[keep]], shift=shift[keep],
                      pair_ml=pairs.row.astype(np.int64), pair_group=local[pairs.col],
-                     n_groups=len(used))
+                     n_groups=len(used), ml_shift=ml_shift)
 
 
 def switch(r: torch.Tensor, cutoff: float, width: float) -> torch.Tensor:
@@ -165,6 +180,8 @@ def embedded_charges(env: MMEnvironment, sel: Selection, positions: torch.Tensor
     counts = torch.bincount(group, minlength=sel.n_groups).to(dt)
     centers = torch.zeros(sel.n_groups, 3, device=dev, dtype=dt).index_add_(0, group, mm_pos) / counts[:, None]
     ml_pos = positions[torch.as_tensor(env.ml_indices, device=dev)]
+    if sel.ml_shift is not None:
+        ml_pos = ml_pos + torch.as_tensor(sel.ml_shift, device=dev, dtype=dt)
     pml = torch.as_tensor(sel.pair_ml, device=dev)
     pgr = torch.as_tensor(sel.pair_group, device=dev)
     r = (ml_pos[pml] - centers[pgr]).norm(dim=-1)

@@ -30,3 +30,4 @@ COULOMB_EV_ANGSTROM = EV_PER_HARTREE / BOHR_PER_ANGSTROM
 COULOMB_KJMOL_NM = 138.935456
 
 KCALMOL_PER_EV = KJMOL_PER_EV / 4.184
+KJMOL_PER_KCALMOL = 4.184              # thermochemical calorie (force-field tables in kcal/mol)

@@ -1,0 +1,248 @@
+"""The ML client's engine: the network's energy of the ML zone in the field of the MM point charges.
+
+For each structure of a request the embedding (:mod:`coupling.embedding`) picks the MM charges and their
+images (numpy, no gradients); then ONE batched network call covers all structures (``mol_idx``), and
+autograd gives the forces on every atom the energy touches: the ML atoms and the embedded MM atoms. This
+module is the network-adapter edge: nm -> Å, kJ/mol/e -> V, kJ/mol/e/nm -> V/Å on the way in, eV -> kJ/mol
+on the way out, all with :mod:`driver.units`.
+
+Mechanical embedding: the network sees phi = E = 0 (the ML zone in vacuum); the MM client owns the ML–MM
+Coulomb term with fixed ML charges (:func:`vacuum_charges` gives the network's own).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from coupling.embedding import (MMEnvironment, embedded_charges, potential_and_field, select_environment,
+                                zone_shift)
+from coupling.mmsystem import MODES, mm_environment
+from driver.client import ForceResult
+from driver.errors import CalculationFailed, SetupError
+from driver.units import ANGSTROM_PER_NM, EV_PER_KJMOL, KJMOL_PER_EV, NM_PER_ANGSTROM
+
+log = logging.getLogger(__name__)
+
+PHI_V_PER_KJMOL_E = EV_PER_KJMOL                         # kJ/mol/e -> V (1 V = 1 eV/e)
+FIELD_V_A_PER_KJMOL_E_NM = EV_PER_KJMOL * NM_PER_ANGSTROM  # kJ/mol/e/nm -> V/Å
+
+
+def model_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The floating dtype the network computes in: that of its first floating parameter (float64 if none)."""
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float64
+
+
+class MLEngine:
+    """:class:`driver.client.Engine` for the ML zone (electrostatic or mechanical embedding).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        any module with ``forward(numbers[N] long, positions[N,3] Å, mol_idx[N] long, charge[B] e, phi[N] V,
+        efield[N,3] V/Å) -> {"energy": [B] eV, "charges": [N] e, ...}``.
+    numbers : (n_ml,) int
+        atomic numbers of the ML atoms, in the order of ``env.ml_indices``.
+    charge : int
+        total charge of the ML zone (e).
+    env : MMEnvironment
+        MM charges, residues and ML indices (:func:`coupling.mmsystem.mm_environment`).
+    mode : {"electrostatic", "mechanical"}
+    device : torch device string (``cpu``, ``cuda``, ``cuda:N``).
+    periodic : bool
+        False: boxes are ignored (clusters; i-PI always sends a cell).
+    dtype : torch dtype of the network inputs; default: the model's. Embedding sums run in float64.
+    """
+
+    def __init__(self, model: torch.nn.Module, numbers, charge: int, env: MMEnvironment, *,
+                 mode: str = "electrostatic", device: str | torch.device = "cpu", periodic: bool = True,
+                 dtype: torch.dtype | None = None):
+        if mode not in MODES:
+            raise SetupError(f"unknown embedding mode {mode!r}; choose one of {MODES}")
+        numbers = np.asarray(numbers, dtype=np.int64).reshape(-1)
+        if len(numbers) != len(env.ml_indices):
+            raise SetupError(f"{len(numbers)} atomic numbers for {len(env.ml_indices)} ML atoms")
+        try:
+            self.device = torch.device(device)
+            torch.empty(0, device=self.device)
+        except (RuntimeError, AssertionError) as exc:
+            raise SetupError(f"torch device {device!r} is not usable here ({exc}); use cpu or an available "
+                             "cuda:N") from None
+        self.model = model.to(self.device).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)          # forces need gradients w.r.t. positions only
+        self.dtype = dtype or model_dtype(self.model)
+        self.env, self.mode, self.periodic = env, mode, periodic
+        self.numbers = torch.as_tensor(numbers, device=self.device)
+        self.charge = int(charge)
+        self.natoms = len(env.charges)
+        self._ml = torch.as_tensor(env.ml_indices, device=self.device)
+        self._batch: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.calls = 0
+
+    # ------------------------------------------------------------------------------------------ building
+    @classmethod
+    def from_spec(cls, spec, model_path: str | Path, device: str = "cpu") -> "MLEngine":
+        """Build from a system.toml (:class:`driver.system.SystemSpec` or its path) and a model file."""
+        from driver.system import SystemSpec
+        from potentials.model_io import load_model
+        from potentials.openmm_system import load_system
+
+        if not isinstance(spec, SystemSpec):
+            spec = SystemSpec.load(spec)
+        topology, system, _ = load_system(spec)
+        ml = np.asarray(spec.ml.indices, dtype=np.int64)
+        env = mm_environment(system, topology, ml, spec)
+        numbers = ml_numbers(topology, ml)
+        model = load_model(model_path, device)
+        check_model(model, numbers, spec.ml.charge, where=str(model_path))
+        return cls(model, numbers, spec.ml.charge, env, mode=spec.coupling.embedding, device=device,
+                   periodic=spec.structure.periodic)
+
+    def _batch_inputs(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """numbers, mol_idx and total charge for a batch of n structures (built once per n)."""
+        if n not in self._batch:
+            n_ml = len(self.numbers)
+            self._batch[n] = (self.numbers.repeat(n),
+                              torch.arange(n, device=self.device).repeat_interleave(n_ml),
+                              torch.full((n,), float(self.charge), dtype=self.dtype, device=self.device))
+        return self._batch[n]
+
+    # ------------------------------------------------------------------------------------------ compute
+    def compute(self, positions: np.ndarray, boxes: np.ndarray | None = None) -> list[ForceResult]:
+        """Energies (kJ/mol), forces (kJ/mol/nm), virials (kJ/mol) and extras for B structures.
+
+        positions : (B, N, 3) nm; boxes : (B, 3, 3) nm, vectors as rows, or None (ignored if not periodic).
+        """
+        self.calls += 1
+        pos = np.asarray(positions, dtype=np.float64)
+        pos = pos[None] if pos.ndim == 2 else pos
+        if pos.ndim != 3 or pos.shape[1:] != (self.natoms, 3):
+            raise CalculationFailed(f"ML client: got positions of shape {pos.shape}, expected (B, {self.natoms}, 3)")
+        if not np.all(np.isfinite(pos)):
+            bad = np.unique(np.nonzero(~np.isfinite(pos))[1])
+            raise CalculationFailed(f"ML client call {self.calls}: non-finite positions on atoms {bad[:10].tolist()}")
+        n = len(pos)
+        if self.periodic:
+            if boxes is None:
+                raise SetupError("periodic system but no box was sent; set [structure] periodic = false for "
+                                 "a cluster")
+            boxes = np.broadcast_to(np.asarray(boxes, dtype=np.float64), (n, 3, 3))
+        ml_idx = self.env.ml_indices
+        x = torch.tensor(pos, device=self.device, requires_grad=True)             # [B, N, 3] nm, float64
+        ml_pos, phis, fields, sels, shifts = [], [], [], [], []
+        for b in range(n):
+            box = boxes[b] if self.periodic else None
+            if self.mode == "electrostatic":
+                sel = select_environment(self.env, pos[b], box)
+                q, mm_pos = embedded_charges(self.env, sel, x[b])
+                r = x[b][self._ml] + torch.as_tensor(sel.ml_shift, device=self.device)
+                phi, field = potential_and_field(r, mm_pos, q)                   # kJ/mol/e, kJ/mol/e/nm
+                shift = sel.ml_shift
+            else:
+                sel = None
+                shift = zone_shift(pos[b][ml_idx], box)
+                r = x[b][self._ml] + torch.as_tensor(shift, device=self.device)
+                phi, field = torch.zeros_like(r[:, 0]), torch.zeros_like(r)
+            ml_pos.append(r)
+            phis.append(phi)
+            fields.append(field)
+            sels.append(sel)
+            shifts.append(shift)
+        numbers, mol_idx, charge = self._batch_inputs(n)
+        out = self.model(numbers, (torch.cat(ml_pos) * ANGSTROM_PER_NM).to(self.dtype), mol_idx, charge,
+                         (torch.cat(phis) * PHI_V_PER_KJMOL_E).to(self.dtype),
+                         (torch.cat(fields) * FIELD_V_A_PER_KJMOL_E_NM).to(self.dtype))
+        energy = out["energy"].to(torch.float64) * KJMOL_PER_EV                    # [B] kJ/mol
+        grad, = torch.autograd.grad(energy.sum(), x, allow_unused=True, materialize_grads=True)
+        energies = energy.detach().cpu().numpy()
+        forces = -grad.cpu().numpy()                                                # [B, N, 3] kJ/mol/nm
+        charges = out["charges"].detach().to(torch.float64).reshape(n, -1).cpu().numpy() \
+            if "charges" in out else None
+        terms = {k: v.detach().to(torch.float64).cpu().numpy() * KJMOL_PER_EV for k, v in out.items()
+                 if k.startswith("energy_") and torch.is_tensor(v) and v.shape == (n,)}
+        results = []
+        for b in range(n):
+            self._check_finite(energies[b], forces[b], b)
+            r_ml = pos[b][ml_idx] + shifts[b]                                       # imaged positions, nm
+            virial = forces[b][ml_idx].T @ r_ml                                     # W = sum f (x) r
+            sel = sels[b]
+            if sel is not None and len(sel.atoms):
+                virial += forces[b][sel.atoms].T @ (pos[b][sel.atoms] + sel.shift)
+            extras = {"ml.energy": {"total": float(energies[b]),
+                                    **{k: float(v[b]) for k, v in terms.items()}},
+                      "ml.n_embedded": 0 if sel is None else int(len(sel.atoms))}
+            if charges is not None:
+                centred = (r_ml - r_ml.mean(axis=0)) * ANGSTROM_PER_NM
+                extras["ml.charges"] = charges[b].tolist()
+                extras["ml.dipole"] = (charges[b] @ centred).tolist()               # e·Å about the ML centroid
+            results.append(ForceResult(float(energies[b]), forces[b], virial, extras))
+        return results
+
+    def _check_finite(self, energy: float, forces: np.ndarray, b: int) -> None:
+        if np.isfinite(energy) and np.all(np.isfinite(forces)):
+            return
+        bad = np.unique(np.nonzero(~np.isfinite(forces))[0])
+        ml = set(self.env.ml_indices.tolist())
+        where = ", ".join(f"{i}{' (ML)' if i in ml else ''}" for i in bad[:10]) or "none"
+        raise CalculationFailed(f"ML client call {self.calls}, structure {b}: non-finite "
+                                f"{'energy' if not np.isfinite(energy) else 'forces'} (energy {energy}); atoms "
+                                f"with non-finite forces: {where}. The structure may have exploded or left the "
+                                "model's domain")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def ml_numbers(topology, ml_indices) -> np.ndarray:
+    """Atomic numbers of the ML atoms from an OpenMM topology (SetupError for atoms without element)."""
+    atoms = list(topology.atoms())
+    out = []
+    for i in np.asarray(ml_indices).reshape(-1):
+        a = atoms[int(i)]
+        if a.element is None:
+            raise SetupError(f"ML atom {int(i)} ({a.name} of {a.residue.name}{a.residue.id}) has no element "
+                             "(a virtual site or an untyped atom); the network needs real atoms")
+        out.append(a.element.atomic_number)
+    return np.asarray(out, dtype=np.int64)
+
+
+def check_model(model: torch.nn.Module, numbers, charge: int, where: str = "model") -> None:
+    """Refuse a model that cannot describe this ML zone: unknown elements, or a net charge it was not
+    trained for (a model may say so with ``supports_charge = False``)."""
+    check = getattr(model, "check_numbers", None)
+    if callable(check):
+        try:
+            check(torch.as_tensor(np.asarray(numbers, dtype=np.int64)))
+        except (ValueError, KeyError) as exc:
+            raise SetupError(f"{where}: cannot describe the ML zone: {exc}") from None
+    if charge and getattr(model, "supports_charge", True) is False:
+        raise SetupError(f"{where}: the model was trained on neutral molecules only, but the ML zone has charge "
+                         f"{charge:+d} e; use a model trained with charged species or change the ML selection")
+
+
+def vacuum_charges(model: torch.nn.Module, numbers, positions_nm, charge: int,
+                   device: str | torch.device = "cpu") -> np.ndarray:
+    """The network's atomic charges (e) of the ML zone in vacuum (phi = E = 0) at one geometry (nm).
+
+    These are the fixed ML charges of the mechanical embedding (``[coupling] mechanical_charges = "model"``).
+    """
+    dev = torch.device(device)
+    model = model.to(dev).eval()
+    dtype = model_dtype(model)
+    pos = torch.as_tensor(np.asarray(positions_nm, dtype=np.float64) * ANGSTROM_PER_NM, device=dev, dtype=dtype)
+    n = len(pos)
+    with torch.no_grad():
+        out = model(torch.as_tensor(np.asarray(numbers, dtype=np.int64), device=dev),
+                    pos, torch.zeros(n, dtype=torch.long, device=dev),
+                    torch.tensor([float(charge)], dtype=dtype, device=dev),
+                    torch.zeros(n, dtype=dtype, device=dev), torch.zeros(n, 3, dtype=dtype, device=dev))
+    if "charges" not in out:
+        raise SetupError("the model predicts no atomic charges; give mechanical_charges = \"mm\" instead")
+    q = out["charges"].to(torch.float64).cpu().numpy()
+    if not np.all(np.isfinite(q)):
+        raise SetupError("the model's vacuum charges are not finite for this ML zone")
+    return q

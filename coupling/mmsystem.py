@@ -1,0 +1,330 @@
+"""MM-system surgery: the OpenMM system the MM client runs in an ML/MM simulation.
+
+Additive scheme. The MM client owns every MM–MM term (PME included) and the ML–MM Lennard-Jones terms; the ML
+client owns everything internal to the ML zone and, in electrostatic embedding, the ML–MM electrostatics.
+:func:`mlmm_mm_system` turns the full MM system into the MM client's part:
+
+* bonded terms (and constraints) whose atoms are all ML are removed;
+* every ML–ML pair is excluded from the nonbonded forces (exceptions with zero charge product and epsilon,
+  exclusions in CustomNonbondedForce);
+* electrostatic mode: ML atoms get zero charge, so PME sees no ML charge and ML–MM Coulomb is left to the
+  network; mechanical mode: ML atoms keep fixed charges (given, or the MM ones) and the MM client computes
+  ML–MM Coulomb; the ML–MM Lennard-Jones terms are kept in both modes.
+
+A selection that cuts a covalent bond is refused (:func:`boundary_bonds` lists the cut bonds; link atoms will
+start from that list). :func:`mm_environment` reads the MM charges and residue ids once for the embedding.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import re
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import openmm
+from openmm import app
+
+from coupling.embedding import MMEnvironment
+from coupling.selection import check_boundary, describe_atom
+from driver.errors import SetupError
+
+log = logging.getLogger(__name__)
+
+MODES = ("electrostatic", "mechanical")
+
+# Bonded forces whose ML-only terms are removed. Each serialises its terms as child elements of one list
+# element, the atoms as attributes p1.. (a1..a4/b1..b4 for CMAP); the list is edited in XML, which keeps
+# every other setting of the force (global parameters, tabulated functions, groups, names) untouched.
+BONDED_FORCES = ("HarmonicBondForce", "HarmonicAngleForce", "PeriodicTorsionForce", "RBTorsionForce",
+                 "CMAPTorsionForce", "CustomBondForce", "CustomAngleForce", "CustomTorsionForce",
+                 "CustomCompoundBondForce")
+# Force-field terms: a term that mixes ML and MM atoms here means the selection cuts through a molecule.
+# (Custom bonded terms that mix the zones are user restraints; they stay with the MM client.)
+_STANDARD_BONDED = BONDED_FORCES[:5]
+_TERM_LISTS = ("Bonds", "Angles", "Torsions")
+_ATOM_ATTR = re.compile(r"^[pab]\d+$")
+# Forces that act on no particle (or only rescale the box / velocities): nothing to do.
+ATOM_FREE_FORCES = ("CMMotionRemover", "MonteCarloBarostat", "MonteCarloAnisotropicBarostat",
+                    "MonteCarloMembraneBarostat", "MonteCarloFlexibleBarostat", "AndersenThermostat")
+# Kept as they are: external restraints are user biases, owned by the MM client in every mode.
+KEPT_FORCES = ("CustomExternalForce",)
+
+
+def _ml_mask(n_atoms: int, ml_indices) -> np.ndarray:
+    ml = np.asarray(ml_indices, dtype=np.int64).reshape(-1)
+    if ml.size == 0:
+        raise SetupError("the ML zone is empty; give a selection that matches at least one atom")
+    if ml.min() < 0 or ml.max() >= n_atoms:
+        raise SetupError(f"ML-zone atom index {int(ml.max() if ml.max() >= n_atoms else ml.min())} is outside "
+                         f"the system (0..{n_atoms - 1}); re-run `mlmm prepare` for this structure")
+    if len(np.unique(ml)) != len(ml):
+        raise SetupError("the ML-zone atom list contains duplicates")
+    mask = np.zeros(n_atoms, bool)
+    mask[ml] = True
+    return mask
+
+
+def _nonbonded(system: openmm.System) -> openmm.NonbondedForce:
+    found = [f for f in system.getForces() if isinstance(f, openmm.NonbondedForce)]
+    if len(found) != 1:
+        raise SetupError(f"the MM system has {len(found)} NonbondedForce objects; ML/MM needs exactly one "
+                         "(it holds the MM charges and the ML–MM Lennard-Jones terms)")
+    return found[0]
+
+
+def boundary_bonds(system: openmm.System, ml_indices) -> list[tuple[int, int]]:
+    """Covalent neighbour pairs (ML atom, MM atom) that the ML selection cuts.
+
+    Read from the bonds (HarmonicBondForce), the constraints and the NonbondedForce exceptions (1-2, 1-3
+    and 1-4 neighbours). Empty for a selection of whole molecules. Link atoms would be placed on these.
+    """
+    is_ml = _ml_mask(system.getNumParticles(), ml_indices)
+    pairs: set[tuple[int, int]] = set()
+
+    def add(i: int, j: int) -> None:
+        if is_ml[i] != is_ml[j]:
+            pairs.add((i, j) if is_ml[i] else (j, i))
+
+    for f in system.getForces():
+        if isinstance(f, openmm.HarmonicBondForce):
+            for k in range(f.getNumBonds()):
+                add(*f.getBondParameters(k)[:2])
+        elif isinstance(f, openmm.NonbondedForce):
+            for k in range(f.getNumExceptions()):
+                add(*f.getExceptionParameters(k)[:2])
+    for k in range(system.getNumConstraints()):
+        add(*system.getConstraintParameters(k)[:2])
+    return sorted(pairs)
+
+
+def check_selection(system: openmm.System, ml_indices, topology: app.Topology | None = None) -> None:
+    """Refuse ML zones the coupling cannot represent yet: cut covalent bonds and virtual sites.
+
+    Raises
+    ------
+    SetupError
+        naming the first offending atoms (and residues when a topology is given).
+    """
+    is_ml = _ml_mask(system.getNumParticles(), ml_indices)
+    atoms = list(topology.atoms()) if topology is not None else None
+    if atoms is not None and len(atoms) != system.getNumParticles():
+        raise SetupError(f"topology has {len(atoms)} atoms but the OpenMM system {system.getNumParticles()}")
+    if topology is not None:
+        check_boundary(topology, np.flatnonzero(is_ml))        # bonds as the structure file has them
+
+    def name(i: int) -> str:
+        return f"atom {i}" if atoms is None else describe_atom(atoms[i])
+
+    cut = boundary_bonds(system, ml_indices)                   # bonds, constraints and 1-2/1-3/1-4 pairs
+    if cut:
+        i, j = cut[0]
+        raise SetupError(f"the ML selection cuts {len(cut)} covalent link(s), e.g. between ML {name(i)} and MM "
+                         f"{name(j)}; link atoms are not supported yet: select whole molecules (e.g. whole "
+                         "residues of a ligand, or the full peptide)")
+    for k in range(system.getNumParticles()):
+        if system.isVirtualSite(k):
+            vs = system.getVirtualSite(k)
+            group = [k] + [vs.getParticle(m) for m in range(vs.getNumParticles())]
+            if is_ml[group].any():
+                raise SetupError(f"{name(k)} is a virtual site tied to the ML zone; the network cannot represent "
+                                 "massless sites: use a water model without virtual sites (e.g. TIP3P) near "
+                                 "the ML zone, or leave the site's molecule out of the ML zone")
+
+
+def _drop_ml_terms(force: openmm.Force, is_ml: np.ndarray) -> tuple[openmm.Force, int]:
+    """A copy of a bonded force without the terms whose atoms are all ML; also the number removed."""
+    root = ET.fromstring(openmm.XmlSerializer.serialize(force))
+    kind = type(force).__name__
+    removed = 0
+    for container in root:
+        if container.tag not in _TERM_LISTS:
+            continue
+        for term in list(container):
+            atoms = [int(v) for k, v in term.attrib.items() if _ATOM_ATTR.match(k)]
+            if not atoms:
+                continue
+            inside = is_ml[atoms]
+            if inside.all():
+                container.remove(term)
+                removed += 1
+            elif inside.any() and kind in _STANDARD_BONDED:
+                raise SetupError(f"{kind} '{force.getName()}' has a term on atoms {atoms} that mixes the ML and MM "
+                                 "zones (the selection cuts a molecule); select whole molecules")
+            elif inside.any():
+                log.info("%s '%s': term on atoms %s mixes ML and MM atoms; kept in the MM client (a restraint)",
+                         kind, force.getName(), atoms)
+    return openmm.XmlSerializer.deserialize(ET.tostring(root, encoding="unicode")), removed
+
+
+def _touches(force: openmm.Force, is_ml: np.ndarray) -> bool:
+    """Whether an unsupported force acts on an ML atom: per-particle lists cover every atom; otherwise look
+    for atom-index attributes in its serialised form."""
+    root = ET.fromstring(openmm.XmlSerializer.serialize(force))
+    for el in root.iter():
+        if el.tag == "Particle" and not any(k in el.attrib for k in ("p", "index")):
+            return True                       # one entry per particle of the system: covers ML atoms too
+        for k, v in el.attrib.items():
+            if (_ATOM_ATTR.match(k) or k in ("p", "index", "particle")) and v.lstrip("-").isdigit() \
+                    and 0 <= int(v) < len(is_ml) and is_ml[int(v)]:
+                return True
+    return False
+
+
+def _fix_nonbonded(nb: openmm.NonbondedForce, ml: np.ndarray, is_ml: np.ndarray, charges: np.ndarray | None
+                   ) -> None:
+    """Zero (or set) ML charges; every ML–ML pair becomes an exception with no interaction at all."""
+    for k in range(nb.getNumParticleParameterOffsets()):
+        if is_ml[nb.getParticleParameterOffset(k)[1]]:
+            raise SetupError(f"NonbondedForce '{nb.getName()}' has a parameter offset on ML atom "
+                             f"{nb.getParticleParameterOffset(k)[1]}; alchemical offsets are not supported in the "
+                             "ML zone")
+    for k in range(nb.getNumExceptionParameterOffsets()):
+        i, j = nb.getExceptionParameters(nb.getExceptionParameterOffset(k)[1])[:2]
+        if is_ml[i] or is_ml[j]:
+            raise SetupError(f"NonbondedForce '{nb.getName()}' has a parameter offset on the exception of atoms "
+                             f"{i}-{j} in the ML zone; alchemical offsets are not supported there")
+    for n, i in enumerate(ml):
+        q, sigma, eps = nb.getParticleParameters(int(i))
+        nb.setParticleParameters(int(i), 0.0 if charges is None else float(charges[n]), sigma, eps)
+    seen = set()
+    for k in range(nb.getNumExceptions()):
+        i, j, qq, sigma, eps = nb.getExceptionParameters(k)
+        if is_ml[i] and is_ml[j]:
+            nb.setExceptionParameters(k, i, j, 0.0, sigma, 0.0)
+            seen.add((min(i, j), max(i, j)))
+    for i, j in itertools.combinations(sorted(int(a) for a in ml), 2):
+        if (i, j) not in seen:
+            nb.addException(i, j, 0.0, 1.0, 0.0)
+
+
+def _fix_custom_nonbonded(force: openmm.CustomNonbondedForce, ml: np.ndarray) -> None:
+    names = {force.getPerParticleParameterName(k).lower() for k in range(force.getNumPerParticleParameters())}
+    if names & {"q", "charge", "charges"}:
+        raise SetupError(f"CustomNonbondedForce '{force.getName()}' has a per-particle charge parameter; "
+                         "charges outside NonbondedForce cannot be handed to the ML client")
+    excluded = {tuple(sorted(force.getExclusionParticles(k))) for k in range(force.getNumExclusions())}
+    for i, j in itertools.combinations(sorted(int(a) for a in ml), 2):
+        if (i, j) not in excluded:
+            force.addExclusion(i, j)
+
+
+def mlmm_mm_system(system: openmm.System, ml_indices, mode: str = "electrostatic",
+                   ml_charges=None) -> openmm.System:
+    """The MM client's system: a deep copy of ``system`` with the ML zone's own terms taken out.
+
+    Parameters
+    ----------
+    system : openmm.System
+        the full MM system (left untouched).
+    ml_indices : sequence of int
+        0-based atom indices of the ML zone (whole molecules).
+    mode : {"electrostatic", "mechanical"}
+        electrostatic: ML charges are zero (the ML client owns ML–MM Coulomb); mechanical: ML atoms keep
+        fixed charges and the MM client computes ML–MM Coulomb.
+    ml_charges : sequence of float (e), optional
+        mechanical mode only: fixed charges of the ML atoms, in the order of ``ml_indices`` (for example the
+        network's vacuum charges); default: the MM charges.
+
+    Returns
+    -------
+    openmm.System
+        ML-only bonded terms and constraints removed, ML–ML nonbonded pairs excluded, ML–MM LJ kept.
+    """
+    if mode not in MODES:
+        raise SetupError(f"unknown embedding mode {mode!r}; choose one of {MODES}")
+    ml = np.asarray(ml_indices, dtype=np.int64).reshape(-1)
+    is_ml = _ml_mask(system.getNumParticles(), ml)
+    check_selection(system, ml)
+    if ml_charges is not None:
+        if mode != "mechanical":
+            raise SetupError("ml_charges are only used in mechanical embedding (electrostatic mode zeroes them)")
+        ml_charges = np.asarray(ml_charges, dtype=np.float64).reshape(-1)
+        if ml_charges.shape != ml.shape or not np.all(np.isfinite(ml_charges)):
+            raise SetupError(f"need {len(ml)} finite ML charges (one per ML atom), got {ml_charges.shape[0]}")
+    elif mode == "mechanical":
+        nb = _nonbonded(system)
+        ml_charges = np.array([nb.getParticleParameters(int(i))[0].value_in_unit(openmm.unit.elementary_charge)
+                               for i in ml])
+    _nonbonded(system)
+    out = copy.deepcopy(system)
+    for k in reversed(range(out.getNumConstraints())):
+        i, j, _ = out.getConstraintParameters(k)
+        if is_ml[i] and is_ml[j]:
+            out.removeConstraint(k)
+    forces = []
+    for force in out.getForces():
+        kind = type(force).__name__
+        if kind in BONDED_FORCES:
+            force, removed = _drop_ml_terms(force, is_ml)
+            log.debug("%s: removed %d ML-only terms", kind, removed)
+        else:
+            force = copy.deepcopy(force)        # owned by Python until re-added below
+            if isinstance(force, openmm.NonbondedForce):
+                _fix_nonbonded(force, ml, is_ml, ml_charges if mode == "mechanical" else None)
+            elif isinstance(force, openmm.CustomNonbondedForce):
+                _fix_custom_nonbonded(force, ml)
+            elif kind not in ATOM_FREE_FORCES + KEPT_FORCES and _touches(force, is_ml):
+                raise SetupError(f"force '{force.getName()}' ({kind}) acts on ML atoms and the ML/MM surgery does "
+                                 f"not know how to split it; supported: {', '.join(BONDED_FORCES)}, "
+                                 "NonbondedForce, CustomNonbondedForce (implicit solvent and polarisable "
+                                 "force fields are not supported)")
+        forces.append(force)
+    for k in reversed(range(out.getNumForces())):
+        out.removeForce(k)
+    for force in forces:
+        out.addForce(force)
+    return out
+
+
+def mm_charges(system: openmm.System) -> np.ndarray:
+    """Partial charges (e) of every particle, from the system's NonbondedForce."""
+    nb = _nonbonded(system)
+    e = openmm.unit.elementary_charge
+    return np.array([nb.getParticleParameters(i)[0].value_in_unit(e) for i in range(nb.getNumParticles())])
+
+
+def mm_environment(system: openmm.System, topology: app.Topology, ml_indices, spec) -> MMEnvironment:
+    """The embedding's static data, read once: MM charges (from the ORIGINAL system) and residue ids.
+
+    Parameters
+    ----------
+    system : the full MM system (before :func:`mlmm_mm_system`), whose NonbondedForce holds the charges.
+    topology : the matching topology; residues define the groups that enter the embedding whole.
+    ml_indices : 0-based atom indices of the ML zone.
+    spec : driver.system.SystemSpec (or its CouplingSpec); cutoff_nm and switch_width_nm are used.
+    """
+    coupling = getattr(spec, "coupling", spec)
+    check_selection(system, ml_indices, topology)
+    residue = np.fromiter((a.residue.index for a in topology.atoms()), dtype=np.int64,
+                          count=topology.getNumAtoms())
+    return MMEnvironment(charges=mm_charges(system), residue=residue,
+                         ml_indices=np.asarray(ml_indices, dtype=np.int64).reshape(-1),
+                         cutoff=float(coupling.cutoff_nm), switch_width=float(coupling.switch_width_nm))
+
+
+def mm_system_from_spec(spec, topology: app.Topology, system: openmm.System, positions_nm=None, *,
+                        model_path=None, device: str = "cpu") -> openmm.System:
+    """The MM client's system for a system.toml: :func:`mlmm_mm_system` in the spec's embedding mode.
+
+    Mechanical embedding with ``mechanical_charges = "model"`` needs the model (``model_path``) and the
+    structure's positions (nm): the ML atoms get the network's vacuum charges at that geometry.
+    """
+    mode, source = spec.coupling.embedding, spec.coupling.mechanical_charges
+    check_selection(system, spec.ml.indices, topology)
+    charges = None
+    if mode == "mechanical":
+        if source == "model":
+            if model_path is None or positions_nm is None:
+                raise SetupError("mechanical embedding with mechanical_charges = \"model\" needs the model file "
+                                 "(--model) for the MM client; or set [coupling] mechanical_charges = \"mm\"")
+            from potentials.model_io import load_model
+
+            from coupling.ml_engine import ml_numbers, vacuum_charges
+            ml = np.asarray(spec.ml.indices, dtype=np.int64)
+            charges = vacuum_charges(load_model(model_path, device), ml_numbers(topology, ml),
+                                     np.asarray(positions_nm, dtype=np.float64)[ml], spec.ml.charge, device)
+        elif source != "mm":
+            raise SetupError(f"[coupling] mechanical_charges = {source!r}; choose \"model\" or \"mm\"")
+    return mlmm_mm_system(system, spec.ml.indices, mode, charges)

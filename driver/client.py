@@ -1,0 +1,272 @@
+"""The force client: connect to i-PI, answer its requests with an :class:`Engine`, exit on EXIT.
+
+``mlmm client mm|ml`` ends up in :func:`main`; :func:`serve` is the loop, usable from Python.
+
+Why not ASE's ``SocketClient``: it sets no TCP_NODELAY (a 40 ms/step Nagle stall over inet), never asks for
+INIT, cannot return extras and misreads batched POSDATA (ipi.md §1.7). This client does all four, speaks
+both message flows (consolidated POSDATA+GETFORCE and the legacy STATUS-polled one) and sends each
+FORCEREADY in one ``sendall``. Bytes and units live in :mod:`driver.codec`.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import time
+from typing import TYPE_CHECKING, NamedTuple, Protocol
+
+import numpy as np
+
+from . import codec
+from .errors import CalculationFailed, MLMMError, ProtocolError, SetupError
+
+if TYPE_CHECKING:
+    import argparse
+
+log = logging.getLogger(__name__)
+
+UNIX_PREFIX = "/tmp/ipi_"        # i-PI's default <simulation sockets_prefix>
+LOG_EVERY = 1000                 # requests between debug timing lines
+_RETRY = (FileNotFoundError, ConnectionRefusedError, ConnectionResetError, ConnectionAbortedError,
+          BlockingIOError, TimeoutError)
+
+
+class ForceResult(NamedTuple):
+    """What an engine returns for one structure (internal units).
+
+    energy : kJ/mol
+    forces : (N, 3) kJ/mol/nm
+    virial : (3, 3) kJ/mol, ``-dE/d(strain)``; for a cluster that is ``sum_i f_i (x) r_i`` (symmetric for a
+        rotation-invariant energy). i-PI only uses it for pressure; zeros are fine for NVT.
+    extras : JSON-serialisable dict with namespaced keys (``"ml.charges"``); i-PI stores it per bead.
+    """
+
+    energy: float
+    forces: np.ndarray
+    virial: np.ndarray
+    extras: dict
+
+
+class Engine(Protocol):
+    """Anything that turns positions into a :class:`ForceResult` per structure."""
+
+    natoms: int
+
+    def compute(self, positions: np.ndarray, boxes: np.ndarray | None) -> list[ForceResult]:
+        """positions (B, N, 3) nm; boxes (B, 3, 3) nm with vectors as rows, or None (a non-periodic engine
+        ignores them). Returns B results."""
+        ...
+
+
+# ---------------------------------------------------------------------------------------------- addresses
+def parse_address(address: str) -> tuple[socket.AddressFamily, str | tuple[str, int]]:
+    """``unix:NAME`` -> ``/tmp/ipi_NAME``; ``unix:PATH`` (contains ``/``) -> PATH; ``[inet:]HOST:PORT`` -> TCP.
+
+    Returns the socket family and the address to ``connect`` to.
+    """
+    if address.startswith("unix:"):
+        name = address[len("unix:"):]
+        if not name:
+            raise SetupError(f"socket address {address!r}: empty name; use unix:NAME as in <address>NAME</address>")
+        path = name if "/" in name else UNIX_PREFIX + name
+        if len(os.fsencode(path)) > 107:         # sun_path is 108 bytes including the NUL
+            raise SetupError(f"unix socket path {path!r} is longer than 107 bytes; use a shorter name or folder")
+        return socket.AF_UNIX, path
+    host, sep, port = address.removeprefix("inet:").rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise SetupError(f"socket address {address!r}: expected unix:NAME, unix:/path/to/socket or HOST:PORT "
+                         "(port 1-65535)")
+    return socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET, (host.strip("[]"), int(port))
+
+
+def connect(address: str, timeout: float = 120.0) -> socket.socket:
+    """Connect to the i-PI server at ``address``, retrying until ``timeout`` seconds (i-PI may not be up yet).
+
+    TCP sockets get TCP_NODELAY: each reply is one small write, which Nagle's algorithm would hold back.
+    """
+    family, target = parse_address(address)
+    deadline = time.monotonic() + timeout
+    delay = 0.05
+    while True:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.settimeout(max(0.1, min(5.0, deadline - time.monotonic())))
+        try:
+            sock.connect(target)
+        except OSError as exc:
+            sock.close()
+            if not (isinstance(exc, _RETRY) or exc.errno in (errno.ECONNREFUSED, errno.ENOENT, errno.EAGAIN)):
+                raise SetupError(f"cannot connect to i-PI at {address}: {exc}") from None
+            if time.monotonic() + delay > deadline:
+                raise SetupError(
+                    f"no i-PI server at {address} after {timeout:g} s ({exc.__class__.__name__}: {exc}); start i-PI "
+                    f"first and check that its <ffsocket> mode/address match, or raise --timeout") from None
+            time.sleep(delay)
+            delay = min(2 * delay, 1.0)
+            continue
+        if family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        log.info("connected to i-PI at %s", address)
+        return sock
+
+
+# ---------------------------------------------------------------------------------------------- loop
+def serve(engine: Engine, address: str, *, timeout: float = 120.0, max_steps: int | None = None,
+          read_timeout: float | None = 60.0, idle_timeout: float | None = None) -> int:
+    """Connect to i-PI at ``address`` and answer its requests with ``engine`` until EXIT or disconnect.
+
+    Parameters
+    ----------
+    engine : an :class:`Engine`
+    address : ``unix:NAME``, ``unix:/path`` or ``HOST:PORT`` (see :func:`parse_address`)
+    timeout : seconds to keep trying to connect
+    max_steps : stop after this many answered requests (None: until i-PI says EXIT or closes)
+    read_timeout, idle_timeout : seconds, see :class:`driver.codec.Wire`
+
+    Returns
+    -------
+    The number of answered requests (a batched request counts once).
+    """
+    with connect(address, timeout) as sock:
+        return serve_socket(engine, sock, max_steps=max_steps, read_timeout=read_timeout,
+                            idle_timeout=idle_timeout)
+
+
+def serve_socket(engine: Engine, sock: socket.socket, *, max_steps: int | None = None,
+                 read_timeout: float | None = 60.0, idle_timeout: float | None = None) -> int:
+    """The protocol loop on an already connected socket (see :func:`serve`)."""
+    try:
+        return _loop(engine, codec.Wire(sock, timeout=read_timeout, idle_timeout=idle_timeout), max_steps)
+    finally:
+        _close_gently(sock)
+
+
+def _close_gently(sock: socket.socket, wait: float = 2.0) -> None:
+    """Leave with FIN, not RST: read what i-PI already sent until it hangs up (or ``wait`` s).
+
+    Closing with unread bytes (the GETFORCE queued behind POSDATA) makes the kernel send a reset, which kills
+    i-PI 3.3's poll thread in the consolidated flow and hangs the whole run (ipi.md §2.7); after a clean FIN
+    i-PI drops this client and re-queues its request for another one.
+    """
+    deadline = time.monotonic() + wait
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            if not sock.recv(1 << 16):
+                break
+    except OSError:
+        pass
+
+
+def _loop(engine: Engine, wire: codec.Wire, max_steps: int | None) -> int:
+    initialised, batch_size = False, 1
+    reply: bytes | None = None          # FORCEREADY computed at POSDATA, sent at GETFORCE
+    served, t_compute, t_start = 0, 0.0, time.perf_counter()
+    while max_steps is None or served < max_steps:
+        header = wire.recv_header()
+        if header is None:
+            log.info("i-PI closed the connection after %d requests", served)
+            break
+        if header == codec.STATUS:
+            wire.send(codec.HAVEDATA if reply is not None else codec.READY if initialised else codec.NEEDINIT,
+                      "a status reply")
+        elif header == codec.INIT:
+            info = wire.recv_init()
+            initialised, batch_size = True, info.batch_size
+            log.debug("INIT rid=%d batch_size=%d params=%s", info.rid, info.batch_size, info.params)
+        elif header == codec.POSDATA:
+            if reply is not None:
+                raise ProtocolError("i-PI sent POSDATA while the previous forces were not collected with GETFORCE")
+            positions, boxes = wire.recv_posdata(batch_size, engine.natoms)
+            t0 = time.perf_counter()
+            reply = evaluate(engine, positions, boxes, batched=batch_size > 1)
+            t_compute += time.perf_counter() - t0
+        elif header == codec.GETFORCE:
+            if reply is None:
+                raise ProtocolError("i-PI sent GETFORCE before any POSDATA")
+            wire.send(reply, "FORCEREADY")
+            reply, served = None, served + 1
+            if served % LOG_EVERY == 0:
+                wall = time.perf_counter() - t_start
+                log.debug("%d requests: %.2f ms compute, %.2f ms total per request", served,
+                          1e3 * t_compute / served, 1e3 * wall / served)
+        else:                            # EXIT; recv_header rejects anything else
+            log.info("i-PI sent EXIT after %d requests", served)
+            break
+    return served
+
+
+def evaluate(engine: Engine, positions: np.ndarray, boxes: np.ndarray | None, *, batched: bool) -> bytes:
+    """Run ``engine`` on (B, N, 3) nm positions and return the encoded FORCEREADY reply.
+
+    Refuses to send non-finite or misshapen results: i-PI would integrate them silently.
+    """
+    nbatch, natoms = positions.shape[0], positions.shape[1]
+    try:
+        results = engine.compute(positions, boxes)
+    except MLMMError:
+        raise
+    except Exception as exc:                     # engine-library errors (OpenMMException, torch) -> one line
+        log.debug("engine failure", exc_info=True)
+        raise CalculationFailed(f"{type(engine).__name__}.compute failed: {type(exc).__name__}: {exc}") from exc
+    if len(results) != nbatch:
+        raise CalculationFailed(f"{type(engine).__name__} returned {len(results)} results for {nbatch} structures")
+    energies = np.array([r.energy for r in results], dtype=np.float64)
+    forces = np.stack([np.asarray(r.forces, dtype=np.float64) for r in results])
+    virials = np.stack([np.asarray(r.virial, dtype=np.float64) for r in results])
+    if forces.shape != (nbatch, natoms, 3) or virials.shape != (nbatch, 3, 3):
+        raise CalculationFailed(f"{type(engine).__name__} returned forces {forces.shape[1:]} / virial "
+                                f"{virials.shape[1:]}, expected ({natoms}, 3) / (3, 3)")
+    for b in range(nbatch):
+        bad = np.flatnonzero(~np.isfinite(forces[b]).all(axis=1))
+        if not np.isfinite(energies[b]) or bad.size or not np.isfinite(virials[b]).all():
+            raise CalculationFailed(
+                f"{type(engine).__name__} returned a non-finite energy ({energies[b]}), forces "
+                f"(atoms {bad[:10].tolist()}{'...' if bad.size > 10 else ''}) or virial for structure {b}; the "
+                "structure has probably blown up (time step too large, bad starting geometry, ML model outside "
+                "its training domain). Not sending it to i-PI.")
+    extras = [codec.encode_extras(r.extras) for r in results]
+    return codec.encode_forceready(energies, forces, virials, extras, batched)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def main(args: argparse.Namespace) -> int:
+    """``mlmm client mm|ml --system S --address A [--model M --device D --platform P --timeout T]``."""
+    from .system import SystemSpec
+
+    spec = SystemSpec.load(args.system)
+    if args.kind == "mm":
+        engine = build_mm_engine(spec, args.platform, model=args.model, device=args.device)
+    else:
+        engine = build_ml_engine(spec, args.model, args.device)
+    served = serve(engine, args.address, timeout=args.timeout)
+    log.info("%s client done: %d requests served", args.kind, served)
+    return 0
+
+
+def build_mm_engine(spec, platform: str | None = None, *, model: str | None = None, device: str = "cpu"):
+    """The MM client's engine: the full OpenMM system, or the ML/MM-split one if the spec has an ML zone.
+
+    ``model``/``device`` are only used by mechanical embedding with network charges on the ML atoms.
+    """
+    from potentials.openmm_engine import OpenMMEngine
+    from potentials.openmm_system import load_system
+
+    topology, system, positions = load_system(spec)
+    if spec.ml.indices:
+        from coupling.mmsystem import mm_system_from_spec
+        system = mm_system_from_spec(spec, topology, system, positions, model_path=model, device=device)
+    return OpenMMEngine(system, platform=platform)
+
+
+def build_ml_engine(spec, model: str | None, device: str = "cpu"):
+    """The ML client's engine (network + electrostatic embedding)."""
+    if not model:
+        raise SetupError("`mlmm client ml` needs --model PATH (a model written by `mlmm train`)")
+    if not spec.ml.indices:
+        raise SetupError("the system file has an empty ML zone ([ml] indices); nothing for the ML client to "
+                         "compute (select one with `mlmm prepare --ml ...`)")
+    from coupling.ml_engine import MLEngine
+
+    return MLEngine.from_spec(spec, model, device)

@@ -1,0 +1,553 @@
+"""`mlmm run`: start i-PI and one force client per `<ffsocket>`, show progress, stop everything cleanly and
+convert the outputs.
+
+The run folder (i-PI's working directory) ends up with::
+
+    input.xml        the patched i-PI input          init.extxyz   starting structure (Å, masses)
+    ipi.log          i-PI's output                   client_mm.log, client_ml.log
+    sim.out          i-PI's properties table (units in its header; the templates use kJ/mol, ps, K)
+    properties.csv   the same table with plain column names (conserved_kjmol, pot_mm_kjmol, ...)
+    sim.pos_0.xyz    i-PI's positions                sim.pos_0.nc  the same as AMBER NetCDF
+    RESTART          i-PI's restart file, written on every exit (the state a resumed run starts from)
+
+Supervision: every child runs in its own process group; the loop watches all of them. A client that dies
+makes i-PI hang forever with consolidated messages (ipi.md §2.7), so the supervisor then stops i-PI itself:
+SIGTERM (i-PI writes RESTART), SIGKILL after a grace period. Ctrl-C/SIGTERM do the same; a second Ctrl-C
+kills at once. Unix sockets live in a fresh 0700 directory that is removed at the end.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import ase.io
+import numpy as np
+
+from . import trajectory, xmlinput
+from .errors import CalculationFailed, SetupError
+from .system import SystemSpec
+from .units import ANGSTROM_PER_NM
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SOCKET_WAIT_S = 120.0       # i-PI must open its unix sockets within this (it reads the structure first)
+POLL_S = 0.2                # supervisor loop period
+IPI_GRACE_S = 20.0          # SIGTERM -> SIGKILL for i-PI (its soft exit checks every 1 s, then writes RESTART)
+CLIENT_GRACE_S = 10.0       # after i-PI is gone, clients get this long to exit on their own
+EARLY_EXIT_GRACE_S = 30.0   # a client that exits cleanly while i-PI runs: i-PI must finish within this
+MAX_UNIX_PATH = 107         # sun_path is 108 bytes including the terminating NUL
+CLUSTER_BOX_MIN_A = 100.0   # edge (Å) of the dummy box i-PI needs for non-periodic systems (ipi.md §1.4)
+
+ClientArgv = Callable[[str, str], list[str]]   # (forcefield name, client address) -> command line
+
+
+@dataclass
+class RunResult:
+    """What `run_simulation` did. ``steps_done`` counts MD steps (i-PI's ``step``); times in s."""
+
+    folder: Path
+    steps_done: int
+    total_steps: int
+    wall_s: float
+    timestep_ps: float | None = None
+    trajectories: list[Path] = field(default_factory=list)
+    properties_csv: Path | None = None
+
+    @property
+    def ns_per_day(self) -> float | None:
+        """Throughput over the whole run, start-up included."""
+        if not self.timestep_ps or self.wall_s <= 0:
+            return None
+        return self.steps_done * self.timestep_ps * 1e-3 / (self.wall_s / 86400.0)
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped the run; everything was shut down and i-PI wrote RESTART."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = int(signum)
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def main(args) -> int:
+    """``mlmm run XML --system S [--model M] [--steps N] [--out DIR] [--seed K] [--no-progress]``."""
+    try:
+        result = run_simulation(args.xml, args.system, out=args.out, model=args.model, steps=args.steps,
+                                seed=args.seed, device=args.device, platform=args.platform,
+                                progress=not args.no_progress, verbose=getattr(args, "verbose", False))
+    except RunInterrupted as exc:
+        print(f"mlmm: interrupted: {exc}", file=sys.stderr)
+        return 128 + exc.signum          # 130 for Ctrl-C, 143 for SIGTERM (shell convention)
+    rate = result.ns_per_day
+    log.info("done: %d steps in %.1f s%s; outputs in %s", result.steps_done, result.wall_s,
+             f" ({rate:.3g} ns/day)" if rate else "", result.folder)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- API
+def run_simulation(xml: str | Path, system: str | Path, *, out: str | Path | None = None,
+                   model: str | Path | None = None, steps: int | None = None, seed: int | None = None,
+                   device: str = "cpu", platform: str | None = None, progress: bool = True,
+                   verbose: bool = False, client_argv: ClientArgv | None = None) -> RunResult:
+    """Run i-PI with the input ``xml`` on ``system`` and one client per `<ffsocket>`; block until done.
+
+    Parameters
+    ----------
+    xml : i-PI input (e.g. ``inputs/templates/nvt_bussi.xml``); run-specific parts are filled in.
+    system : ``system.toml`` written by ``mlmm prepare``.
+    out : run folder (created; must be new or empty). Default: ``run-<timestamp>`` next to ``system``.
+    model : network file for the ``ml`` client (required if the XML has an ``ml`` socket).
+    steps, seed : override ``<total_steps>`` and ``<prng><seed>``.
+    device, platform : passed to the ML (torch device) and MM (OpenMM platform) clients.
+    progress : show a tqdm bar (steps, temperature, ns/day).
+    client_argv : replaces the client command lines ``mlmm client NAME ...``; gets the forcefield name and
+        the address (``unix:/path`` or ``HOST:PORT``). For running i-PI's own drivers in tests.
+
+    Raises
+    ------
+    SetupError : bad input, before anything is started.
+    CalculationFailed : a client or i-PI died, or i-PI stopped before ``total_steps``.
+    RunInterrupted : Ctrl-C / SIGTERM; all processes were stopped, i-PI wrote RESTART.
+    """
+    where = str(xml)
+    tree = xmlinput.load(xml)
+    root = tree.getroot()
+    socks = xmlinput.sockets(root, where)
+    components = xmlinput.force_components(root, where)
+    spec = SystemSpec.load(system)
+    if not spec.structure_path.is_file():
+        raise SetupError(f"{system}: structure file {spec.structure_path} not found; re-run `mlmm prepare`")
+    if client_argv is None and any(s.name == "ml" for s in socks):
+        if not model:
+            raise SetupError(f"{where} has an <ffsocket name='ml'>: pass the network with --model FILE "
+                             "(or use a pure-MM template such as inputs/templates/nvt_bussi_mm.xml)")
+        if not Path(model).is_file():
+            raise SetupError(f"model file {model} not found; train one with `mlmm train CONFIG`")
+    if steps is not None and steps < 1:
+        raise SetupError(f"--steps {steps}: must be a positive number of MD steps")
+    total = steps if steps is not None else (xmlinput.total_steps(root) or 1000)   # 1000: i-PI's default
+    ipi_argv = _ipi_argv()
+    folder = _run_folder(out, spec)
+    start = initial_structure(spec)         # builds the OpenMM system: force-field problems show up here
+    periodic = bool(start.pbc.all())
+
+    sockdir = Path(tempfile.mkdtemp(prefix="mlmm-", dir=_short_tmpdir()))     # mode 0700
+    try:
+        prefix = f"{sockdir}/"
+        for s in socks:
+            if s.mode == "unix" and len(os.fsencode(prefix + s.name)) > MAX_UNIX_PATH:
+                raise SetupError(f"unix socket path {prefix + s.name} is longer than {MAX_UNIX_PATH} bytes; "
+                                 "set TMPDIR to a short folder")
+        folder.mkdir(parents=True, exist_ok=True)
+        ase.io.write(str(folder / "init.extxyz"), start, format="extxyz")
+        xmlinput.patch(root, init_file="init.extxyz", sockets_prefix=prefix, steps=steps, seed=seed)
+        xmlinput.write(tree, folder / "input.xml")
+
+        def address(s: xmlinput.SocketSpec) -> str:
+            return f"unix:{prefix}{s.name}" if s.mode == "unix" else f"{s.address}:{s.port}"
+
+        default_argv = _client_argv_factory(Path(system).resolve(), model, device, platform, verbose)
+        argv = client_argv or default_argv
+        clients = {s.name: argv(s.name, address(s)) for s in socks}
+        unix_paths = [Path(prefix + s.name) for s in socks if s.mode == "unix"]
+        props = xmlinput.properties_file(root)
+        sup = _Supervisor(folder, ipi_argv, clients, unix_paths, folder / props if props else None, total,
+                          progress)
+        t0 = time.monotonic()
+        outcome = sup.run()
+        wall = time.monotonic() - t0
+    finally:
+        shutil.rmtree(sockdir, ignore_errors=True)
+
+    done = _steps_done(folder)
+    result = RunResult(folder, done if done is not None else sup.last_step, total, wall,
+                       xmlinput.timestep_ps(root))
+    try:
+        result.trajectories = _convert_trajectories(folder, root, periodic)
+        if props and (folder / props).is_file():
+            result.properties_csv = folder / "properties.csv"
+            trajectory.write_properties_csv(folder / props, result.properties_csv, components)
+    except (OSError, ValueError, RuntimeError) as exc:
+        if outcome is None and not sup.interrupted:
+            raise CalculationFailed(f"the run finished but converting its outputs in {folder} failed: {exc}") \
+                from exc
+        log.warning("converting the outputs of the stopped run failed: %s", exc)
+
+    if sup.interrupted:
+        raise RunInterrupted(f"stopped at step {result.steps_done} of {total}; i-PI saved its state in "
+                             f"{folder / 'RESTART'}", sup.interrupted)
+    if outcome is not None:
+        raise CalculationFailed(outcome)
+    if done is None or done < total:
+        raise CalculationFailed(f"i-PI stopped ({sup.ipi.describe_exit()}) at step {result.steps_done} of {total}:"
+                                f" {_last_lines(folder / 'ipi.log')}; see {folder / 'ipi.log'}")
+    return result
+
+
+# ------------------------------------------------------------------------------------------- set-up helpers
+def _run_folder(out: str | Path | None, spec: SystemSpec) -> Path:
+    """The run folder to create: ``out`` (must be new or empty) or a fresh ``run-<timestamp>``."""
+    if out is None:
+        base = spec.root / time.strftime("run-%Y%m%d-%H%M%S")
+        folder, k = base, 1
+        while folder.exists():
+            folder, k = base.with_name(f"{base.name}-{k}"), k + 1
+    else:
+        folder = Path(out)
+        if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+            raise SetupError(f"run folder {folder} exists and is not empty; choose a new --out (i-PI would mix "
+                             "its outputs with the old ones)")
+    return folder.resolve()
+
+
+def _short_tmpdir() -> str:
+    """A temp folder short enough for AF_UNIX paths (TMPDIR on clusters can be very long)."""
+    tmp = tempfile.gettempdir()
+    return tmp if len(tmp) < 60 else "/tmp"
+
+
+def initial_structure(spec: SystemSpec):
+    """The system's starting structure for i-PI as an ``ase.Atoms`` (written as extended XYZ, which i-PI
+    reads with ``<file mode='ase'>``); ``atoms.pbc`` tells whether the system is periodic.
+
+    Positions and cell in Å, masses in dalton, all taken from the OpenMM system the MM client builds
+    (`potentials.openmm_system.load_system`), so i-PI integrates with exactly the MM force field's masses
+    (including hydrogen mass repartitioning). Non-periodic systems get a large dummy cubic box: i-PI needs a
+    cell, the sockets use ``pbc='false'`` and the clients ignore it.
+    """
+    import ase
+    from openmm import unit
+
+    from potentials.openmm_system import load_system
+
+    topology, system, pos_nm = load_system(spec)
+    atoms = list(topology.atoms())
+    for a in atoms:
+        if a.element is None or system.isVirtualSite(a.index):
+            raise SetupError(f"{spec.structure_path}: atom {a.index + 1} ({a.name}, residue {a.residue.name} "
+                             f"{a.residue.id}) is a virtual site; i-PI cannot integrate extra points")
+    pos = np.asarray(pos_nm, dtype=float) * ANGSTROM_PER_NM
+    masses = np.array([system.getParticleMass(i).value_in_unit(unit.dalton) for i in range(len(atoms))])
+    if spec.structure.periodic:
+        box = np.asarray(topology.getPeriodicBoxVectors().value_in_unit(unit.nanometer)) * ANGSTROM_PER_NM
+    else:
+        span = float(np.ptp(pos, axis=0).max()) if len(pos) else 0.0
+        box = np.eye(3) * max(CLUSTER_BOX_MIN_A, 2.0 * span)
+    out = ase.Atoms([a.element.symbol for a in atoms], positions=pos, cell=box, pbc=spec.structure.periodic)
+    out.set_masses(masses)
+    return out
+
+
+def _client_argv_factory(system: Path, model, device: str, platform: str | None, verbose: bool) -> ClientArgv:
+    def argv(name: str, address: str) -> list[str]:
+        cmd = [sys.executable, "-m", "driver.cli"] + (["-v"] if verbose else [])
+        cmd += ["client", name, "--system", str(system), "--address", address]
+        if name == "ml":
+            cmd += ["--model", str(Path(model).resolve()), "--device", device]
+        elif platform:
+            cmd += ["--platform", platform]
+        return cmd
+    return argv
+
+
+def _ipi_argv() -> list[str]:
+    script = Path(sys.executable).parent / "i-pi"
+    if not script.is_file():
+        found = shutil.which("i-pi")
+        if found is None:
+            raise SetupError("i-PI's `i-pi` script is neither next to this Python nor on PATH; pip install ipi")
+        script = Path(found)
+    return [sys.executable, str(script), "input.xml"]
+
+
+# ------------------------------------------------------------------------------------------- processes
+def _set_pdeathsig() -> None:
+    """In the child before exec (Linux): get SIGTERM when mlmm dies, even by SIGKILL, so no i-PI or client
+    is left holding a GPU or a socket."""
+    if _LIBC is not None:
+        _LIBC.prctl(1, signal.SIGTERM)        # PR_SET_PDEATHSIG
+
+
+try:
+    import ctypes
+    _LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
+except OSError:
+    _LIBC = None
+
+
+class _Child:
+    """One child process in its own process group, output to a log file."""
+
+    def __init__(self, name: str, argv: list[str], cwd: Path, logfile: Path, env: dict[str, str]):
+        self.name, self.log = name, logfile
+        with open(logfile, "wb") as fh:
+            self.proc = subprocess.Popen(argv, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                                         preexec_fn=_set_pdeathsig if _LIBC is not None else None)
+        self.exited_at: float | None = None
+
+    @property
+    def rc(self) -> int | None:
+        return self.proc.poll()
+
+    def signal(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def wait(self, timeout: float) -> bool:
+        try:
+            self.proc.wait(max(timeout, 0.0))
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+    def kill(self) -> None:
+        """SIGKILL the whole group (also anything the leader left behind) and reap the leader."""
+        self.signal(signal.SIGKILL)
+        self.wait(5.0)
+
+    def describe_exit(self) -> str:
+        rc = self.rc
+        if rc is not None and rc < 0:
+            try:
+                return f"killed by {signal.Signals(-rc).name}"
+            except ValueError:
+                return f"killed by signal {-rc}"
+        return f"exit code {rc}"
+
+
+def _last_lines(path: Path, n: int = 3, width: int = 400) -> str:
+    """The last ``n`` non-empty lines of a log, joined into one line (for a one-line error message)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(max(0, fh.seek(0, os.SEEK_END) - 8192))
+            lines = [ln.strip() for ln in fh.read().decode(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return "(no log)"
+    text = " | ".join(lines[-n:]) or "(empty log)"
+    return text if len(text) <= width else "..." + text[-width:]
+
+
+class _PropertiesTail:
+    """Reads the complete new rows of i-PI's properties file while it grows."""
+
+    def __init__(self, path: Path | None):
+        self.path, self.pos, self.partial = path, 0, b""
+        self.columns: dict[str, int] = {}
+
+    def rows(self) -> list[dict[str, float]]:
+        if self.path is None or not self.path.is_file():
+            return []
+        with open(self.path, "rb") as fh:
+            fh.seek(self.pos)
+            chunk = fh.read()
+        self.pos += len(chunk)
+        lines = (self.partial + chunk).split(b"\n")
+        self.partial = lines.pop()              # an unfinished line waits for the next read
+        out = []
+        for raw in lines:
+            line = raw.decode(errors="replace")
+            if line.startswith("#"):
+                col = trajectory.parse_header_line(line)
+                if col is not None:
+                    self.columns[col[2].split("(")[0]] = col[0]
+            elif line.strip():
+                vals = line.split()
+                try:
+                    out.append({k: float(vals[i]) for k, i in self.columns.items() if i < len(vals)})
+                except ValueError:
+                    continue
+        return out
+
+
+class _Progress:
+    """tqdm bar: steps done of total, temperature, ns/day (from i-PI's time column and the wall clock)."""
+
+    def __init__(self, total: int, enabled: bool):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit="step", disable=not enabled, dynamic_ncols=True, file=sys.stderr,
+                        desc="i-PI")
+        self.first: tuple[float, float] | None = None     # (time_ps, wall) of the first row seen
+
+    def update(self, row: dict[str, float]) -> None:
+        step = int(row.get("step", self.bar.n))
+        now = time.monotonic()
+        info = []
+        if "temperature" in row:
+            info.append(f"T={row['temperature']:.0f} K")
+        if "time" in row:
+            if self.first is None:
+                self.first = (row["time"], now)
+            elif now - self.first[1] > 2.0:      # rows arrive in bursts: no rate from a short window
+                info.append(f"{(row['time'] - self.first[0]) * 1e-3 / ((now - self.first[1]) / 86400):.3g} ns/day")
+        if step > self.bar.n:
+            self.bar.update(step - self.bar.n)
+        if info:
+            self.bar.set_postfix_str(", ".join(info), refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class _Supervisor:
+    """Starts i-PI and the clients, watches them, and stops all of them whatever happens."""
+
+    def __init__(self, folder: Path, ipi_argv: list[str], clients: dict[str, list[str]], unix_paths: list[Path],
+                 properties: Path | None, total: int, progress: bool):
+        self.folder, self.ipi_argv, self.client_argv, self.unix_paths = folder, ipi_argv, clients, unix_paths
+        self.tail = _PropertiesTail(properties)
+        self.total, self.progress = total, progress
+        self.ipi: _Child | None = None
+        self.clients: dict[str, _Child] = {}
+        self.interrupted = 0            # the signal number that stopped the run, 0 if none
+        self.last_step = 0
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1",
+                        PYTHONPATH=os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH"))
+                                                   if p))
+
+    def run(self) -> str | None:
+        """Run to the end; returns None if nothing failed, else the one-line reason."""
+        in_main = threading.current_thread() is threading.main_thread()
+        old_term = signal.signal(signal.SIGTERM, self._on_sigterm) if in_main else None
+        bar = None
+        try:
+            self.ipi = _Child("i-PI", self.ipi_argv, self.folder, self.folder / "ipi.log", self.env)
+            failure = self._wait_for_sockets()
+            if failure:
+                return failure
+            for name, argv in self.client_argv.items():
+                self.clients[name] = _Child(name, argv, self.folder, self.folder / f"client_{name}.log", self.env)
+            log.info("i-PI and %d client(s) started in %s", len(self.clients), self.folder)
+            bar = _Progress(self.total, self.progress)
+            return self._watch(bar)
+        except KeyboardInterrupt:
+            self.interrupted = self.interrupted or signal.SIGINT
+            return None
+        finally:
+            if bar is not None:
+                self._read_progress(bar)
+                bar.close()
+            try:
+                self._shutdown()
+            except KeyboardInterrupt:       # a second Ctrl-C: no more waiting
+                pass
+            finally:
+                for child in self._children():
+                    child.kill()
+                if in_main:
+                    signal.signal(signal.SIGTERM, old_term)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.interrupted = signum
+        raise KeyboardInterrupt
+
+    def _children(self) -> list[_Child]:
+        return ([self.ipi] if self.ipi else []) + list(self.clients.values())
+
+    def _wait_for_sockets(self) -> str | None:
+        deadline = time.monotonic() + SOCKET_WAIT_S
+        while not all(p.exists() for p in self.unix_paths):
+            if self.ipi.rc is not None:
+                return (f"i-PI stopped ({self.ipi.describe_exit()}) before opening its sockets: "
+                        f"{_last_lines(self.ipi.log)}; see {self.ipi.log}")
+            if time.monotonic() > deadline:
+                missing = [str(p) for p in self.unix_paths if not p.exists()]
+                return f"i-PI did not open {missing} within {SOCKET_WAIT_S:g} s; see {self.ipi.log}"
+            time.sleep(POLL_S / 2)
+        # inet sockets are not probed (a probe would be a spurious client); the clients retry connecting
+        return None
+
+    def _read_progress(self, bar: _Progress) -> None:
+        for row in self.tail.rows():
+            bar.update(row)
+            self.last_step = int(row.get("step", self.last_step))
+
+    def _watch(self, bar: _Progress) -> str | None:
+        while True:
+            self._read_progress(bar)
+            now = time.monotonic()
+            for child in self.clients.values():
+                rc = child.rc
+                if rc is None:
+                    continue
+                if child.exited_at is None:
+                    child.exited_at = now
+                if rc != 0 and self.ipi.rc is None:
+                    return (f"client '{child.name}' died ({child.describe_exit()}) near step {self.last_step}: "
+                            f"{_last_lines(child.log)}; log: {child.log}")
+                if self.ipi.rc is None and now - child.exited_at > EARLY_EXIT_GRACE_S:
+                    return (f"client '{child.name}' exited ({child.describe_exit()}) but i-PI did not finish "
+                            f"within {EARLY_EXIT_GRACE_S:g} s; logs: {child.log}, {self.ipi.log}")
+            if self.ipi.rc is not None:
+                return None     # finished or not: decided from RESTART by the caller
+            time.sleep(POLL_S)
+
+    def _shutdown(self) -> None:
+        """i-PI first (SIGTERM = soft exit, writes RESTART, tells clients to quit), then the clients."""
+        if self.ipi is not None and self.ipi.rc is None:
+            self.ipi.signal(signal.SIGTERM)
+            if not self.ipi.wait(IPI_GRACE_S):
+                log.warning("i-PI did not stop within %g s of SIGTERM; killing it", IPI_GRACE_S)
+                self.ipi.kill()
+        # after a clean i-PI exit the clients got EXIT and stop by themselves; after a crash they may not notice
+        grace = CLIENT_GRACE_S if self.ipi is not None and self.ipi.rc == 0 else 2.0
+        deadline = time.monotonic() + grace
+        for child in self.clients.values():
+            if not child.wait(deadline - time.monotonic()):
+                child.signal(signal.SIGTERM)
+                if not child.wait(5.0):
+                    child.kill()
+            elif child.rc not in (0, None) and child.exited_at is None:
+                log.warning("client '%s' ended with %s after i-PI stopped; see %s", child.name,
+                            child.describe_exit(), child.log)
+
+
+
+
+# ------------------------------------------------------------------------------------------- outputs
+def _steps_done(folder: Path) -> int | None:
+    """The step i-PI reached, from the RESTART it writes on every exit (None if it wrote none)."""
+    try:
+        text = ET.parse(folder / "RESTART").getroot().findtext("step")
+    except (OSError, ET.ParseError):
+        return None
+    return int(float(text)) if text else None
+
+
+def _convert_trajectories(folder: Path, root: ET.Element, periodic: bool) -> list[Path]:
+    """AMBER NetCDF next to each i-PI position trajectory in xyz/ase format (``sim.pos_0.xyz`` ->
+    ``sim.pos_0.nc``)."""
+    dt = xmlinput.timestep_ps(root)
+    if not dt:
+        log.warning("no <timestep> in the input: NetCDF time is the step number")
+        dt = 1.0
+    prefix = xmlinput.output_prefix(root)
+    made = []
+    for t in xmlinput.position_trajectories(root):
+        if t.format not in ("xyz", "ase"):
+            log.info("trajectory '%s' is in format '%s': not converted to NetCDF", t.filename, t.format)
+            continue
+        ext = "extxyz" if t.format == "ase" else "xyz"
+        pattern = f"{prefix}.{t.filename}_*.{ext}" if t.what == "positions" else f"{prefix}.{t.filename}.{ext}"
+        for src in sorted(folder.glob(pattern)):
+            dst = src.with_suffix(".nc")
+            n = trajectory.ipi_to_netcdf(src, dst, timestep_ps=dt, periodic=periodic)
+            log.info("wrote %s (%d frames)", dst.name, n)
+            made.append(dst)
+    return made

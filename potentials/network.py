@@ -1,0 +1,554 @@
+"""Embedding-aware AIMNet2-style network: energy and charges of an ML zone polarised by MM point charges.
+
+Units (the network's own, converted by the caller): positions Å, energies eV, charges e, MM potential
+φ in V (= eV/e), MM field E in V/Å, polarisabilities e·Å²/V.
+
+Architecture (AIMNet2 core, see shared/reference/aimnet2.md §1, plus electrostatic embedding):
+
+* geometry: ``nshifts`` Gaussians between ``rmin`` and ``cutoff`` times a cosine cutoff, and the same
+  times the unit vector ``u_ij``: ``w[s, d, i, m]`` with d = (scalar, x, y, z);
+* per-element (F×S) embeddings ``a``; each pass contracts neighbour features with the geometry
+  (``avf[i,f,s,d] = Σ_m a_j[f,s] w[s,d,i,m]``), keeps the scalar part and the squared norms of
+  shell-mixed vector channels (``agh``); passes ≥ 1 do the same on the charges (``conv_q``);
+* embedding: ``φ_i − φ̄`` (gauge-free), ``|E_i|²`` and ``field_channels`` learned mixtures of the
+  rotation-invariant contractions ``v·E_i`` of every vector channel (FieldSchNet-style) enter EVERY pass,
+  so the MM environment polarises charges and features;
+* passes before the last predict charges and weights, equilibrated (NQE) so Σq = Q per structure exactly
+  (float64), and update ``a``; the last pass gives the AIM vector, read out per atom to an energy and a
+  polarisability α_i ≥ 0;
+* E = Σ_i (e_i + shift_Z) + Coulomb(q, short range removed with AIMNet2's exp envelope) + Σ_i q_i φ_i
+  − ½ Σ_i α_i |E_i|² (+ optional D3(BJ)); all sums float64.
+
+Forces are not computed here: callers differentiate ``energy`` w.r.t. positions and w.r.t. whatever φ/E
+were computed from. In ``train()`` mode the forward is twice differentiable (force losses); in ``eval()``
+mode the neighbour contraction uses a faster first-order-only kernel (``embedding_bag``), which is what MD
+needs. ``model.double()`` works (shifts stay float64 in every dtype).
+"""
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from driver.errors import SetupError
+from driver.units import BOHR_PER_ANGSTROM, COULOMB_EV_ANGSTROM, EV_PER_HARTREE
+from potentials.neighbors import neighbor_matrix, structure_layout, structure_pairs
+
+D3_WB97M = {"s6": 1.0, "s8": 0.3908, "a1": 0.5660, "a2": 3.1280}    # ωB97M-D3(BJ), a2 in Bohr
+COULOMB_PAIR_BUDGET = 1 << 21      # above N * n_max pairs the Coulomb sum runs chunked (first order only)
+_NQE_EPS = 1e-6                     # keeps NQE weights defined when all f_i vanish
+
+
+def _symbol(z: int) -> str:
+    from ase.data import chemical_symbols
+    return chemical_symbols[z] if 0 < z < len(chemical_symbols) else f"Z={z}"
+
+
+@dataclass
+class ModelConfig:
+    """All hyperparameters of :class:`EmbeddedAIMNet2` (lengths Å, potentials V, fields V/Å).
+
+    elements : atomic numbers the model knows.
+    nfeature, nshifts, ncomb_v : embedding channels F, radial shells S, vector combinations H.
+    cutoff, rmin : radial basis range (Å); ``coulomb_cutoff`` : range of the short-range Coulomb removal.
+    hidden : hidden layer sizes of each pass MLP (one list per pass, ≥ 2 passes).
+    aim_size, out_hidden : AIM vector size and the readout MLP's hidden sizes.
+    embedding : feed φ and E (False: vacuum model, φ/E ignored entirely).
+    field_channels : number of learned contractions v·E fed to each pass.
+    phi_scale, field_scale : fixed scales (V, V/Å) bringing φ−φ̄ and E to O(1) at the pass inputs.
+    alpha_scale : polarisability of a neutral readout (α = alpha_scale · softplus(x)), e·Å²/V.
+    d3, d3_params : add D3(BJ) dispersion (tad-dftd3) with these s6, s8, a1, a2 (a2 in Bohr).
+    """
+
+    elements: list[int]
+    nfeature: int = 16
+    nshifts: int = 16
+    ncomb_v: int = 12
+    cutoff: float = 5.0
+    rmin: float = 0.8
+    hidden: list[list[int]] = field(default_factory=lambda: [[512, 380], [512, 380], [512, 380, 380]])
+    aim_size: int = 256
+    out_hidden: list[int] = field(default_factory=lambda: [128, 128])
+    coulomb_cutoff: float = 4.6
+    embedding: bool = True
+    field_channels: int = 16
+    phi_scale: float = 1.0
+    field_scale: float = 1.0
+    alpha_scale: float = 0.1
+    d3: bool = False
+    d3_params: dict[str, float] = field(default_factory=lambda: dict(D3_WB97M))
+
+    def __post_init__(self):
+        self.elements = [int(z) for z in self.elements]
+        self.hidden = [[int(h) for h in layer] for layer in self.hidden]
+        self.out_hidden = [int(h) for h in self.out_hidden]
+        self.d3_params = {k: float(v) for k, v in self.d3_params.items()}
+        bad = [z for z in self.elements if not 1 <= z <= 118]
+        if not self.elements or bad or len(set(self.elements)) != len(self.elements):
+            raise SetupError(f"model config: 'elements' must be distinct atomic numbers 1..118, got {self.elements}")
+        for name in ("nfeature", "nshifts", "ncomb_v", "aim_size"):
+            if getattr(self, name) < 1:
+                raise SetupError(f"model config: '{name}' must be >= 1, got {getattr(self, name)}")
+        if self.field_channels < 0:
+            raise SetupError(f"model config: 'field_channels' must be >= 0, got {self.field_channels}")
+        if len(self.hidden) < 2 or any(not layer or min(layer) < 1 for layer in self.hidden):
+            raise SetupError(f"model config: 'hidden' needs >= 2 passes of positive sizes, got {self.hidden}")
+        if not 0 <= self.rmin < self.cutoff or self.coulomb_cutoff <= 0:
+            raise SetupError(f"model config: need 0 <= rmin < cutoff and coulomb_cutoff > 0 "
+                             f"(rmin={self.rmin}, cutoff={self.cutoff}, coulomb_cutoff={self.coulomb_cutoff})")
+        if min(self.phi_scale, self.field_scale, self.alpha_scale) <= 0:
+            raise SetupError("model config: phi_scale, field_scale and alpha_scale must be > 0")
+        unknown = set(self.d3_params) - set(D3_WB97M)
+        if unknown:
+            raise SetupError(f"model config: unknown d3_params {sorted(unknown)}; valid: {sorted(D3_WB97M)}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        """Build from a plain dict; unknown keys raise SetupError listing the valid ones."""
+        valid = {f.name for f in fields(cls)}
+        unknown = set(d) - valid
+        if unknown:
+            raise SetupError(f"model config: unknown key(s) {sorted(unknown)}; valid keys: {sorted(valid)}")
+        if "elements" not in d:
+            raise SetupError("model config: 'elements' (list of atomic numbers) is required")
+        return cls(**d)
+
+    @classmethod
+    def from_toml(cls, path: str | Path, **overrides) -> ModelConfig:
+        """Read a preset such as inputs/models/configs/small.toml; ``overrides`` replace its keys."""
+        path = Path(path)
+        try:
+            d = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise SetupError(f"model config {path}: file not found") from None
+        except tomllib.TOMLDecodeError as e:
+            raise SetupError(f"model config {path}: not valid TOML ({e})") from None
+        d.update(overrides)
+        return cls.from_dict(d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _mlp(n_in: int, hidden: list[int], n_out: int, last_activation: bool, gen: torch.Generator) -> nn.Sequential:
+    """GELU MLP with Xavier-normal weights and zero biases (AIMNet2's choice)."""
+    sizes = [n_in, *hidden, n_out]
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        lin = nn.Linear(a, b)
+        nn.init.xavier_normal_(lin.weight, generator=gen)
+        nn.init.zeros_(lin.bias)
+        layers.append(lin)
+        if i < len(sizes) - 2 or last_activation:
+            layers.append(nn.GELU())
+    return nn.Sequential(*layers)
+
+
+def _smooth_mixing(nchannel: int, nshifts: int, ncomb: int, gen: torch.Generator) -> Tensor:
+    """Initial shell mixing [C, S, H]: per channel, H smooth, well-separated random curves over the shells.
+
+    Random sine/cosine curves are drawn (8H per channel), standardised, and H of them chosen greedily so
+    each is as far as possible from those already chosen; scaled by 1/sqrt(S).
+    """
+    x = torch.arange(nshifts, dtype=torch.float64) / nshifts
+    out = torch.empty(nchannel, nshifts, ncomb, dtype=torch.float64)
+    for c in range(nchannel):
+        p = torch.rand(4, 8 * ncomb, 1, generator=gen, dtype=torch.float64) * torch.tensor(
+            [2.0, 1.0, 2.0, 1.0], dtype=torch.float64)[:, None, None] - torch.tensor(
+            [1.0, 0.0, 1.0, 0.0], dtype=torch.float64)[:, None, None]
+        curves = p[0] * torch.sin(p[1] * 2 * math.pi * x) + p[2] * torch.cos(p[3] * 2 * math.pi * x)
+        curves = (curves - curves.mean(1, keepdim=True)) / (curves.std(1, keepdim=True) + 1e-8)
+        chosen = [0]
+        dist = (curves - curves[0]).norm(dim=1)
+        for _ in range(ncomb - 1):
+            k = int(dist.argmax())
+            chosen.append(k)
+            dist = torch.minimum(dist, (curves - curves[k]).norm(dim=1))
+        out[c] = curves[chosen].T
+    return (out / math.sqrt(nshifts)).float()
+
+
+class _NeighborSum(torch.autograd.Function):
+    """``out[s,d,i] = Σ_m weight[s,d,i,m] · table[s, nb[i,m]]`` with fused gather-and-sum (embedding_bag).
+
+    table [S, N+1, C] (row N is a dummy), weight [S, 4, N, M] (d = scalar, x, y, z), nb [N, M] (fill N).
+    The backward w.r.t. ``table`` uses that the list is full and the d>0 weights are antisymmetric under
+    i <-> j (they carry u_ij = -u_ji): the transpose of the sum is again a neighbour sum over each atom's
+    own row, so no scatter is needed. First order only.
+    """
+
+    @staticmethod
+    def forward(ctx, table: Tensor, weight: Tensor, nb: Tensor) -> Tensor:
+        n_s, n_d, n, _ = weight.shape
+        out = table.new_empty(n_s, n_d, n, table.shape[2])
+        for s in range(n_s):
+            for d in range(n_d):
+                out[s, d] = F.embedding_bag(nb, table[s], per_sample_weights=weight[s, d], mode="sum",
+                                            padding_idx=n)
+        ctx.save_for_backward(table, weight, nb)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        table, weight, nb = ctx.saved_tensors
+        n_s, n_d, n, n_c = grad.shape
+        g_table = g_weight = None
+        if ctx.needs_input_grad[0]:
+            g_pad = torch.cat([grad, grad.new_zeros(n_s, n_d, 1, n_c)], dim=2)
+            g_table = torch.zeros_like(table)
+            for s in range(n_s):
+                acc = g_table[s, :n]
+                for d in range(n_d):
+                    part = F.embedding_bag(nb, g_pad[s, d], per_sample_weights=weight[s, d], mode="sum",
+                                           padding_idx=n)
+                    acc.add_(part) if d == 0 else acc.sub_(part)
+        if ctx.needs_input_grad[1]:
+            g_weight = torch.empty_like(weight)
+            for s in range(n_s):
+                a_j = table[s][nb]                                           # [N, M, C]
+                g_weight[s] = torch.bmm(a_j, grad[s].permute(1, 2, 0)).permute(2, 0, 1)
+        return g_table, g_weight, None
+
+
+def neighbor_sum(a: Tensor, nb: Tensor, weight: Tensor, fast: bool) -> Tensor:
+    """``avf[i,c,s,d] = Σ_m a[nb[i,m], c, s] · weight[s,d,i,m]``: a [N,C,S], weight [S,4,N,M] -> [N,C,S,4].
+
+    ``fast`` selects the fused first-order kernel; otherwise a twice-differentiable gather + einsum.
+    """
+    n, n_c, n_s = a.shape
+    if fast:
+        table = torch.cat([a.permute(2, 0, 1), a.new_zeros(n_s, 1, n_c)], dim=1)   # [S, N+1, C]
+        nb32 = nb.to(torch.int32) if n < 2**31 - 1 else nb
+        return _NeighborSum.apply(table, weight, nb32).permute(2, 3, 0, 1)
+    a_j = torch.cat([a, a.new_zeros(1, n_c, n_s)])[nb]                              # [N, M, C, S]
+    return torch.einsum("nmcs,sdnm->ncsd", a_j, weight)
+
+
+class ConvSV(nn.Module):
+    """Finish of AIMNet2's ConvSV: scalar part and squared norms of shell-mixed vector channels.
+
+    Input avf [N, C, S, 4]; returns scalars [N, C*S], vector invariants [N, C*H] and the mixed vectors
+    themselves [N, C*H, 3] (used for the field contractions).
+    """
+
+    def __init__(self, nchannel: int, nshifts: int, ncomb: int, gen: torch.Generator):
+        super().__init__()
+        self.agh = nn.Parameter(_smooth_mixing(nchannel, nshifts, ncomb, gen))        # [C, S, H]
+
+    def forward(self, avf: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        n = avf.shape[0]
+        vec = torch.einsum("csh,ncsd->nchd", self.agh, avf[..., 1:]).reshape(n, -1, 3)
+        return avf[..., 0].reshape(n, -1), vec.square().sum(-1), vec
+
+
+class AtomicShift(nn.Module):
+    """Per-element energy shift, kept in float64 whatever dtype the rest of the model is cast to."""
+
+    def __init__(self, n_elements: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(n_elements, dtype=torch.float64))
+
+    def _apply(self, fn, recurse=True):
+        keep = self.weight.data
+        super()._apply(fn, recurse)
+        if self.weight.dtype != torch.float64:        # a dtype cast must not round the shifts (~1e3 eV)
+            self.weight.data = keep.to(self.weight.device)
+        return self
+
+    def forward(self, species: Tensor) -> Tensor:
+        return self.weight[species]
+
+
+def _per_structure(x: Tensor, mol_idx: Tensor, n_structures: int) -> Tensor:
+    return x.new_zeros(n_structures).index_add(0, mol_idx, x)
+
+
+def nqe(q: Tensor, f: Tensor, mol_idx: Tensor, charge: Tensor) -> Tensor:
+    """Neural charge equilibration: shift q by shares w_i ∝ f_i² of the deficit so Σq = Q per structure.
+
+    Inputs float64; shares are normalised exactly (Σ w = 1), so Σq equals Q to float64 rounding.
+    """
+    w = f * f + _NQE_EPS
+    b = charge.shape[0]
+    deficit = charge.to(q.dtype) - _per_structure(q, mol_idx, b)
+    return q + w / _per_structure(w, mol_idx, b)[mol_idx] * deficit[mol_idx]
+
+
+def _sr_envelope(r: Tensor, rc: float) -> tuple[Tensor, Tensor]:
+    """AIMNet2's exp envelope f(r) = exp(1 − 1/(1 − (r/rc)²)) for r < rc (0 beyond) and df/dr."""
+    x2 = (r / rc).square()
+    inside = x2 < 1.0
+    t = torch.where(inside, 1.0 - x2, torch.ones_like(x2))     # safe branch: no inf in gradients
+    f = torch.where(inside, torch.exp(1.0 - 1.0 / t), torch.zeros_like(x2))
+    dfdr = torch.where(inside, -f * 2.0 * r / (rc * rc) / (t * t), torch.zeros_like(x2))
+    return f, dfdr
+
+
+def _coulomb_pairs(q: Tensor, pos: Tensor, mol_idx: Tensor, n_structures: int, rc: float) -> Tensor:
+    """½ k Σ_{i≠j in structure} q_i q_j (1 − f(r))/r by autograd-friendly dense pairs (twice differentiable)."""
+    n = q.shape[0]
+    cand = structure_pairs(mol_idx, n_structures)                        # [N, n_max]
+    valid = cand < n
+    d = torch.cat([pos, pos.new_zeros(1, 3)])[cand] - pos[:, None]
+    d = torch.where(valid[..., None], d, torch.ones_like(d))
+    r = d.norm(dim=-1)
+    f, _ = _sr_envelope(r, rc)
+    psi = torch.where(valid, (1.0 - f) / r, torch.zeros_like(r))
+    qj = torch.cat([q, q.new_zeros(1)])[cand]
+    e_atom = 0.5 * COULOMB_EV_ANGSTROM * q * (qj * psi).sum(1)
+    return _per_structure(e_atom, mol_idx, n_structures)
+
+
+class _CoulombChunked(torch.autograd.Function):
+    """Same energy as :func:`_coulomb_pairs` for large structures, in row chunks with memory O(chunk).
+
+    The gradients are accumulated in the forward (cheaper than a recomputing backward); first order only.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, pos: Tensor, mol_idx: Tensor, start: Tensor, count: Tensor, rc: float):
+        n, b = q.shape[0], start.shape[0]
+        k = COULOMB_EV_ANGSTROM
+        energy = q.new_zeros(b)
+        dq = torch.zeros_like(q)
+        dpos = torch.zeros_like(pos)
+        end = start + count
+        lo = 0
+        while lo < n:
+            step = max(1, COULOMB_PAIR_BUDGET // int(count[mol_idx[lo]]))
+            hi = min(n, lo + step)
+            c0, c1 = int(start[mol_idx[lo]]), int(end[mol_idx[hi - 1]])
+            d = pos[c0:c1][None] - pos[lo:hi, None]                        # [R, W, 3]  r_j - r_i
+            same = (mol_idx[lo:hi, None] == mol_idx[None, c0:c1]) & (
+                torch.arange(lo, hi, device=q.device)[:, None] != torch.arange(c0, c1, device=q.device)[None])
+            d = torch.where(same[..., None], d, torch.ones_like(d))
+            r = d.norm(dim=-1)
+            f, dfdr = _sr_envelope(r, rc)
+            psi = torch.where(same, (1.0 - f) / r, torch.zeros_like(r))
+            dpsi = torch.where(same, -dfdr / r - (1.0 - f) / (r * r), torch.zeros_like(r))
+            v = k * (psi * q[c0:c1]).sum(1)                                  # potential of the others at i
+            dq[lo:hi] = v
+            energy.index_add_(0, mol_idx[lo:hi], 0.5 * q[lo:hi] * v)
+            # dE/dr_i = k q_i Σ_j q_j psi'(r) * (r_i - r_j)/r
+            coef = k * q[lo:hi, None] * q[None, c0:c1] * dpsi / r
+            dpos[lo:hi] = -(coef[..., None] * d).sum(1)
+            lo = hi
+        ctx.save_for_backward(dq, dpos, mol_idx)
+        return energy
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        dq, dpos, mol_idx = ctx.saved_tensors
+        g = grad[mol_idx]
+        return g * dq, g[:, None] * dpos, None, None, None, None
+
+
+def coulomb_energy(q: Tensor, pos: Tensor, mol_idx: Tensor, n_structures: int, rc: float) -> Tensor:
+    """ML–ML Coulomb energy per structure (eV) of charges q (e) at pos (Å), short range removed; float64."""
+    q, pos = q.to(torch.float64), pos.to(torch.float64)
+    start, count = structure_layout(mol_idx, n_structures)
+    if q.shape[0] * int(count.max()) <= COULOMB_PAIR_BUDGET:
+        return _coulomb_pairs(q, pos, mol_idx, n_structures, rc)
+    return _CoulombChunked.apply(q, pos, mol_idx, start, count, rc)
+
+
+def d3_energy(numbers: Tensor, pos: Tensor, mol_idx: Tensor, n_structures: int, params: dict) -> Tensor:
+    """D3(BJ) energy per structure (eV) from tad-dftd3 (no three-body term); positions Å; float64."""
+    try:
+        import tad_dftd3
+    except ImportError:
+        raise SetupError("model config has d3 = true but tad-dftd3 is not installed; "
+                         "run `pip install tad-dftd3` or set d3 = false") from None
+    start, count = structure_layout(mol_idx, n_structures)
+    slot = torch.arange(len(mol_idx), device=mol_idx.device) - start[mol_idx]
+    n_max = int(count.max())
+    z = numbers.new_zeros(n_structures, n_max).index_put((mol_idx, slot), numbers)
+    xyz = pos.new_zeros(n_structures, n_max, 3, dtype=torch.float64).index_put(
+        (mol_idx, slot), pos.to(torch.float64) * BOHR_PER_ANGSTROM)
+    p = {k: torch.tensor(v, dtype=torch.float64, device=pos.device) for k, v in params.items()}
+    return tad_dftd3.dftd3(z, xyz, p).sum(-1) * EV_PER_HARTREE
+
+
+class EmbeddedAIMNet2(nn.Module):
+    """AIMNet2-style network with electrostatic embedding. See the module docstring for the physics."""
+
+    def __init__(self, config: ModelConfig, seed: int = 0):
+        super().__init__()
+        if not isinstance(config, ModelConfig):
+            raise SetupError(f"EmbeddedAIMNet2 needs a ModelConfig, got {type(config).__name__}")
+        self.config = c = config
+        self.metadata: dict = {}
+        gen = torch.Generator().manual_seed(seed)
+        nel, nf, ns, nh = len(c.elements), c.nfeature, c.nshifts, c.ncomb_v
+        z2s = torch.full((119,), -1, dtype=torch.long)
+        z2s[torch.tensor(c.elements)] = torch.arange(nel)
+        self.register_buffer("species_of_z", z2s, persistent=False)
+        shifts = torch.linspace(c.rmin, c.cutoff, ns + 1)[:ns]
+        self.register_buffer("shifts", shifts, persistent=False)
+        self.eta = (ns / (c.cutoff - c.rmin)) ** 2                          # Å^-2, one width for all shells
+        emb = torch.empty(nel, nf)
+        nn.init.orthogonal_(emb, generator=gen)
+        self.embedding = nn.Parameter(emb[:, :, None].expand(nel, nf, ns).contiguous())   # [E, F, S]
+        self.conv_a = ConvSV(nf, ns, nh, gen)
+        self.conv_q = ConvSV(1, ns, nh, gen)
+        n_a, n_conv_a, n_conv_q = nf * ns, nf * ns + nf * nh, ns + nh
+        self.n_passes = len(c.hidden)
+        n_field = c.field_channels + 2 if c.embedding else 0
+        self.field_mix = nn.ModuleList()          # per pass: learned mixtures of the v·E contractions
+        self.passes = nn.ModuleList()
+        for p, hidden in enumerate(c.hidden):
+            if c.embedding:
+                n_vec = nf * nh + (nh if p > 0 else 0)
+                mix = nn.Linear(n_vec, c.field_channels, bias=False)
+                nn.init.normal_(mix.weight, generator=gen, std=1.0 / math.sqrt(n_vec))
+                self.field_mix.append(mix)
+            n_in = n_a + n_conv_a + (1 + n_conv_q if p > 0 else 0) + n_field
+            last = p == self.n_passes - 1
+            n_out = c.aim_size if last else 2 + n_a
+            self.passes.append(_mlp(n_in, hidden, n_out, last_activation=p > 0, gen=gen))
+        self.output = _mlp(c.aim_size, c.out_hidden, 2, last_activation=False, gen=gen)   # energy, polarisability
+        self.shift = AtomicShift(nel)
+
+    # ------------------------------------------------------------------ checks
+    def check_numbers(self, numbers) -> None:
+        """Raise SetupError naming the atomic numbers the model does not know (and the ones it knows)."""
+        zs = sorted({int(z) for z in torch.as_tensor(numbers).reshape(-1).tolist()})
+        unknown = [z for z in zs if z not in self.config.elements]
+        if unknown:
+            names = ", ".join(f"{_symbol(z)} (Z={z})" for z in unknown)
+            known = " ".join(_symbol(z) for z in self.config.elements)
+            raise SetupError(f"the network model does not know element(s) {names}; it knows {known}. "
+                             "Use a model trained on these elements or move those atoms to the MM zone")
+
+    def _check_inputs(self, numbers, positions, mol_idx, charge, phi, efield) -> None:
+        n = numbers.shape[0]
+        if positions.shape != (n, 3) or mol_idx.shape != (n,) or charge.dim() != 1:
+            raise SetupError(f"network inputs: need numbers [N], positions [N,3], mol_idx [N], charge [B]; got "
+                             f"{tuple(numbers.shape)}, {tuple(positions.shape)}, {tuple(mol_idx.shape)}, "
+                             f"{tuple(charge.shape)}")
+        if (phi is not None and phi.shape != (n,)) or (efield is not None and efield.shape != (n, 3)):
+            raise SetupError(f"network inputs: phi must be [N] and efield [N,3] with N={n}")
+        if n and (int(mol_idx[0]) < 0 or int(mol_idx[-1]) >= charge.shape[0]
+                  or bool((mol_idx[1:] < mol_idx[:-1]).any())):
+            raise SetupError(f"network inputs: mol_idx must be sorted and within 0..{charge.shape[0] - 1}")
+
+    # ------------------------------------------------------------------ pieces
+    def _geometry(self, pos: Tensor, nb: Tensor) -> Tensor:
+        """Radial x angular basis w [S, 4, N, M]: g_s(r_ij) f_c(r_ij) x (1, u_ij)."""
+        n = pos.shape[0]
+        valid = nb < n
+        d = torch.cat([pos, pos.new_zeros(1, 3)])[nb] - pos[:, None]          # [N, M, 3]
+        d = torch.where(valid[..., None], d, torch.ones_like(d))              # padding: r = sqrt(3), finite
+        r = d.norm(dim=-1)
+        rc = self.config.cutoff
+        fc = torch.where(valid & (r < rc), 0.5 * torch.cos(r * (math.pi / rc)) + 0.5, torch.zeros_like(r))
+        gs = torch.exp(-self.eta * (r[None] - self.shifts[:, None, None]).square()) * fc   # [S, N, M]
+        ang = torch.cat([torch.ones_like(r)[None], (d / r[..., None]).permute(2, 0, 1)])  # [4, N, M]
+        return gs[:, None] * ang[None]
+
+    def _field_inputs(self, phi, efield, mol_idx, n_structures, dtype):
+        c = self.config
+        phi_c = phi.to(dtype)
+        counts = torch.bincount(mol_idx, minlength=n_structures).clamp(min=1).to(dtype)
+        phibar = _per_structure(phi_c, mol_idx, n_structures) / counts        # gauge: only φ − φ̄ enters
+        e_in = efield.to(dtype) / c.field_scale
+        return ((phi_c - phibar[mol_idx]) / c.phi_scale)[:, None], e_in, e_in.square().sum(-1, keepdim=True)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, numbers: Tensor, positions: Tensor, mol_idx: Tensor, charge: Tensor,
+                phi: Tensor | None = None, efield: Tensor | None = None) -> dict[str, Tensor]:
+        """Energies [B] (eV, float64), charges [N] (e, float64) and their parts; see the module docstring.
+
+        numbers [N] long; positions [N,3] Å; mol_idx [N] sorted structure index; charge [B] e;
+        phi [N] V and efield [N,3] V/Å of the MM charges at each atom (None: vacuum).
+        """
+        c = self.config
+        if not torch.jit.is_scripting():
+            self._check_inputs(numbers, positions, mol_idx, charge, phi, efield)
+        dtype = self.embedding.dtype
+        n, n_struct = numbers.shape[0], charge.shape[0]
+        zc = numbers.clamp(0, 118)
+        species = self.species_of_z[zc]
+        if bool(((species < 0) | (zc != numbers)).any()):
+            self.check_numbers(numbers)
+        pos = positions.to(dtype)
+        nb = neighbor_matrix(pos, mol_idx, c.cutoff)
+        w = self._geometry(pos, nb)
+        fast = not self.training
+        if c.embedding:
+            phi = positions.new_zeros(n) if phi is None else phi
+            efield = positions.new_zeros(n, 3) if efield is None else efield
+            phi_in, e_in, e2_in = self._field_inputs(phi, efield, mol_idx, n_struct, dtype)
+
+        a = self.embedding[species]                                            # [N, F, S]
+        q = torch.zeros(n, dtype=torch.float64, device=pos.device)
+        nf, ns = c.nfeature, c.nshifts
+        aim = a.new_zeros(0)
+        for p, mlp in enumerate(self.passes):
+            s_a, v2_a, vec_a = self.conv_a(neighbor_sum(a, nb, w, fast))
+            feats = [a.reshape(n, -1), s_a, v2_a]
+            vecs = [vec_a]
+            if p > 0:
+                q_c = q.to(dtype)
+                q_j = torch.cat([q_c, q_c.new_zeros(1)])[nb]                   # [N, M]
+                avq = torch.einsum("nm,sdnm->nsd", q_j, w)[:, None]            # [N, 1, S, 4]
+                s_q, v2_q, vec_q = self.conv_q(avq)
+                feats += [q_c[:, None], s_q, v2_q]
+                vecs.append(vec_q)
+            if c.embedding:
+                proj = (torch.cat(vecs, 1) * e_in[:, None, :]).sum(-1)          # v·E, rotation invariant
+                feats += [self.field_mix[p](proj), phi_in, e2_in]
+            out = mlp(torch.cat(feats, -1))
+            if p < self.n_passes - 1:
+                dq, f_raw, da = out.split([1, 1, nf * ns], dim=-1)
+                q_tilde = dq[:, 0].to(torch.float64) + (q if p > 0 else 0.0)
+                q = nqe(q_tilde, f_raw[:, 0].to(torch.float64), mol_idx, charge)
+                a = a + da.reshape(n, nf, ns)
+            else:
+                aim = out
+
+        head = self.output(aim)
+        e_atom = head[:, 0].to(torch.float64) + self.shift(species)
+        local = _per_structure(e_atom, mol_idx, n_struct)
+        coul = coulomb_energy(q, positions, mol_idx, n_struct, c.coulomb_cutoff)
+        res = {"atomic_energies": e_atom, "charges": q, "local": local, "coulomb": coul}
+        energy = local + coul
+        if c.embedding:
+            alpha = c.alpha_scale * F.softplus(head[:, 1]).to(torch.float64)
+            ext = _per_structure(q * phi.to(torch.float64), mol_idx, n_struct)
+            pol = _per_structure(-0.5 * alpha * efield.to(torch.float64).square().sum(-1), mol_idx, n_struct)
+            res.update(polarisability=alpha, external=ext, polarisation=pol)
+            energy = energy + ext + pol
+        if c.d3:
+            disp = d3_energy(numbers, positions, mol_idx, n_struct, c.d3_params)
+            res["dispersion"] = disp
+            energy = energy + disp
+        res["energy"] = energy
+        return res
+
+
+def field_dipole(model: EmbeddedAIMNet2, numbers: Tensor, positions: Tensor, mol_idx: Tensor, charge: Tensor,
+                 create_graph: bool = False) -> Tensor:
+    """Dipole μ = −∂E/∂E0 at E0 = 0 (e·Å) per structure [B,3], for a uniform field E0 (φ_i = −E0·r_i).
+
+    Includes the response of the predicted charges (Hellmann–Feynman-like total derivative by autograd).
+    """
+    n_struct = charge.shape[0]
+    e0 = torch.zeros(n_struct, 3, dtype=positions.dtype, device=positions.device, requires_grad=True)
+    ef = e0[mol_idx]
+    phi = -(ef * positions).sum(-1)
+    energy = model(numbers, positions, mol_idx, charge, phi, ef)["energy"]
+    (g,) = torch.autograd.grad(energy.sum(), e0, create_graph=create_graph)
+    return -g
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

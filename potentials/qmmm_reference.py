@@ -1,0 +1,410 @@
+"""QM/MM reference labels with PySCF: B3LYP/def2-SVP (density fitting) in the field of TIP3P point charges.
+
+:func:`label_frame` computes one frame: energy, forces on the QM atoms, forces on the point charges, dipole
+and quadrupole of the QM charge density. :func:`main` is ``mlmm label``: it plans the frames from a TOML
+config (solutes x MD settings x trajectories), samples configurations with :mod:`potentials.sampling`, picks
+the embedded charges with :mod:`coupling.embedding` (the same function the ML client uses) and appends each
+labelled frame to a NetCDF4 dataset (:mod:`potentials.dataset`). It is resumable: frames already in the
+file (by id) are skipped, and MD blocks are cached next to the dataset.
+
+Physics and conventions:
+
+* Energy = electrons + QM nuclei + their Coulomb interaction with the point charges (``pyscf.qmmm``);
+  the MM-MM interaction is not included (the MM engine owns it).
+* Point charges, not Gaussian smeared; all coordinates go to PySCF in Bohr converted with
+  :mod:`driver.units`, so the unit factors are the project's, not PySCF's.
+* ``xc = 'b3lypg'``: B3LYP with VWN1-RPA correlation (libxc HYB_GGA_XC_B3LYP, id 402, as in Gaussian).
+  PySCF's plain 'b3lyp' means the same in 2.14 but can be switched to the VWN5 flavour by a config flag, so the
+  explicit name is used and recorded.
+* Forces on the charges: ``-(d hcore/dR_mm . D + d E_nuc-mm/dR_mm)`` from PySCF's QM/MM gradient object
+  (exact for the variational SCF energy; density fitting and the XC grid do not depend on R_mm).
+* The XC grid moves with the atoms but its response is not included in the QM forces (PySCF's default);
+  the resulting error at grid level 3 is ~1e-4 eV/Å.
+
+Units at the API: Å, eV, eV/Å, e, e·Å (converted from PySCF's Bohr/Hartree here and only here).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import subprocess
+import time
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+
+from driver.errors import CalculationFailed, SetupError
+from driver.units import BOHR_PER_ANGSTROM, EV_PER_HARTREE
+
+log = logging.getLogger(__name__)
+
+EV_PER_ANGSTROM_PER_HARTREE_PER_BOHR = EV_PER_HARTREE * BOHR_PER_ANGSTROM
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO / "inputs" / "data" / "label_config.toml"
+
+
+@dataclass(frozen=True)
+class LevelOfTheory:
+    """PySCF settings of the reference calculation (energies in Hartree inside PySCF)."""
+
+    xc: str = "b3lypg"
+    basis: str = "def2-svp"
+    auxbasis: str = "def2-universal-jkfit"
+    grid_level: int = 3
+    conv_tol: float = 1e-9          # Hartree
+    max_cycle: int = 100
+
+    def provenance(self) -> dict[str, object]:
+        from pyscf import dft
+        out = {f"qm_{k}": v for k, v in asdict(self).items()}
+        out["qm_method"] = "RKS, density fitting (pyscf.df), point-charge embedding (pyscf.qmmm.mm_charge)"
+        out["qm_xc_libxc"] = json.dumps(dft.libxc.parse_xc(self.xc)[1])
+        out["qm_xc_note"] = "B3LYP with VWN1-RPA local correlation (libxc HYB_GGA_XC_B3LYP, id 402; Gaussian's)"
+        out["qm_grid"] = f"PySCF grids level {self.grid_level}, nwchem pruning, no grid response in gradients"
+        return out
+
+
+@dataclass
+class Label:
+    """Result of one frame. energy eV; forces (n,3) eV/Å; mm_forces (m,3) eV/Å on each point charge;
+    dipole (3,) e·Å and quadrupole (6,) e·Å² about the QM-atom centroid; scf_cycles; seconds; note."""
+
+    energy: float
+    forces: np.ndarray
+    mm_forces: np.ndarray
+    dipole: np.ndarray
+    quadrupole: np.ndarray
+    scf_cycles: int
+    seconds: float
+    note: str = ""
+
+
+def _scf(numbers, positions, charge, mm_positions, mm_charges, level: LevelOfTheory, attempt: int):
+    from pyscf import dft, gto, qmmm
+    mol = gto.M(atom=[(int(z), tuple(r)) for z, r in zip(numbers, positions * BOHR_PER_ANGSTROM)],
+                unit="Bohr", basis=level.basis, charge=int(charge), spin=0, verbose=0)
+    mf = dft.RKS(mol).density_fit(auxbasis=level.auxbasis)
+    mf.xc = level.xc
+    mf.grids.level = level.grid_level
+    mf.conv_tol = level.conv_tol
+    mf.max_cycle = level.max_cycle
+    if mm_charges is not None and len(mm_charges):
+        mf = qmmm.mm_charge(mf, np.asarray(mm_positions, dtype=np.float64) * BOHR_PER_ANGSTROM,
+                            np.asarray(mm_charges, dtype=np.float64), unit="Bohr")
+    if attempt == 1:            # damping + level shift for oscillating SCF
+        mf.damp, mf.level_shift, mf.diis_start_cycle, mf.max_cycle = 0.5, 0.3, 4, 2 * level.max_cycle
+    elif attempt == 2:          # second-order SCF
+        mf = mf.newton()
+    mf.kernel()
+    return mol, mf
+
+
+def label_frame(numbers, positions, charge: int = 0, mm_positions=None, mm_charges=None,
+                level: LevelOfTheory = LevelOfTheory()) -> Label:
+    """Label one QM/MM frame.
+
+    Parameters
+    ----------
+    numbers : (n,) atomic numbers of the QM atoms
+    positions : (n,3) Å
+    charge : total charge of the QM zone (e); closed shell
+    mm_positions : (m,3) Å or None (gas phase)
+    mm_charges : (m,) e or None
+
+    Raises CalculationFailed when the SCF does not converge with DIIS, damping/level shift or SOSCF.
+    """
+    t0 = time.perf_counter()
+    numbers = np.asarray(numbers, dtype=int)
+    positions = np.asarray(positions, dtype=np.float64).reshape(-1, 3)
+    has_mm = mm_charges is not None and len(mm_charges) > 0
+    notes = []
+    for attempt in range(3):
+        mol, mf = _scf(numbers, positions, charge, mm_positions, mm_charges, level, attempt)
+        if mf.converged and np.isfinite(mf.e_tot):
+            break
+        notes.append(f"SCF attempt {attempt} not converged")
+    else:
+        raise CalculationFailed("SCF did not converge (DIIS, damping + level shift, SOSCF): " + "; ".join(notes))
+    grad = mf.nuc_grad_method()
+    grad.verbose = 0
+    g_qm = grad.kernel()
+    dm = mf.make_rdm1()
+    if has_mm:
+        g_mm = grad.grad_hcore_mm(dm) + grad.grad_nuc_mm()
+    else:
+        g_mm = np.zeros((0, 3))
+    dipole, quadrupole = _moments(mol, dm, positions)
+    return Label(energy=float(mf.e_tot) * EV_PER_HARTREE,
+                 forces=-np.asarray(g_qm) * EV_PER_ANGSTROM_PER_HARTREE_PER_BOHR,
+                 mm_forces=-np.asarray(g_mm) * EV_PER_ANGSTROM_PER_HARTREE_PER_BOHR,
+                 dipole=dipole, quadrupole=quadrupole, scf_cycles=int(getattr(mf, "cycles", -1)),
+                 seconds=time.perf_counter() - t0, note="; ".join(notes))
+
+
+def _moments(mol, dm, positions) -> tuple[np.ndarray, np.ndarray]:
+    """Dipole (e·Å) and traceless quadrupole [xx,yy,zz,xy,yz,zx] (e·Å²) about the centroid of the atoms."""
+    centre = positions.mean(axis=0) * BOHR_PER_ANGSTROM
+    with mol.with_common_orig(centre):
+        r = mol.intor_symmetric("int1e_r", comp=3)
+        rr = mol.intor_symmetric("int1e_rr", comp=9).reshape(3, 3, *dm.shape)
+    z = mol.atom_charges()
+    x = mol.atom_coords() - centre
+    dip = -np.einsum("xij,ji->x", r, dm) + z @ x
+    quad = -np.einsum("xyij,ji->xy", rr, dm) + np.einsum("a,ax,ay->xy", z, x, x)
+    quad -= np.eye(3) * np.trace(quad) / 3.0
+    quad6 = np.array([quad[0, 0], quad[1, 1], quad[2, 2], quad[0, 1], quad[1, 2], quad[2, 0]])
+    return dip / BOHR_PER_ANGSTROM, quad6 / BOHR_PER_ANGSTROM ** 2
+
+
+# ----------------------------------------------------------------------------------------------------------
+# production: config -> plan -> sampled frames -> labels -> dataset
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    """The ``mlmm label`` config (TOML; every key optional, unknown keys are errors). Units in the names."""
+
+    solutes: tuple[str, ...] = ("HOH", "MOH", "ACT", "MAM")
+    solvated_kinds: tuple[str, ...] = ("periodic", "droplet")
+    temperatures_K: tuple[float, ...] = (300.0, 400.0)
+    gas: bool = True
+    gas_temperature_K: float = 400.0
+    displaced_copies: int = 1            # displaced copies labelled per solvated MD frame
+    displacement_A: tuple[float, float] = (0.05, 0.15)
+    trajectories: int = 20               # blocks per MD chain
+    frames_per_trajectory: int = 5
+    split_pattern: tuple[str, ...] = ("train", "test", "val", "train", "train", "train", "train", "train",
+                                      "train", "train")
+    seed: int = 20240611
+    timestep_fs: float = 1.0
+    equil_ps: float = 3.0
+    gap_ps: float = 1.0
+    spacing_ps: float = 0.5
+    droplet_radius_nm: float = 1.6
+    embedding_cutoff_nm: float = 1.2
+    embedding_switch_nm: float = 0.2
+    cache: str = ""                      # MD cache folder; default: <out>.samples next to the dataset
+    level: LevelOfTheory = field(default_factory=LevelOfTheory)
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike | None) -> "LabelConfig":
+        if path is None:
+            return cls()
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise SetupError(f"{path}: not valid TOML ({exc})") from exc
+        level_raw = raw.pop("level", {})
+        known = {f.name for f in fields(cls)} - {"level"}
+        bad = sorted(set(raw) - known)
+        if bad:
+            raise SetupError(f"{path}: unknown key(s) {bad}; known: {sorted(known | {'level'})}")
+        lbad = sorted(set(level_raw) - {f.name for f in fields(LevelOfTheory)})
+        if lbad:
+            raise SetupError(f"{path}: unknown key(s) {lbad} in [level]")
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+        cfg = cls(**kw, level=LevelOfTheory(**level_raw))
+        for s in cfg.split_pattern:
+            if s not in ("train", "val", "test"):
+                raise SetupError(f"{path}: split_pattern entry {s!r} must be train, val or test")
+        return cfg
+
+
+@dataclass(frozen=True)
+class Task:
+    """One frame to label: which chain/block/frame, whether displaced, and its dataset metadata."""
+
+    frame_id: str
+    chain: object          # sampling.ChainSpec
+    block: int
+    index: int
+    copy: int              # 0: the MD frame itself; >0: displaced copy number
+    split: str
+
+    @property
+    def trajectory(self) -> str:
+        return f"{self.chain.chain_id}/b{self.block:03d}"
+
+
+def plan(cfg: LabelConfig) -> list[Task]:
+    """All frames of the config in balanced round-robin order.
+
+    Order (outer to inner): trajectory block, frame in block, copy (MD frame, displaced copies), MD setting,
+    solute. Stopping at any point therefore leaves every solute and setting equally represented.
+    """
+    from .sampling import ChainSpec, SOLUTE_CHARGE
+    for s in cfg.solutes:
+        if s not in SOLUTE_CHARGE:
+            raise SetupError(f"config: unknown solute {s!r}; choose from {sorted(SOLUTE_CHARGE)}")
+    settings = [(k, t) for k in cfg.solvated_kinds for t in cfg.temperatures_K]
+    if cfg.gas:
+        settings.append(("gas", cfg.gas_temperature_K))
+    common = dict(timestep_fs=cfg.timestep_fs, equil_ps=cfg.equil_ps, gap_ps=cfg.gap_ps,
+                  spacing_ps=cfg.spacing_ps, droplet_radius_nm=cfg.droplet_radius_nm)
+    chains = {(s, k, t): ChainSpec(s, k, t, seed=cfg.seed + 100 * i + 10 * j, **common)
+              for i, s in enumerate(cfg.solutes) for j, (k, t) in enumerate(settings)}
+    tasks = []
+    for b in range(cfg.trajectories):
+        split = cfg.split_pattern[b % len(cfg.split_pattern)]
+        for f in range(cfg.frames_per_trajectory):
+            for c in range(1 + cfg.displaced_copies):
+                for (k, t) in settings:
+                    # gas frames are always displaced (a single copy); solvated frames: MD frame + copies
+                    if k == "gas" and c > 0:
+                        continue
+                    for s in cfg.solutes:
+                        spec = chains[(s, k, t)]
+                        copy = 1 if k == "gas" else c
+                        fid = f"{spec.chain_id}/b{b:03d}/f{f:02d}/c{copy}"
+                        tasks.append(Task(fid, spec, b, f, copy, split))
+    return tasks
+
+
+class Labeller:
+    """Turns tasks into dataset frames (owns the MD chains and embedding environments)."""
+
+    def __init__(self, cfg: LabelConfig, cache: Path):
+        self.cfg, self.cache = cfg, cache
+        self._chains: dict[str, object] = {}
+        self._envs: dict[str, object] = {}
+
+    def _chain(self, spec):
+        from .sampling import Chain
+        if spec.chain_id not in self._chains:
+            self._chains[spec.chain_id] = Chain(spec, self.cache)
+        return self._chains[spec.chain_id]
+
+    def inputs(self, task: Task) -> dict[str, object]:
+        """QM inputs of a task: numbers, positions (Å), charge, mm_positions (Å, float32), mm_charges (float32)."""
+        import torch
+
+        from coupling.embedding import MMEnvironment, embedded_charges, select_environment
+
+        from .sampling import displace
+        chain = self._chain(task.chain)
+        data = chain.data
+        pos = chain.block(task.block, self.cfg.frames_per_trajectory)[task.index].astype(np.float64)
+        if task.copy > 0:
+            rng = np.random.default_rng([task.chain.seed, task.block, task.index, task.copy])
+            lo, hi = self.cfg.displacement_A
+            pos = displace(pos, data.ml_indices, rng, lo, hi)
+        out = dict(numbers=data.numbers, positions=pos[data.ml_indices] * 10.0, charge=data.solute_charge,
+                   mm_positions=np.zeros((0, 3), np.float32), mm_charges=np.zeros(0, np.float32))
+        if task.chain.kind != "gas":
+            env = self._envs.get(task.chain.chain_id)
+            if env is None:
+                env = self._envs[task.chain.chain_id] = MMEnvironment(
+                    data.charges, data.residue, data.ml_indices, cutoff=self.cfg.embedding_cutoff_nm,
+                    switch_width=self.cfg.embedding_switch_nm)
+            sel = select_environment(env, pos, data.box)
+            with torch.no_grad():
+                q, mm_pos = embedded_charges(env, sel, torch.tensor(pos, dtype=torch.float64))
+            out["mm_positions"] = (mm_pos.numpy() * 10.0).astype(np.float32)
+            out["mm_charges"] = q.numpy().astype(np.float32)
+        return out
+
+    def frame(self, task: Task) -> dict[str, object]:
+        """Label a task; returns the dataset record (see :class:`potentials.dataset.DatasetWriter`)."""
+        x = self.inputs(task)
+        lab = label_frame(x["numbers"], x["positions"], x["charge"], x["mm_positions"], x["mm_charges"],
+                          self.cfg.level)
+        spec = task.chain
+        kind = "displaced" if (task.copy > 0 and spec.kind != "gas") else spec.kind
+        return dict(frame_id=task.frame_id, trajectory=task.trajectory, solute=spec.solute, kind=kind,
+                    environment=spec.kind, split=task.split, total_charge=x["charge"],
+                    temperature=spec.temperature, displaced=int(task.copy > 0), block=task.block,
+                    index_in_block=task.index, energy=lab.energy, dipole=lab.dipole, quadrupole=lab.quadrupole,
+                    scf_cycles=lab.scf_cycles, seconds=lab.seconds, numbers=x["numbers"],
+                    positions=x["positions"], forces=lab.forces, mm_positions=x["mm_positions"],
+                    mm_charges=x["mm_charges"], mm_forces=lab.mm_forces)
+
+
+def provenance(cfg: LabelConfig, config_text: str) -> dict[str, object]:
+    import netCDF4
+    import openmm
+    import pyscf
+    import torch
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    out = dict(cfg.level.provenance())
+    out.update(
+        title="QM/MM reference data (electrostatic embedding) for ipi-mlmm",
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        git_commit=commit, pyscf_version=pyscf.__version__, openmm_version=openmm.__version__,
+        numpy_version=np.__version__, netcdf4_version=netCDF4.__version__, torch_version=torch.__version__,
+        seed=cfg.seed, embedding="coupling.embedding (residue-based, quintic switch)",
+        embedding_cutoff_nm=cfg.embedding_cutoff_nm, embedding_switch_nm=cfg.embedding_switch_nm,
+        mm_model="flexible TIP3P (amber14/tip3p.xml), Joung-Cheatham ions; solutes: inputs/forcefields/"
+                 "solutes.xml (sampling only)",
+        sampling="OpenMM LangevinMiddle, see potentials/sampling.py and the config attribute",
+        split_rule="by trajectory (MD block): split_pattern[block % len(split_pattern)]",
+        config=config_text or json.dumps(asdict(cfg), default=str),
+    )
+    return out
+
+
+def _check_level(path: Path, cfg: LabelConfig) -> None:
+    from .dataset import Dataset
+    with Dataset.open(path) as ds:
+        for key, value in cfg.level.provenance().items():
+            if key in ds.attrs and str(ds.attrs[key]) != str(value):
+                raise SetupError(f"{path} was labelled with {key}={ds.attrs[key]!r}, the config asks for "
+                                 f"{value!r}; write to a new --out file")
+        if "embedding_cutoff_nm" in ds.attrs and float(ds.attrs["embedding_cutoff_nm"]) != cfg.embedding_cutoff_nm:
+            raise SetupError(f"{path} uses embedding cutoff {ds.attrs['embedding_cutoff_nm']} nm, the config "
+                             f"{cfg.embedding_cutoff_nm} nm; write to a new --out file")
+
+
+def main(args) -> int:
+    """``mlmm label --out FILE [--config TOML] [--frames N]``."""
+    import torch
+
+    from .dataset import DatasetWriter
+    threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
+    torch.set_num_threads(threads)
+    config_path = args.config if args.config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+    cfg = LabelConfig.from_toml(config_path)
+    config_text = Path(config_path).read_text() if config_path else ""
+    out = Path(args.out)
+    cache = Path(cfg.cache) if cfg.cache else out.with_suffix(".samples")
+    if out.exists():
+        _check_level(out, cfg)
+    writer = DatasetWriter(out, provenance(cfg, config_text))
+    skipped_path = out.with_suffix(".skipped.txt")
+    done = writer.frame_ids()
+    if skipped_path.exists():
+        done |= {line.split("\t")[0] for line in skipped_path.read_text().splitlines() if line}
+    todo = [t for t in plan(cfg) if t.frame_id not in done]
+    limit = args.frames if args.frames is not None else len(todo)
+    log.info("labelling %d of %d planned frames into %s (%d done, %d thread(s), MD cache %s)",
+             min(limit, len(todo)), len(todo) + len(done), out, len(done), threads, cache)
+    labeller = Labeller(cfg, cache)
+    t_start, n_new = time.perf_counter(), 0
+    for task in todo[:limit]:
+        t0 = time.perf_counter()
+        try:
+            rec = labeller.frame(task)
+        except CalculationFailed as exc:
+            log.warning("skip %s: %s", task.frame_id, exc)
+            with open(skipped_path, "a") as fh:
+                fh.write(f"{task.frame_id}\t{exc}\n")
+            continue
+        writer.append(rec)
+        n_new += 1
+        elapsed = time.perf_counter() - t_start
+        rate = n_new / elapsed * 3600.0
+        left = min(limit, len(todo)) - n_new
+        log.info("[%d/%d] %s E=%.4f eV |F|max=%.2f eV/A m=%d cyc=%d qm=%.1fs total=%.1fs | %.0f frames/h, "
+                 "ETA %.1f h", n_new, min(limit, len(todo)), task.frame_id, rec["energy"],
+                 float(np.abs(rec["forces"]).max()), len(rec["mm_charges"]), rec["scf_cycles"], rec["seconds"],
+                 time.perf_counter() - t0, rate, left / max(rate, 1e-9))
+    log.info("done: %d new frames in %.1f min", n_new, (time.perf_counter() - t_start) / 60.0)
+    return 0

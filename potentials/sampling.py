@@ -1,0 +1,334 @@
+"""MD sampling of solute configurations for the QM/MM reference data (OpenMM, flexible TIP3P).
+
+A *chain* is one continuous Langevin MD run of one solute in one setting (periodic box, droplet or gas
+phase) at one temperature. It is cut into *blocks*: each block starts after a decorrelation gap (the
+equilibration for block 0) and holds ``n_frames`` frames spaced ``spacing_ps`` apart. A block is the unit
+the dataset calls a trajectory, so the train/validation/test split by trajectory never puts two frames of
+the same stretch of MD on both sides.
+
+Chains are cached on disk (``cache/<chain id>/``: the serialized System, metadata, the latest State and one
+``block_NNNN.npz`` per block), so a restarted labeller continues the MD where it stopped and reuses every
+block already sampled.
+
+Choices (documented here because the dataset depends on them):
+
+* Periodic boxes are cubes 3.0 nm wide (PME, 0.9 nm cutoff, NVT at the density of OpenMM's water box), the
+  smallest box in which the embedding cutoff (1.2 nm) plus the solute radius (< 0.3 nm) stays below half the
+  box width, which ``coupling.embedding.select_environment`` requires. (A truncated octahedron does not help:
+  that check uses the shortest plane spacing of the reduced cell.) Charged solutes get one counter-ion
+  (Na+ for acetate, Cl- for methylammonium), which then appears among the MM charges when it comes near.
+* Droplets: waters whose oxygen lies within ``droplet_radius`` of the solute centroid, no cutoff, no
+  counter-ion, and a flat-bottom restraint (k = 500 kJ/mol/nm^2 beyond the radius) between the solute
+  centroid and each water oxygen that keeps the droplet from evaporating at 400 K.
+* Solute parameters come from ``inputs/forcefields/solutes.xml`` (OPLS-like, for sampling only).
+
+Units: nm, ps, kJ/mol, K (internal); the hand-built starting geometries are in Å.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import openmm
+from openmm import app, unit
+
+from driver.errors import SetupError
+from driver.units import NM_PER_ANGSTROM
+
+log = logging.getLogger(__name__)
+
+SOLUTES_XML = Path(__file__).resolve().parent.parent / "inputs" / "forcefields" / "solutes.xml"
+KINDS = ("periodic", "droplet", "gas")
+BOX_WIDTH_NM = 3.0
+MM_CUTOFF_NM = 0.9
+DROPLET_K = 500.0            # kJ/mol/nm^2, flat-bottom restraint on water oxygens
+
+
+def _methyl(center: np.ndarray, axis: np.ndarray, bond: float, phase: float = 0.0) -> list[np.ndarray]:
+    """Three tetrahedral substituents of ``center`` pointing away from ``axis`` (unit vector), Å."""
+    u = np.cross(axis, [0.0, 0.0, 1.0] if abs(axis[2]) < 0.9 else [1.0, 0.0, 0.0])
+    u /= np.linalg.norm(u)
+    v = np.cross(axis, u)
+    return [center + bond * (-axis / 3.0 + np.sqrt(8.0) / 3.0 * (np.cos(t) * u + np.sin(t) * v))
+            for t in phase + np.arange(3) * 2.0 * np.pi / 3.0]
+
+
+def _solute_atoms(name: str) -> list[tuple[str, str, np.ndarray]]:
+    """Rough starting geometry (atom name, element, xyz Å); minimised with solutes.xml before MD."""
+    x = np.array([1.0, 0.0, 0.0])
+    o = np.zeros(3)
+    if name == "HOH":
+        return [("O", "O", o), ("H1", "H", 0.9572 * x), ("H2", "H", np.array([-0.240, 0.927, 0.0]))]
+    if name == "MOH":
+        h = _methyl(o, -x, 1.09)
+        return [("C", "C", o), ("H1", "H", h[0]), ("H2", "H", h[1]), ("H3", "H", h[2]),
+                ("O", "O", 1.41 * x), ("HO", "H", np.array([1.71, -0.896, 0.0]))]
+    if name == "ACT":
+        h = _methyl(o, -x, 1.09)
+        return [("C1", "C", o), ("H1", "H", h[0]), ("H2", "H", h[1]), ("H3", "H", h[2]),
+                ("C2", "C", 1.52 * x), ("O1", "O", np.array([2.087, 1.114, 0.0])),
+                ("O2", "O", np.array([2.087, -1.114, 0.0]))]
+    if name == "MAM":
+        h = _methyl(o, -x, 1.09)
+        hn = _methyl(1.471 * x, x, 1.01, phase=np.pi / 3.0)
+        return [("C", "C", o), ("H1", "H", h[0]), ("H2", "H", h[1]), ("H3", "H", h[2]),
+                ("N", "N", 1.471 * x), ("HN1", "H", hn[0]), ("HN2", "H", hn[1]), ("HN3", "H", hn[2])]
+    raise SetupError(f"unknown solute {name!r}; choose one of {sorted(SOLUTE_CHARGE)}")
+
+
+SOLUTE_CHARGE = {"HOH": 0, "MOH": 0, "ACT": -1, "MAM": 1}
+
+
+@dataclass(frozen=True)
+class ChainSpec:
+    """One MD chain: solute residue name, kind ('periodic' | 'droplet' | 'gas'), temperature (K), seed."""
+
+    solute: str
+    kind: str
+    temperature: float
+    seed: int
+    timestep_fs: float = 1.0
+    friction_per_ps: float = 1.0
+    equil_ps: float = 3.0
+    gap_ps: float = 1.0
+    spacing_ps: float = 0.5
+    droplet_radius_nm: float = 1.6
+
+    def __post_init__(self):
+        if self.solute not in SOLUTE_CHARGE:
+            raise SetupError(f"unknown solute {self.solute!r}; choose one of {sorted(SOLUTE_CHARGE)}")
+        if self.kind not in KINDS:
+            raise SetupError(f"unknown sampling kind {self.kind!r}; choose one of {KINDS}")
+
+    @property
+    def chain_id(self) -> str:
+        return f"{self.solute}-{self.kind}-{int(round(self.temperature))}K-s{self.seed}"
+
+
+@dataclass
+class ChainSystem:
+    """Static data of a chain's system (everything the embedding and the labeller need besides positions).
+
+    numbers: (n_ml,) atomic numbers of the solute (= ML zone); ml_indices: (n_ml,) its atom indices;
+    charges: (n_atoms,) MM partial charges (e); residue: (n_atoms,) residue ids; box: (3,3) nm rows or None;
+    solute_charge: total charge of the solute (e).
+    """
+
+    numbers: np.ndarray
+    ml_indices: np.ndarray
+    charges: np.ndarray
+    residue: np.ndarray
+    box: np.ndarray | None
+    solute_charge: int
+
+
+def _platform() -> tuple[openmm.Platform, dict]:
+    threads = os.environ.get("OMP_NUM_THREADS", "1")
+    return openmm.Platform.getPlatformByName("CPU"), {"Threads": threads}
+
+
+def build(spec: ChainSpec) -> tuple[app.Topology, openmm.System, np.ndarray]:
+    """Topology, OpenMM System and starting positions (nm) for one chain (solute is residue 0)."""
+    ff = app.ForceField("amber14/tip3p.xml", str(SOLUTES_XML))
+    top = app.Topology()
+    res = top.addResidue(spec.solute, top.addChain())
+    atoms, xyz = [], []
+    for name, element, pos in _solute_atoms(spec.solute):
+        atoms.append(top.addAtom(name, app.Element.getBySymbol(element), res))
+        xyz.append(pos * NM_PER_ANGSTROM)
+    for a, b in _bonds(spec.solute):
+        top.addBond(atoms[a], atoms[b])
+    positions = np.array(xyz)
+    n_solute = len(atoms)
+    # minimise the solute alone so the solvent is placed around a sensible geometry
+    positions = _minimise(top, ff.createSystem(top, nonbondedMethod=app.NoCutoff, rigidWater=False),
+                          positions)
+    positions -= positions.mean(axis=0)
+    if spec.kind == "gas":
+        system = ff.createSystem(top, nonbondedMethod=app.NoCutoff, rigidWater=False)
+        return top, system, positions
+    modeller = app.Modeller(top, positions * unit.nanometer)
+    if spec.kind == "periodic":
+        modeller.addSolvent(ff, model="tip3p", boxSize=openmm.Vec3(1, 1, 1) * BOX_WIDTH_NM * unit.nanometer,
+                            neutralize=True)
+        system = ff.createSystem(modeller.topology, nonbondedMethod=app.PME, rigidWater=False,
+                                 nonbondedCutoff=MM_CUTOFF_NM * unit.nanometer)
+        return modeller.topology, system, _positions_nm(modeller.positions)
+    # droplet: solvate a cube, keep the waters whose oxygen is inside the radius, drop the box
+    r = spec.droplet_radius_nm
+    modeller.addSolvent(ff, model="tip3p", boxSize=openmm.Vec3(1, 1, 1) * (2.0 * r + 0.6) * unit.nanometer,
+                        neutralize=False)
+    pos = _positions_nm(modeller.positions)
+    centre = pos[:n_solute].mean(axis=0)
+    far = [res for res in modeller.topology.residues() if res.name == "HOH"
+           and np.linalg.norm(pos[[a.index for a in res.atoms() if a.element.symbol == "O"][0]] - centre) > r]
+    modeller.delete(far)
+    modeller.topology.setPeriodicBoxVectors(None)
+    system = ff.createSystem(modeller.topology, nonbondedMethod=app.NoCutoff, rigidWater=False)
+    restraint = openmm.CustomCentroidBondForce(2, "k*step(d-r0)*(d-r0)^2; d=distance(g1,g2)")
+    restraint.addGlobalParameter("k", DROPLET_K)
+    restraint.addGlobalParameter("r0", r)
+    restraint.addGroup(list(range(n_solute)))
+    for res in modeller.topology.residues():
+        if res.name == "HOH":
+            oxygen = [a.index for a in res.atoms() if a.element.symbol == "O"][0]
+            g = restraint.addGroup([oxygen])
+            restraint.addBond([0, g], [])
+    system.addForce(restraint)
+    return modeller.topology, system, _positions_nm(modeller.positions)
+
+
+def _bonds(name: str) -> list[tuple[int, int]]:
+    """Bonds (atom-index pairs) of the geometries in :func:`_solute_atoms`: heavy atom 0 carries the
+    methyl hydrogens 1-3, heavy atom 4 the rest."""
+    if name == "HOH":
+        return [(0, 1), (0, 2)]
+    n = len(_solute_atoms(name))
+    return [(0, 1), (0, 2), (0, 3), (0, 4)] + [(4, k) for k in range(5, n)]
+
+
+def _positions_nm(positions) -> np.ndarray:
+    return np.array(positions.value_in_unit(unit.nanometer))
+
+
+def _minimise(top: app.Topology, system: openmm.System, positions: np.ndarray) -> np.ndarray:
+    ctx = openmm.Context(system, openmm.VerletIntegrator(0.001), *_platform())
+    ctx.setPositions(positions)
+    openmm.LocalEnergyMinimizer.minimize(ctx, 1.0, 500)
+    return ctx.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+
+
+def system_data(top: app.Topology, system: openmm.System, solute_charge: int) -> ChainSystem:
+    nb = next(f for f in system.getForces() if isinstance(f, openmm.NonbondedForce))
+    charges = np.array([nb.getParticleParameters(i)[0].value_in_unit(unit.elementary_charge)
+                        for i in range(system.getNumParticles())])
+    residue = np.array([a.residue.index for a in top.atoms()])
+    ml = np.flatnonzero(residue == 0)
+    numbers = np.array([a.element.atomic_number for a in top.atoms()])[ml]
+    box = None
+    if top.getPeriodicBoxVectors() is not None:
+        box = np.array(top.getPeriodicBoxVectors().value_in_unit(unit.nanometer))
+    return ChainSystem(numbers=numbers, ml_indices=ml, charges=charges, residue=residue, box=box,
+                       solute_charge=solute_charge)
+
+
+class Chain:
+    """A cached MD chain; :meth:`block` returns (and samples on demand) the frames of one block."""
+
+    def __init__(self, spec: ChainSpec, cache_dir: str | os.PathLike):
+        self.spec = spec
+        self.dir = Path(cache_dir) / spec.chain_id
+        self._sim: app.Simulation | None = None
+        self._data: ChainSystem | None = None
+
+    # -- static data ------------------------------------------------------------------------------
+    @property
+    def data(self) -> ChainSystem:
+        if self._data is None:
+            meta = self.dir / "meta.npz"
+            if not meta.exists():
+                self._initialise()
+            with np.load(meta) as z:
+                if str(z["spec"]) != repr(self.spec):
+                    raise SetupError(f"MD cache {self.dir} was sampled with {z['spec']}, the config asks for "
+                                     f"{self.spec!r}; use another cache folder")
+                box = z["box"] if z["box"].size else None
+                self._data = ChainSystem(numbers=z["numbers"], ml_indices=z["ml_indices"], charges=z["charges"],
+                                         residue=z["residue"], box=box, solute_charge=int(z["solute_charge"]))
+        return self._data
+
+    def _initialise(self) -> None:
+        """Build, minimise and equilibrate; write system.xml, meta.npz, topology.pdb and state.xml."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        top, system, pos = build(self.spec)
+        d = system_data(top, system, SOLUTE_CHARGE[self.spec.solute])
+        sim = self._simulation(top, system)
+        sim.context.setPositions(pos)
+        sim.minimizeEnergy(maxIterations=1000)
+        sim.context.setVelocitiesToTemperature(self.spec.temperature * unit.kelvin, self.spec.seed)
+        self._run(sim, self.spec.equil_ps)
+        state = sim.context.getState(getPositions=True, getVelocities=True)
+        with open(self.dir / "topology.pdb", "w") as fh:
+            app.PDBFile.writeFile(top, state.getPositions(), fh)
+        _atomic_write(self.dir / "system.xml", openmm.XmlSerializer.serialize(system))
+        _atomic_write(self.dir / "state.xml", openmm.XmlSerializer.serialize(state))
+        np.savez(self.dir / "meta.npz", numbers=d.numbers, ml_indices=d.ml_indices, charges=d.charges,
+                 residue=d.residue, box=d.box if d.box is not None else np.zeros(0),
+                 solute_charge=d.solute_charge, next_block=0, spec=repr(self.spec))
+        self._sim = sim
+        log.info("chain %s: %d atoms, equilibrated %.1f ps", self.spec.chain_id, system.getNumParticles(),
+                 self.spec.equil_ps)
+
+    def _simulation(self, top: app.Topology | None, system: openmm.System) -> app.Simulation:
+        s = self.spec
+        integ = openmm.LangevinMiddleIntegrator(s.temperature * unit.kelvin, s.friction_per_ps / unit.picosecond,
+                                                s.timestep_fs * unit.femtosecond)
+        integ.setRandomNumberSeed(s.seed)
+        platform, props = _platform()
+        return app.Simulation(top if top is not None else app.Topology(), system, integ, platform, props)
+
+    def _run(self, sim: app.Simulation, ps: float) -> None:
+        sim.step(int(round(ps * 1000.0 / self.spec.timestep_fs)))
+
+    # -- blocks -----------------------------------------------------------------------------------
+    def _block_path(self, b: int) -> Path:
+        return self.dir / f"block_{b:04d}.npz"
+
+    def block(self, b: int, n_frames: int) -> np.ndarray:
+        """Positions (n_frames, n_atoms, 3) nm (float32) of block ``b``, sampling blocks up to ``b`` if needed."""
+        path = self._block_path(b)
+        if not path.exists():
+            _ = self.data
+            while not path.exists():
+                self._sample_next(n_frames)
+        with np.load(path) as z:
+            pos = z["positions"]
+        if len(pos) < n_frames:
+            raise SetupError(f"cached block {path} has {len(pos)} frames, the config asks for {n_frames}; "
+                             "use a new cache folder or the same frames_per_trajectory")
+        return pos[:n_frames]
+
+    def _sample_next(self, n_frames: int) -> None:
+        with np.load(self.dir / "meta.npz") as z:
+            meta = dict(z)
+        b = int(meta["next_block"])
+        if self._sim is None:
+            system = openmm.XmlSerializer.deserialize((self.dir / "system.xml").read_text())
+            self._sim = self._simulation(None, system)
+            self._sim.context.setState(openmm.XmlSerializer.deserialize((self.dir / "state.xml").read_text()))
+        sim = self._sim
+        frames = []
+        for k in range(n_frames):
+            self._run(sim, self.spec.gap_ps if k == 0 and b > 0 else (0.0 if k == 0 else self.spec.spacing_ps))
+            frames.append(sim.context.getState(getPositions=True).getPositions(asNumpy=True)
+                          .value_in_unit(unit.nanometer))
+        frames = np.asarray(frames, dtype=np.float32)
+        if not np.all(np.isfinite(frames)):
+            raise SetupError(f"MD of chain {self.spec.chain_id} blew up in block {b}; lower timestep_fs")
+        np.savez(self._block_path(b).with_suffix(".tmp.npz"), positions=frames)
+        os.replace(self._block_path(b).with_suffix(".tmp.npz"), self._block_path(b))
+        state = sim.context.getState(getPositions=True, getVelocities=True)
+        _atomic_write(self.dir / "state.xml", openmm.XmlSerializer.serialize(state))
+        meta["next_block"] = b + 1
+        np.savez(self.dir / "meta.tmp.npz", **meta)
+        os.replace(self.dir / "meta.tmp.npz", self.dir / "meta.npz")
+        log.debug("chain %s: sampled block %d", self.spec.chain_id, b)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def displace(positions: np.ndarray, indices: np.ndarray, rng: np.random.Generator,
+             low: float = 0.05, high: float = 0.15) -> np.ndarray:
+    """Copy of ``positions`` (nm) with atoms ``indices`` moved by random vectors of length U(low, high) Å."""
+    out = np.array(positions, dtype=np.float64, copy=True)
+    d = rng.normal(size=(len(indices), 3))
+    d *= (rng.uniform(low, high, size=len(indices)) / np.linalg.norm(d, axis=1))[:, None]
+    out[indices] += d * NM_PER_ANGSTROM
+    return out

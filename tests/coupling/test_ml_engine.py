@@ -1,0 +1,212 @@
+"""The ML client's engine: forces = -dE/dx on ML and embedded MM atoms, smooth switching, periodic images,
+virial, batching, mechanical mode, failure reporting."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from coupling.embedding import MMEnvironment, embedded_charges, select_environment
+from coupling.ml_engine import MLEngine, check_model, model_dtype, vacuum_charges
+from coupling.mmsystem import mm_charges
+from driver.errors import CalculationFailed, SetupError
+from oracle import ForceFieldOracle
+
+ALPHA = 0.05      # e·Å²/V: the oracle's polarisability, so that the field input matters too
+
+
+def make_engine(case, cutoff=0.9, width=0.3, mode="electrostatic", alpha=ALPHA, model=None, **kw):
+    residues = np.array([a.residue.index for a in case.topology.atoms()])
+    env = MMEnvironment(mm_charges(case.system), residues, case.ml, cutoff=cutoff, switch_width=width)
+    model = model if model is not None else ForceFieldOracle(case.system, case.ml, polarizability=alpha)
+    return MLEngine(model, case.numbers(), case.charge, env, mode=mode, periodic=case.box is not None, **kw)
+
+
+def energy(engine, pos, box=None):
+    return engine.compute(pos[None], None if box is None else box[None])[0].energy
+
+
+def group_scales(engine, pos, box=None):
+    """Embedded MM atoms and the switch scale of each (1 inside, 0 < s < 1 in the switching shell)."""
+    sel = select_environment(engine.env, pos, box)
+    q, _ = embedded_charges(engine.env, sel, torch.tensor(pos))
+    return sel.atoms, q.numpy() / engine.env.charges[sel.atoms]
+
+
+def check_fd(engine, pos, atoms, box=None, h=5e-5):
+    """Forces vs a 4-point central difference of the energy (error O(h^4), float64 round-off ~1e-8)."""
+    forces = engine.compute(pos[None], None if box is None else box[None])[0].forces
+
+    def e_at(a, k, step):
+        p = pos.copy()
+        p[a, k] += step
+        return energy(engine, p, box)
+
+    for a in atoms:
+        for k in range(3):
+            fd = -(8 * (e_at(a, k, h) - e_at(a, k, -h)) - (e_at(a, k, 2 * h) - e_at(a, k, -2 * h))) / (12 * h)
+            assert forces[a, k] == pytest.approx(fd, rel=1e-6, abs=1e-5), (a, k)
+
+
+def test_forces_match_finite_differences_in_and_near_the_switch(cluster):
+    engine = make_engine(cluster)
+    pos = cluster.positions
+    atoms, s = group_scales(engine, pos)
+    switching = atoms[(s > 0.02) & (s < 0.98)]
+    assert len(np.unique(switching // 3)) >= 3                           # several waters in the shell
+    inner = atoms[s == 1.0]
+    d = np.linalg.norm(pos[inner][:, None] - pos[cluster.ml][None], axis=-1).min(axis=1)
+    near_edge = inner[np.argsort(np.abs(d - 0.6))[:3]]                  # fully embedded, next to the inner edge
+    picks = np.concatenate([cluster.ml[[0, 8, -1]], switching[::max(1, len(switching) // 6)][:6], near_edge])
+    check_fd(engine, pos, picks)
+
+
+def test_energy_continuous_as_a_water_crosses_the_cutoff(cluster):
+    """Move a water radially from 0.2 nm inside the switching shell (0.6-0.9 nm) to well beyond it: energy
+    changes must match the work of the forces (trapezoid rule, error O(step^3)) step by step, and the energy
+    must stay flat once the water is out. A jump (a charge appearing or vanishing) would be seen at once."""
+    engine = make_engine(cluster)
+    pos = cluster.positions
+    ml_centre = pos[cluster.ml].mean(axis=0)
+    waters = np.setdiff1d(np.arange(len(pos)), cluster.ml)[::3]
+    dist = np.linalg.norm(pos[waters] - ml_centre, axis=1)
+    o = waters[np.argmin(np.abs(dist - 0.8))]
+    u = (pos[o] - ml_centre) / np.linalg.norm(pos[o] - ml_centre)
+    steps = np.linspace(-0.2, 0.7, 451)                                  # nm along u
+    energies, work = [], []
+    for t in steps:
+        p = pos.copy()
+        p[o:o + 3] += t * u
+        res = engine.compute(p[None], None)[0]
+        energies.append(res.energy)
+        work.append(res.forces[o:o + 3].sum(axis=0) @ u)
+    energies, work = np.array(energies), np.array(work)
+    de = np.diff(energies)
+    predicted = -0.5 * (work[1:] + work[:-1]) * np.diff(steps)
+    assert np.ptp(energies) > 1.0                                        # the water matters
+    assert np.abs(de - predicted).max() < 1e-3 * np.abs(de).max()        # no jump anywhere
+    d_min = np.array([np.linalg.norm(pos[cluster.ml] - (pos[o:o + 3] + t * u).mean(0), axis=1).min()
+                      for t in steps])
+    out = d_min > 0.9 + 0.05
+    assert out.sum() > 10 and np.ptp(energies[out]) < 1e-9 and np.all(work[out] == 0)
+
+
+def test_periodic_images_wrapping_and_virial(water_box):
+    engine = make_engine(water_box, cutoff=1.2, width=0.2)
+    pos, box = water_box.positions, water_box.box
+    ref = engine.compute(pos[None], box[None])[0]
+    rng = np.random.default_rng(3)
+    # every atom wrapped on its own (molecules broken), the ML zone too
+    wrapped = pos + rng.integers(-1, 2, size=(len(pos), 3)) @ box
+    res = engine.compute(wrapped[None], box[None])[0]
+    assert res.energy == pytest.approx(ref.energy, rel=1e-12, abs=1e-9)
+    assert np.allclose(res.forces, ref.forces, atol=1e-8)
+    assert np.allclose(res.virial, ref.virial, atol=1e-7)
+    # the same frame as a cluster: each embedded residue at the image the periodic engine used
+    sel = select_environment(engine.env, wrapped, box)
+    cluster_pos = wrapped.copy()
+    cluster_pos[water_box.ml] += sel.ml_shift
+    cluster_pos[sel.atoms] += sel.shift
+    engine.periodic = False
+    res2 = engine.compute(cluster_pos[None], None)[0]
+    engine.periodic = True
+    assert res2.energy == pytest.approx(ref.energy, rel=1e-12)
+    assert np.allclose(res2.forces, ref.forces, atol=1e-8)
+    # virial = -dE/d(strain), strain applied to positions and box together
+    h = 1e-6
+    fd = np.zeros((3, 3))
+    for a in range(3):
+        for b in range(3):
+            eps = np.zeros((3, 3))
+            eps[a, b] = h
+            ep = energy(engine, pos @ (np.eye(3) + eps).T, box @ (np.eye(3) + eps).T)
+            em = energy(engine, pos @ (np.eye(3) - eps).T, box @ (np.eye(3) - eps).T)
+            fd[a, b] = -(ep - em) / (2 * h)
+    assert np.allclose(ref.virial, fd, rtol=1e-5, atol=1e-4)
+    assert np.allclose(ref.virial, ref.virial.T, atol=1e-6)            # rotation-invariant energy
+
+
+def test_batch_equals_single_calls_and_translation_invariance(cluster):
+    engine = make_engine(cluster)
+    rng = np.random.default_rng(0)
+    frames = cluster.positions[None] + rng.normal(0, 0.005, (3, *cluster.positions.shape))
+    batch = engine.compute(frames, None)
+    for frame, r in zip(frames, batch):
+        single = engine.compute(frame[None], None)[0]
+        assert r.energy == pytest.approx(single.energy, rel=1e-12)
+        assert np.allclose(r.forces, single.forces, atol=1e-9)
+        assert r.extras == single.extras
+    moved = engine.compute(frames[:1] + np.array([1.3, -7.0, 2.2]), None)[0]
+    assert moved.energy == pytest.approx(batch[0].energy, rel=1e-10)
+    assert np.allclose(moved.forces, batch[0].forces, atol=1e-7)
+
+
+def test_permuting_mm_molecules_changes_nothing(cluster):
+    """Reverse the order of the waters in the system: same energy, forces follow their atoms."""
+    n_ml = len(cluster.ml)
+    assert np.array_equal(cluster.ml, np.arange(n_ml))
+    n = len(cluster.positions)
+    waters = np.arange(n_ml, n).reshape(-1, 3)[::-1].reshape(-1)
+    perm = np.concatenate([cluster.ml, waters])
+    engine = make_engine(cluster)
+    env = engine.env
+    env2 = MMEnvironment(env.charges[perm], env.residue[perm], env.ml_indices, env.cutoff, env.switch_width)
+    engine2 = MLEngine(engine.model, cluster.numbers(), cluster.charge, env2, periodic=False)
+    r1 = engine.compute(cluster.positions[None], None)[0]
+    r2 = engine2.compute(cluster.positions[perm][None], None)[0]
+    assert r2.energy == pytest.approx(r1.energy, rel=1e-12)
+    assert np.allclose(r2.forces, r1.forces[perm], atol=1e-9)
+
+
+def test_mechanical_mode_is_the_zone_in_vacuum(cluster):
+    engine = make_engine(cluster, mode="mechanical")
+    res = engine.compute(cluster.positions[None], None)[0]
+    mm = np.setdiff1d(np.arange(len(cluster.positions)), cluster.ml)
+    assert np.all(res.forces[mm] == 0) and res.extras["ml.n_embedded"] == 0
+    far = cluster.positions.copy()
+    far[mm] += 100.0                                                     # environment irrelevant
+    assert engine.compute(far[None], None)[0].energy == pytest.approx(res.energy, rel=1e-12)
+    q = vacuum_charges(engine.model, cluster.numbers(), cluster.positions[cluster.ml], cluster.charge)
+    assert np.allclose(q, engine.env.charges[cluster.ml]) and q.sum() == pytest.approx(1.0)
+
+
+def test_extras_are_json_and_consistent(cluster):
+    res = make_engine(cluster).compute(cluster.positions[None], None)[0]
+    extras = json.loads(json.dumps(res.extras))
+    q = np.array(extras["ml.charges"])
+    r = cluster.positions[cluster.ml] * 10.0
+    assert np.allclose(extras["ml.dipole"], q @ (r - r.mean(axis=0)))
+    assert extras["ml.energy"]["total"] == pytest.approx(res.energy)
+    assert 0 < extras["ml.n_embedded"] < len(cluster.positions) - len(cluster.ml)
+
+
+class _Broken(torch.nn.Module):
+    def forward(self, numbers, positions, mol_idx, charge, phi, efield):
+        e = torch.zeros_like(charge).index_add_(0, mol_idx, (positions ** 2).sum(-1))
+        return {"energy": e * float("nan"), "charges": torch.zeros_like(phi)}
+
+
+def test_failures_are_reported(cluster):
+    engine = make_engine(cluster, model=_Broken())
+    with pytest.raises(CalculationFailed, match="call 1, structure 0: non-finite energy"):
+        engine.compute(cluster.positions[None], None)
+    good = make_engine(cluster)
+    bad = cluster.positions.copy()
+    bad[5, 1] = np.nan
+    with pytest.raises(CalculationFailed, match=r"non-finite positions on atoms \[5\]"):
+        good.compute(bad[None], None)
+    with pytest.raises(CalculationFailed, match="shape"):
+        good.compute(cluster.positions[None, :10], None)
+    with pytest.raises(SetupError, match="unknown embedding mode"):
+        make_engine(cluster, mode="both")
+    with pytest.raises(SetupError, match="atomic numbers"):
+        MLEngine(good.model, [1, 6], 0, good.env)
+    with pytest.raises(SetupError, match="cannot describe"):
+        check_model(good.model, [1, 6], 0)
+    good.model.supports_charge = False
+    with pytest.raises(SetupError, match="neutral molecules only"):
+        check_model(good.model, cluster.numbers(), 1)
+    if not torch.cuda.is_available():
+        with pytest.raises(SetupError, match="not usable"):
+            make_engine(cluster, device="cuda:0")
+    assert model_dtype(good.model) == torch.float64 and model_dtype(_Broken()) == torch.float64

@@ -1,0 +1,145 @@
+"""Training pipeline: the loss falls, resume reproduces an uninterrupted run, the baseline is plain Coulomb.
+
+Real parts only: the tiny labelled QM/MM dataset shipped in tests/data, the real network (tiny preset).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from driver.errors import SetupError
+from driver.units import COULOMB_EV_ANGSTROM
+from potentials import train as T
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "tests" / "data" / "tiny_qmmm.nc"
+
+
+def _cfg(tmp_path: Path, **over) -> T.TrainConfig:
+    raw = {
+        "model": {"preset": "tiny"},
+        "data": {"path": str(TINY), "snapshot": False},
+        "train": {"seed": 7, "epochs": 2, "batch_size": 4, "threads": 1, "progress": False},
+        "optim": {"lr": 3e-3, "plateau_patience": 100},
+        "loss": {"energy": 1.0, "forces": 1.0, "mm_forces": 1.0, "dipole": 0.1},
+        "output": {"model": str(tmp_path / "m.pt")},
+    }
+    for section, values in over.items():
+        raw[section] = {**raw[section], **values}
+    return T.TrainConfig.from_dict(raw, base=tmp_path)
+
+
+@pytest.fixture(scope="module")
+def frames():
+    if not TINY.is_file():
+        pytest.fail(f"{TINY} missing (written by the QM/MM reference helper)")
+    return T.load_frames(TINY, "all")
+
+
+def test_config_rejects_unknown_keys(tmp_path):
+    with pytest.raises(SetupError, match="unknown key"):
+        _cfg(tmp_path, optim={"learning_rate": 1e-3})
+    with pytest.raises(SetupError, match="preset"):
+        T.TrainConfig.from_dict({"model": {"preset": "no-such-preset"}, "data": {"path": "x"},
+                                 "output": {"model": "y"}}, base=tmp_path)
+
+
+def test_self_energy_fit_recovers_exact_atomic_energies(frames):
+    elements = sorted({int(z) for f in frames for z in f["numbers"]})
+    true = {z: -13.6 * z - 0.1 * z * z for z in elements}
+    fake = [{**f, "energy": sum(true[int(z)] for z in f["numbers"])} for f in frames]
+    counts = np.array([[np.sum(np.asarray(f["numbers"]) == z) for z in elements] for f in fake])
+    if np.linalg.matrix_rank(counts) < len(elements):
+        pytest.skip("tiny dataset compositions do not determine every element")
+    sae = T.fit_self_energies(fake, elements)
+    np.testing.assert_allclose(sae, [true[z] for z in elements], rtol=1e-10)
+
+
+def test_loss_falls_in_a_few_steps(tmp_path, frames):
+    torch.manual_seed(0)
+    cfg = _cfg(tmp_path)
+    model = T.build_model(cfg, "cpu")
+    train_frames = T.load_frames(TINY, "train") or frames
+    T.set_self_energies(model, T.fit_self_energies(train_frames, [int(z) for z in model.config.elements]))
+    opt = T._make_optimizer(model, cfg)
+    b = T.collate(train_frames[:8], "cpu")
+
+    def loss():
+        return T.total_loss(T.loss_terms(T.predict(model, b, create_graph=True), b), cfg)
+
+    first = float(loss())
+    for _ in range(15):
+        opt.zero_grad()
+        lo = loss()
+        lo.backward()
+        opt.step()
+    last = float(loss())
+    assert math.isfinite(first) and last < 0.5 * first, (first, last)
+
+
+def test_train_writes_model_curve_checkpoint_and_resume_is_exact(tmp_path):
+    from potentials.model_io import load_model
+
+    # uninterrupted: 2 epochs
+    full = _cfg(tmp_path / "a", output={"model": str(tmp_path / "a" / "m.pt")})
+    T.train(full)
+    # interrupted after 1 epoch, then resumed to 2
+    part = _cfg(tmp_path / "b", output={"model": str(tmp_path / "b" / "m.pt")}, train={"epochs": 1})
+    T.train(part)
+    part.epochs = 2
+    T.train(part, resume=True)
+
+    for d in ("a", "b"):
+        assert (tmp_path / d / "m_curve.png").stat().st_size > 1000
+        assert (tmp_path / d / "m.ckpt").is_file()
+    ca = torch.load(tmp_path / "a" / "m.ckpt", weights_only=False)
+    cb = torch.load(tmp_path / "b" / "m.ckpt", weights_only=False)
+    assert ca["state"]["epoch"] == cb["state"]["epoch"] == 2
+    for k, v in ca["model"].items():
+        assert torch.equal(v, cb["model"][k]), k
+    assert ca["state"]["history"][-1]["val_loss"] == cb["state"]["history"][-1]["val_loss"]
+    ma, mb = load_model(tmp_path / "a" / "m.pt"), load_model(tmp_path / "b" / "m.pt")
+    for (k, v), w in zip(ma.state_dict().items(), mb.state_dict().values()):
+        assert torch.equal(v, w), k
+    assert ma.metadata["best_epoch"] >= 1
+
+
+def test_mechanical_baseline_is_coulomb_of_vacuum_charges(tmp_path, frames):
+    """Mechanical mode = vacuum model + fixed-charge Coulomb: check energy and MM forces by hand."""
+    torch.manual_seed(1)
+    model = T.build_model(_cfg(tmp_path), "cpu").double()
+    f = next(f for f in frames if len(f["mm_charges"]) > 0)
+    b = T.collate([f], "cpu", torch.float64)
+    gas = T.predict(model, b, "gas")
+    mech = T.predict(model, b, "mechanical")
+    q = gas["charges"].detach().numpy()
+    r = np.asarray(f["positions"], float)
+    R = np.asarray(f["mm_positions"], float)
+    Q = np.asarray(f["mm_charges"], float)
+    d = R[None, :, :] - r[:, None, :]                       # [n, M, 3] from ML atom to MM charge
+    dist = np.linalg.norm(d, axis=-1)
+    e_coul = COULOMB_EV_ANGSTROM * np.sum(q[:, None] * Q[None, :] / dist)
+    f_mm = COULOMB_EV_ANGSTROM * np.sum((q[:, None] * Q[None, :] / dist ** 3)[..., None] * d, axis=0)
+    assert float(mech["energy"] - gas["energy"]) == pytest.approx(e_coul, rel=1e-9, abs=1e-9)
+    np.testing.assert_allclose(mech["mm_forces"].detach().numpy(), f_mm, rtol=1e-8, atol=1e-10)
+
+
+def test_evaluate_table_has_every_solute_and_modes_agree_in_gas_phase(tmp_path, frames):
+    torch.manual_seed(2)
+    model = T.build_model(_cfg(tmp_path), "cpu")
+    res = T.evaluate(model, frames, batch_size=5)
+    solutes = {str(f["solute"]) for f in frames}
+    assert solutes <= set(res["electrostatic"]) and "all" in res["mechanical"]
+    assert res["electrostatic"]["all"]["n"] == len(frames)
+    table = T.format_table(res)
+    for s in solutes:
+        assert f"| {s} | electrostatic |" in table and f"| {s} | mechanical |" in table
+    gas = [f for f in frames if len(f["mm_charges"]) == 0]
+    if gas:
+        g = T.evaluate(model, gas)
+        assert g["electrostatic"]["all"]["energy"] == pytest.approx(g["mechanical"]["all"]["energy"], abs=1e-9)
