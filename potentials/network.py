@@ -189,8 +189,7 @@ class _NeighborSum(torch.autograd.Function):
         out = table.new_empty(n_s, n_d, n, table.shape[2])
         for s in range(n_s):
             for d in range(n_d):
-                out[s, d] = F.embedding_bag(nb, table[s], per_sample_weights=weight[s, d], mode="sum",
-                                            padding_idx=n)
+                out[s, d] = F.embedding_bag(nb, table[s], per_sample_weights=weight[s, d], mode="sum")
         ctx.save_for_backward(table, weight, nb)
         return out
 
@@ -206,8 +205,7 @@ class _NeighborSum(torch.autograd.Function):
             for s in range(n_s):
                 acc = g_table[s, :n]
                 for d in range(n_d):
-                    part = F.embedding_bag(nb, g_pad[s, d], per_sample_weights=weight[s, d], mode="sum",
-                                           padding_idx=n)
+                    part = F.embedding_bag(nb, g_pad[s, d], per_sample_weights=weight[s, d], mode="sum")
                     acc.add_(part) if d == 0 else acc.sub_(part)
         if ctx.needs_input_grad[1]:
             g_weight = torch.empty_like(weight)

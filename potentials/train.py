@@ -39,7 +39,8 @@ from driver.units import EV_PER_KJMOL, KCALMOL_PER_EV, NM_PER_ANGSTROM
 log = logging.getLogger(__name__)
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "inputs" / "models" / "configs"
-_FRAME_KEYS = ("numbers", "positions", "mm_positions", "mm_charges", "energy", "forces", "mm_forces", "dipole")
+_FRAME_KEYS = ("numbers", "total_charge", "positions", "mm_positions", "mm_charges", "energy", "forces",
+               "mm_forces", "dipole")
 
 
 # --------------------------------------------------------------------------------------------- config
@@ -226,7 +227,7 @@ def collate(frames: list[dict], device: torch.device | str = "cpu", dtype=torch.
         numbers=cat("numbers", torch.long),
         positions=cat("positions"),
         mol_idx=torch.repeat_interleave(torch.arange(len(frames), device=device), torch.tensor(n, device=device)),
-        charge=torch.tensor([float(f["charge"]) for f in frames], dtype=dtype, device=device),
+        charge=torch.tensor([float(f["total_charge"]) for f in frames], dtype=dtype, device=device),
         n_atoms=torch.tensor(n, dtype=torch.float64, device=device),
         ml_off=np.concatenate([[0], np.cumsum(n)]).tolist(),
         mm_off=np.concatenate([[0], np.cumsum(m)]).tolist(),
@@ -287,7 +288,7 @@ def predict(model: torch.nn.Module, b: Batch, mode: str = "electrostatic", creat
     q = out["charges"]
     centroid = torch.zeros(len(b.energy), 3, dtype=pos.dtype, device=pos.device).index_add_(0, b.mol_idx, pos)
     centroid = centroid / b.n_atoms.to(pos.dtype)[:, None]
-    dipole = torch.zeros_like(centroid).index_add_(0, b.mol_idx, q[:, None] * (pos - centroid[b.mol_idx]))
+    dipole = torch.zeros_like(centroid).index_add_(0, b.mol_idx, q.to(pos.dtype)[:, None] * (pos - centroid[b.mol_idx]))
     return {"energy": energy, "forces": -g_pos, "mm_forces": -g_mm, "charges": q, "dipole": dipole}
 
 
@@ -314,11 +315,9 @@ def total_loss(terms: dict, cfg: TrainConfig) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------- self-energies
 def shift_parameter(model: torch.nn.Module) -> tuple[torch.Tensor, list[int]]:
     """The model's per-element float64 energy shift and the atomic number of each of its entries."""
-    shift = getattr(model, "atomic_shift", None)
-    if isinstance(shift, torch.nn.Module):
-        shift = getattr(shift, "weight", None)
+    shift = getattr(getattr(model, "shift", None), "weight", None)
     if not isinstance(shift, torch.Tensor):
-        raise SetupError("the model has no per-element energy shift `atomic_shift`; cannot fit self-energies")
+        raise SetupError("the model has no per-element energy shift `shift.weight`; cannot fit self-energies")
     elements = [int(z) for z in model.config.elements]
     return shift, elements
 
@@ -344,12 +343,7 @@ def fit_self_energies(frames: list[dict], elements: list[int]) -> np.ndarray:
 def set_self_energies(model: torch.nn.Module, sae: np.ndarray) -> None:
     shift, elements = shift_parameter(model)
     with torch.no_grad():
-        flat = shift.view(-1) if shift.dim() > 1 and shift.shape[-1] == 1 else shift
-        if len(flat) == len(elements):
-            flat.copy_(torch.as_tensor(sae, dtype=flat.dtype))
-        else:                                    # indexed by atomic number
-            for z, e in zip(elements, sae):
-                flat[z] = float(e)
+        shift.copy_(torch.as_tensor(sae, dtype=shift.dtype, device=shift.device))   # one entry per element
 
 
 # --------------------------------------------------------------------------------------------- training
@@ -377,7 +371,7 @@ class TrainState:
 def build_model(cfg: TrainConfig, device) -> torch.nn.Module:
     from potentials.network import EmbeddedAIMNet2, ModelConfig
 
-    return EmbeddedAIMNet2(ModelConfig.from_dict(cfg.model)).to(device)
+    return EmbeddedAIMNet2(ModelConfig.from_dict(cfg.model), seed=cfg.seed).to(device)
 
 
 def _make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -102,11 +102,11 @@ def test_periodic_images_wrapping_and_virial(water_box):
     assert res.energy == pytest.approx(ref.energy, rel=1e-12, abs=1e-9)
     assert np.allclose(res.forces, ref.forces, atol=1e-8)
     assert np.allclose(res.virial, ref.virial, atol=1e-7)
-    # the same frame as a cluster: each embedded residue at the image the periodic engine used
+    # the same frame as a cluster: each embedded residue at the image the periodic engine used, the rest far
     sel = select_environment(engine.env, wrapped, box)
-    cluster_pos = wrapped.copy()
-    cluster_pos[water_box.ml] += sel.ml_shift
-    cluster_pos[sel.atoms] += sel.shift
+    cluster_pos = wrapped + 1000.0
+    cluster_pos[water_box.ml] = wrapped[water_box.ml] + sel.ml_shift
+    cluster_pos[sel.atoms] = wrapped[sel.atoms] + sel.shift
     engine.periodic = False
     res2 = engine.compute(cluster_pos[None], None)[0]
     engine.periodic = True
