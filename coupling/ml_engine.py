@@ -26,6 +26,8 @@ from driver.units import ANGSTROM_PER_NM, EV_PER_KJMOL, KJMOL_PER_EV, NM_PER_ANG
 
 log = logging.getLogger(__name__)
 
+# network outputs that are not energy terms (every other output of shape [B] is one, reported in the extras)
+NOT_ENERGY_TERMS = ("energy", "charges", "atomic_energies", "polarisability")
 PHI_V_PER_KJMOL_E = EV_PER_KJMOL                         # kJ/mol/e -> V (1 V = 1 eV/e)
 FIELD_V_A_PER_KJMOL_E_NM = EV_PER_KJMOL * NM_PER_ANGSTROM  # kJ/mol/e/nm -> V/Å
 
@@ -101,8 +103,10 @@ class MLEngine:
         numbers = ml_numbers(topology, ml)
         model = load_model(model_path, device)
         check_model(model, numbers, spec.ml.charge, where=str(model_path))
+        # the network casts positions/phi/E to its weights' dtype for the features but keeps its charge
+        # sums (Coulomb, q·phi, polarisation) in float64: hand it float64 inputs
         return cls(model, numbers, spec.ml.charge, env, mode=spec.coupling.embedding, device=device,
-                   periodic=spec.structure.periodic)
+                   periodic=spec.structure.periodic, dtype=torch.float64)
 
     def _batch_inputs(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """numbers, mol_idx and total charge for a batch of n structures (built once per n)."""
@@ -165,7 +169,7 @@ class MLEngine:
         charges = out["charges"].detach().to(torch.float64).reshape(n, -1).cpu().numpy() \
             if "charges" in out else None
         terms = {k: v.detach().to(torch.float64).cpu().numpy() * KJMOL_PER_EV for k, v in out.items()
-                 if k.startswith("energy_") and torch.is_tensor(v) and v.shape == (n,)}
+                 if k not in NOT_ENERGY_TERMS and torch.is_tensor(v) and v.shape == (n,)}
         results = []
         for b in range(n):
             self._check_finite(energies[b], forces[b], b)

@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="OpenMM force-field XML files (names or paths)")
     s.add_argument("--ph", type=float, default=7.0, help="pH for adding hydrogens")
     s.add_argument("--no-fix", action="store_true", help="do not run PDBFixer (missing atoms are then an error)")
+    s.add_argument("--no-minimize", action="store_true",
+                   help="skip relaxing the MM atoms (solvent clashes) with the ML zone held fixed")
     s.add_argument("--solvate", type=float, default=None, metavar="PADDING_NM",
                    help="solvate in TIP3P with this padding (nm); omit to keep the structure as is")
     s.add_argument("--ionic-strength", type=float, default=0.0, help="molar salt concentration (NaCl)")

@@ -162,9 +162,9 @@ def run_simulation(xml: str | Path, system: str | Path, *, out: str | Path | Non
         default_argv = _client_argv_factory(Path(system).resolve(), model, device, platform, verbose)
         argv = client_argv or default_argv
         clients = {s.name: argv(s.name, address(s)) for s in socks}
-        unix_paths = [Path(prefix + s.name) for s in socks if s.mode == "unix"]
+        endpoints = [Path(prefix + s.name) if s.mode == "unix" else s.port for s in socks]
         props = xmlinput.properties_file(root)
-        sup = _Supervisor(folder, ipi_argv, clients, unix_paths, folder / props if props else None, total,
+        sup = _Supervisor(folder, ipi_argv, clients, endpoints, folder / props if props else None, total,
                           progress)
         t0 = time.monotonic()
         outcome = sup.run()
@@ -331,6 +331,25 @@ class _Child:
         return f"exit code {rc}"
 
 
+def _listening(endpoint: Path | int) -> bool:
+    """A unix socket file exists, or a TCP socket listens on the port (Linux ``/proc/net/tcp*``; elsewhere
+    assumed, the clients then retry connecting for ``mlmm client --timeout`` seconds)."""
+    if isinstance(endpoint, Path):
+        return endpoint.exists()
+    seen = False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as fh:
+                rows = fh.read().splitlines()[1:]
+        except OSError:
+            continue
+        seen = True
+        # columns: sl local_address(hex ip:hex port) rem_address st(0A = LISTEN) ...
+        if any(r.split()[3] == "0A" and int(r.split()[1].rsplit(":", 1)[1], 16) == endpoint for r in rows):
+            return True
+    return not seen
+
+
 def _last_lines(path: Path, n: int = 3, width: int = 400) -> str:
     """The last ``n`` non-empty lines of a log, joined into one line (for a one-line error message)."""
     try:
@@ -408,9 +427,10 @@ class _Progress:
 class _Supervisor:
     """Starts i-PI and the clients, watches them, and stops all of them whatever happens."""
 
-    def __init__(self, folder: Path, ipi_argv: list[str], clients: dict[str, list[str]], unix_paths: list[Path],
-                 properties: Path | None, total: int, progress: bool):
-        self.folder, self.ipi_argv, self.client_argv, self.unix_paths = folder, ipi_argv, clients, unix_paths
+    def __init__(self, folder: Path, ipi_argv: list[str], clients: dict[str, list[str]],
+                 endpoints: list[Path | int], properties: Path | None, total: int, progress: bool):
+        """``endpoints``: what i-PI must open before the clients start: unix socket paths and inet ports."""
+        self.folder, self.ipi_argv, self.client_argv, self.endpoints = folder, ipi_argv, clients, endpoints
         self.tail = _PropertiesTail(properties)
         self.total, self.progress = total, progress
         self.ipi: _Child | None = None
@@ -461,17 +481,20 @@ class _Supervisor:
         return ([self.ipi] if self.ipi else []) + list(self.clients.values())
 
     def _wait_for_sockets(self) -> str | None:
+        """Until i-PI listens on every endpoint (bounded, watching i-PI). Never probes a socket by connecting:
+        i-PI would take the probe for a client and hang when it goes away (ipi.md §2.7)."""
         deadline = time.monotonic() + SOCKET_WAIT_S
-        while not all(p.exists() for p in self.unix_paths):
+        while True:
+            missing = [e for e in self.endpoints if not _listening(e)]
+            if not missing:
+                return None
             if self.ipi.rc is not None:
                 return (f"i-PI stopped ({self.ipi.describe_exit()}) before opening its sockets: "
                         f"{_last_lines(self.ipi.log)}; see {self.ipi.log}")
             if time.monotonic() > deadline:
-                missing = [str(p) for p in self.unix_paths if not p.exists()]
-                return f"i-PI did not open {missing} within {SOCKET_WAIT_S:g} s; see {self.ipi.log}"
+                return (f"i-PI did not open {', '.join(map(str, missing))} within {SOCKET_WAIT_S:g} s; "
+                        f"see {self.ipi.log}")
             time.sleep(POLL_S / 2)
-        # inet sockets are not probed (a probe would be a spurious client); the clients retry connecting
-        return None
 
     def _read_progress(self, bar: _Progress) -> None:
         for row in self.tail.rows():

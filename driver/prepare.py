@@ -81,6 +81,8 @@ def main(args: argparse.Namespace) -> int:
     box = np.asarray(topology.getPeriodicBoxVectors().value_in_unit(unit.nanometer)) if periodic else None
     if periodic:
         _check_box(box, positions[ml], args.mm_cutoff, args.embedding_cutoff)
+    if not args.no_minimize:
+        positions = minimize_solvent(forcefield, topology, positions, ml, periodic, args.mm_cutoff)
     out.mkdir(parents=True, exist_ok=True)
     structure = write_structure(topology, positions, out)
     spec = SystemSpec(
@@ -116,6 +118,29 @@ def main(args: argparse.Namespace) -> int:
         log.warning("total charge of the system is %.4f e, not an integer", total)
     _summary(topology, ml, ml_charge, total, spec, out, structure)
     return 0
+
+
+def minimize_solvent(forcefield: app.ForceField, topology: app.Topology, positions: np.ndarray, ml: np.ndarray,
+                     periodic: bool, cutoff: float, tolerance: float = 10.0, iterations: int = 2000) -> np.ndarray:
+    """Relax the MM atoms (solvent clashes from Modeller) with the ML zone held fixed.
+
+    The ML zone must not move: a ligand without MM template has only LJ terms here and would fall apart.
+    Zero-mass particles are held fixed by OpenMM's minimizer. Returns positions in nm.
+    """
+    mm = MMSpec(nonbonded_method="PME" if periodic else "NoCutoff", cutoff_nm=cutoff)
+    system = create_system(forcefield, topology, mm, periodic)
+    for i in ml:
+        system.setParticleMass(int(i), 0.0)
+    context = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("CPU"))
+    if periodic:
+        context.setPeriodicBoxVectors(*topology.getPeriodicBoxVectors())
+    context.setPositions(np.asarray(positions) * unit.nanometer)
+    before = context.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+    openmm.LocalEnergyMinimizer.minimize(context, tolerance, iterations)
+    state = context.getState(getEnergy=True, getPositions=True)
+    after = state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+    log.info("minimised the MM atoms (ML zone fixed): %.1f -> %.1f kJ/mol", before, after)
+    return np.asarray(state.getPositions(asNumpy=True).value_in_unit(unit.nanometer))
 
 
 # ----------------------------------------------------------------------------------------------- structure

@@ -237,8 +237,10 @@ def ipi_to_netcdf(src: str | Path, dst: str | Path, *, timestep_ps: float, perio
             if writer is None:
                 writer = AmberNetCDFWriter(tmp, len(pos), periodic=periodic, append=append)
                 t_last = writer.last_time
+                # times are float32 in the file: at 10 ns their spacing is already ~2 time steps of 0.5 fs
+                tol = max(0.5 * timestep_ps, 2.0 * float(np.spacing(np.float32(t_last or 0.0))))
             t = (step if step is not None else k) * timestep_ps
-            if t_last is not None and t <= t_last + 1e-9:
+            if t_last is not None and t < t_last + tol:
                 continue
             writer.write_frame(pos, t, lengths, angles)
             n += 1

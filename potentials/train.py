@@ -465,7 +465,7 @@ def train(cfg: TrainConfig, device: str = "cpu", resume: bool = False) -> Path:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
             opt.step()
-            running += float(loss) * len(idx)
+            running += float(loss.detach()) * len(idx)
             bar.set_postfix(loss=f"{float(loss):.3g}")
         model.eval()
         val = evaluate_loss(model, splits["val"], cfg, device, dtype)
@@ -566,7 +566,7 @@ def evaluate(model: torch.nn.Module, frames: list[dict], device="cpu", batch_siz
             for k, f in enumerate(sub):
                 a0, a1, m0, m1 = b.ml_off[k], b.ml_off[k + 1], b.mm_off[k], b.mm_off[k + 1]
                 row = {
-                    "energy": abs(float(p["energy"][k]) - float(f["energy"])) * KCALMOL_PER_EV,
+                    "energy": abs(float(p["energy"][k].detach()) - float(f["energy"])) * KCALMOL_PER_EV,
                     "forces": (p["forces"][a0:a1] - b.forces[a0:a1]).abs().detach().cpu().numpy().ravel(),
                     "mm_forces": (p["mm_forces"][m0:m1] - b.mm_forces[m0:m1]).abs().detach().cpu().numpy().ravel(),
                     "dipole": (p["dipole"][k] - b.dipole[k]).abs().detach().cpu().numpy(),
@@ -619,6 +619,83 @@ def read_gas_energies(path: str | Path) -> dict[int, float] | None:
     return {i: float(v) for i, v in enumerate(e) if np.isfinite(v)}
 
 
+def label_gas_energies(frames: list[dict], attrs: dict | None = None) -> dict[int, float]:
+    """QM vacuum energy (eV) of each frame's ML geometry, at the dataset's level of theory (PySCF).
+
+    The reference ML–MM interaction energy of a frame is then E_QM/MM − E_QM(vacuum, same geometry).
+    Gas-phase frames are their own vacuum energy.
+    """
+    from tqdm import tqdm
+
+    from potentials.qmmm_reference import LevelOfTheory, label_frame
+
+    attrs = attrs or {}
+    level = LevelOfTheory(**{k: type(getattr(LevelOfTheory(), k))(attrs[f"qm_{k}"])
+                             for k in ("xc", "basis", "auxbasis", "grid_level") if f"qm_{k}" in attrs})
+    out = {}
+    for f in tqdm(frames, desc="vacuum labels", mininterval=10.0):
+        if len(f["mm_charges"]) == 0:
+            out[f["index"]] = float(f["energy"])
+        else:
+            out[f["index"]] = label_frame(f["numbers"], f["positions"], int(f["total_charge"]), level=level).energy
+    return out
+
+
+def write_subset(src: str | Path, dst: str | Path, indices: list[int],
+                 gas_energy: dict[int, float] | None = None) -> None:
+    """Copy frames ``indices`` of dataset ``src`` into a new compressed dataset ``dst`` (same layout), adding
+    the variable ``gas_energy`` (eV, NaN where unknown) from ``gas_energy`` keyed by the index in ``src``."""
+    import netCDF4
+
+    from potentials.dataset import Dataset, DatasetWriter, compact
+
+    dst = Path(dst)
+    tmp = dst.with_suffix(".tmp.nc")
+    tmp.unlink(missing_ok=True)
+    with Dataset.open(src) as ds:
+        writer = DatasetWriter(tmp, {k: v for k, v in ds.attrs.items() if k != "Conventions"})
+        for i in indices:
+            writer.append(ds.frame(int(i)))
+    compact(tmp, dst)
+    tmp.unlink()
+    if gas_energy is not None:
+        with netCDF4.Dataset(dst, "a") as nc:
+            v = nc.createVariable("gas_energy", "f8", ("frame",), fill_value=np.nan)
+            v.units = "eV"
+            v.description = ("QM energy of the same ML geometry in vacuum (same level of theory); "
+                             "energy - gas_energy is the reference ML-MM interaction energy")
+            v[:] = np.array([gas_energy.get(int(i), np.nan) for i in indices])
+
+
+def make_test_set(src: str | Path, dst: str | Path, split: str = "test", per_solute: int | None = None,
+                  seed: int = 0) -> None:
+    """Frames of ``split`` (all, or ``per_solute`` picked at random per solute and frame kind, balanced)
+    with their vacuum QM energies, written to ``dst`` for :func:`evaluate` (E_int column)."""
+    from potentials.dataset import Dataset
+
+    with Dataset.open(src) as ds:
+        idx = ds.indices(split)
+        attrs = dict(ds.attrs)
+        if per_solute is not None:
+            rng = np.random.default_rng(seed)
+            chosen = []
+            for s in sorted(set(ds.meta["solute"][idx])):
+                mine = idx[ds.meta["solute"][idx] == s]
+                kinds = ds.meta["kind"][mine]
+                # round-robin over frame kinds so each solute's slice covers periodic/droplet/displaced/gas
+                pools = [list(rng.permutation(mine[kinds == k])) for k in sorted(set(kinds))]
+                picked = []
+                while len(picked) < per_solute and any(pools):
+                    for p in pools:
+                        if p and len(picked) < per_solute:
+                            picked.append(p.pop())
+                chosen += sorted(picked)
+            idx = np.array(sorted(chosen))
+    frames = load_frames(src, indices=[int(i) for i in idx])
+    gas = label_gas_energies(frames, attrs)
+    write_subset(src, dst, [int(i) for i in idx], gas)
+
+
 # --------------------------------------------------------------------------------------------- CLI
 def main(args: argparse.Namespace) -> int:
     """``mlmm train CONFIG [--device D] [--resume]``."""
@@ -640,3 +717,16 @@ def evaluate_main(args: argparse.Namespace) -> int:
     print(f"{args.model} on {args.dataset} (split {args.split}, {len(frames)} frames)\n")
     print(format_table(res))
     return 0
+
+
+if __name__ == "__main__":          # maintenance helper, not part of the `mlmm` CLI
+    p = argparse.ArgumentParser(prog="python -m potentials.train",
+                                description="write a held-out set with paired vacuum QM energies (E_int column)")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--split", default="test")
+    p.add_argument("--per-solute", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    make_test_set(a.src, a.dst, a.split, a.per_solute, a.seed)

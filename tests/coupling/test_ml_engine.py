@@ -1,6 +1,7 @@
 """The ML client's engine: forces = -dE/dx on ML and embedded MM atoms, smooth switching, periodic images,
 virial, batching, mechanical mode, failure reporting."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -210,3 +211,73 @@ def test_failures_are_reported(cluster):
         with pytest.raises(SetupError, match="not usable"):
             make_engine(cluster, device="cuda:0")
     assert model_dtype(good.model) == torch.float64 and model_dtype(_Broken()) == torch.float64
+
+
+# ---------------------------------------------------------------------------------------------- the network
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tiny_network():
+    """The project's network with random weights (tiny preset, + Na), float64 for finite differences."""
+    from potentials.network import EmbeddedAIMNet2, ModelConfig
+
+    cfg = ModelConfig.from_toml(ROOT / "inputs/models/configs/tiny.toml", elements=[1, 6, 7, 8, 11])
+    return EmbeddedAIMNet2(cfg, seed=1).double().eval()
+
+
+def test_network_forces_match_finite_differences(cluster, tiny_network):
+    engine = make_engine(cluster, model=tiny_network)
+    pos = cluster.positions
+    res = engine.compute(pos[None], None)[0]
+    terms = res.extras["ml.energy"]
+    assert {"local", "coulomb", "external", "polarisation"} <= set(terms)
+    assert terms["total"] == pytest.approx(sum(v for k, v in terms.items() if k != "total"), rel=1e-9)
+    assert sum(res.extras["ml.charges"]) == pytest.approx(1.0, abs=1e-9)      # NQE keeps the zone's charge
+    atoms, s = group_scales(engine, pos)
+    switching = atoms[(s > 0.02) & (s < 0.98)]
+    inner = atoms[s == 1.0]
+    d = np.linalg.norm(pos[inner][:, None] - pos[cluster.ml][None], axis=-1).min(axis=1)
+    picks = np.concatenate([cluster.ml[[0, 6, 15, -1]], switching[::max(1, len(switching) // 4)][:4],
+                            inner[np.argsort(d)[:2]], inner[np.argsort(np.abs(d - 0.6))[:2]]])
+    assert np.abs(res.forces[picks[4:]]).max() > 1e-3                   # the MM atoms do feel the network
+    check_fd(engine, pos, picks)
+
+
+def test_network_float32_weights_agree_with_float64(cluster, tiny_network):
+    import copy
+
+    e64 = make_engine(cluster, model=tiny_network).compute(cluster.positions[None], None)[0]
+    e32 = make_engine(cluster, model=copy.deepcopy(tiny_network).float(), dtype=torch.float64).compute(
+        cluster.positions[None], None)[0]
+    assert e32.energy == pytest.approx(e64.energy, rel=1e-5, abs=1e-3)
+    assert np.abs(e32.forces - e64.forces).max() < 1e-3 * np.abs(e64.forces).max()
+
+
+def test_from_spec_builds_a_consistent_pair(tmp_path, tiny_network):
+    """system.toml + model file -> MLEngine; the MM client's system from the same spec passes check_split."""
+    from potentials.model_io import save_model
+    from potentials.openmm_system import load_system
+
+    from coupling.bookkeeping import check_split
+    from coupling.mmsystem import mm_system_from_spec
+    from driver.system import SystemSpec
+
+    model_path = tmp_path / "tiny.pt"
+    save_model(model_path, tiny_network)
+    spec = SystemSpec.load(ROOT / "inputs/examples/methanol/prepared/system.toml")
+    engine = MLEngine.from_spec(spec, model_path, "cpu")
+    topology, system, pos = load_system(spec)
+    assert engine.periodic and engine.dtype == torch.float64 and engine.natoms == len(pos)
+    box = np.asarray(spec.structure.box_nm)
+    res = engine.compute(pos[None], box[None])[0]
+    assert np.isfinite(res.energy) and res.extras["ml.n_embedded"] > 100
+    mm = mm_system_from_spec(spec, topology, system, pos, model_path=model_path)
+    check_split(mm, spec.ml.indices, spec.coupling.embedding, full_system=system, engine=engine)
+    # mechanical embedding with the network's vacuum charges in the MM system
+    spec.coupling.embedding = "mechanical"
+    mm = mm_system_from_spec(spec, topology, system, pos, model_path=model_path)
+    q = vacuum_charges(tiny_network, engine.numbers.numpy(), pos[spec.ml.indices], 0)
+    check_split(mm, spec.ml.indices, "mechanical", full_system=system, ml_charges=q)
+    with pytest.raises(SetupError, match="does not know element"):
+        check_model(tiny_network, [1, 6, 8, 17], 0)                    # Cl is not in the tiny model

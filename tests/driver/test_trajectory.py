@@ -142,10 +142,13 @@ def test_ipi_to_netcdf(tmp_path, pdb, mode):
     text = src.read_text().splitlines(keepends=True)
     src.write_text("".join(text[:-2]))
     assert trajectory.ipi_to_netcdf(src, dst, timestep_ps=5e-4, periodic=True) == 2
-    # a resumed run appends only the frames after the last one stored
+    # a resumed run appends only the frames after the last one stored (time is float32 in the file)
     _ipi_trajectory(src, pos, h, [20, 40, 60], mode)
     assert trajectory.ipi_to_netcdf(src, dst, timestep_ps=5e-4, periodic=True, append=True) == 2
     np.testing.assert_allclose(mdtraj.load(str(dst), top=str(pdb)).time, [0.0, 0.01, 0.02, 0.03], atol=1e-7)
+    _ipi_trajectory(src, pos, h, [40, 60, 2_000_000_060], mode)         # t = 1e6 ps: float32 spacing 0.06 ps
+    assert trajectory.ipi_to_netcdf(src, dst, timestep_ps=5e-4, periodic=True, append=True) == 1
+    assert trajectory.ipi_to_netcdf(src, dst, timestep_ps=5e-4, periodic=True, append=True) == 0
 
 
 PROPS = """# column   1     --> step : The current simulation time step.
