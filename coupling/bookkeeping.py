@@ -7,13 +7,12 @@ verifies a concrete pair against it.
 from __future__ import annotations
 
 import itertools
-import xml.etree.ElementTree as ET
 from typing import NamedTuple
 
 import numpy as np
 import openmm
 
-from coupling.mmsystem import _ATOM_ATTR, _TERM_LISTS, BONDED_FORCES, MODES, _nonbonded
+from coupling.mmsystem import MODES, ml_only_terms, nonbonded_force
 from driver.errors import SetupError
 
 
@@ -45,21 +44,6 @@ def ownership_table(mode: str) -> str:
     return "\n".join(f"{t.term:<{width}}  {getattr(t, mode)}" for t in OWNERSHIP)
 
 
-def _ml_only_terms(system: openmm.System, is_ml: np.ndarray) -> list[str]:
-    found = []
-    for force in system.getForces():
-        kind = type(force).__name__
-        if kind not in BONDED_FORCES:
-            continue
-        for container in ET.fromstring(openmm.XmlSerializer.serialize(force)):
-            if container.tag in _TERM_LISTS:
-                for term in container:
-                    atoms = [int(v) for k, v in term.attrib.items() if _ATOM_ATTR.match(k)]
-                    if atoms and is_ml[atoms].all():
-                        found.append(f"{kind} term on ML atoms {atoms}")
-    return found
-
-
 def check_split(mm_system: openmm.System, ml_indices, mode: str, *, full_system: openmm.System | None = None,
                 engine=None, ml_charges=None) -> None:
     """Raise SetupError listing every term the MM system and the ML engine would both count (or drop).
@@ -79,11 +63,11 @@ def check_split(mm_system: openmm.System, ml_indices, mode: str, *, full_system:
     n = mm_system.getNumParticles()
     is_ml = np.zeros(n, bool)
     is_ml[ml] = True
-    problems = _ml_only_terms(mm_system, is_ml)
+    problems = [f"{kind} term on ML atoms {atoms}" for kind, atoms in ml_only_terms(mm_system, ml)]
     problems += [f"constraint between ML atoms {i} and {j}" for i, j, _ in
                  (mm_system.getConstraintParameters(k) for k in range(mm_system.getNumConstraints()))
                  if is_ml[i] and is_ml[j]]
-    nb = _nonbonded(mm_system)
+    nb = nonbonded_force(mm_system)
     q = np.array([nb.getParticleParameters(i)[0]._value for i in range(n)])
     lj = np.array([[p._value for p in nb.getParticleParameters(i)[1:]] for i in range(n)])
     if mode == "electrostatic" and np.any(q[ml] != 0):
@@ -105,7 +89,7 @@ def check_split(mm_system: openmm.System, ml_indices, mode: str, *, full_system:
             if left:
                 problems.append(f"CustomNonbondedForce '{f.getName()}': {len(left)} ML–ML pairs not excluded")
     if full_system is not None:
-        nb0 = _nonbonded(full_system)
+        nb0 = nonbonded_force(full_system)
         q0 = np.array([nb0.getParticleParameters(i)[0]._value for i in range(n)])
         lj0 = np.array([[p._value for p in nb0.getParticleParameters(i)[1:]] for i in range(n)])
         if not np.array_equal(q[~is_ml], q0[~is_ml]) or not np.array_equal(lj, lj0):

@@ -133,8 +133,8 @@ def select_environment(env: MMEnvironment, positions: np.ndarray, box: np.ndarra
         shift = whole - x
         x = whole
     counts = np.diff(env._group_start)
-    centers = np.zeros((env.n_groups, 3))
-    np.add.at(centers, mm_group, x)
+    centers = np.stack([np.bincount(mm_group, weights=x[:, k], minlength=env.n_groups) for k in range(3)],
+                       1).astype(np.float64, copy=False)           # (an empty bincount is int64)
     centers /= np.maximum(counts, 1)[:, None]
     if box is not None:
         centroid = ml.mean(axis=0)
@@ -173,13 +173,22 @@ def embedded_charges(env: MMEnvironment, sel: Selection, positions: torch.Tensor
 
     ``positions`` is the full-system (n_atoms,3) nm tensor; gradients flow to it through both outputs.
     """
-    dev, dt = positions.device, positions.dtype
-    atoms = torch.as_tensor(sel.atoms, device=dev)
+    dev = positions.device
+    return embedded_charges_at(env, sel, positions[torch.as_tensor(env.ml_indices, device=dev)],
+                               positions[torch.as_tensor(sel.atoms, device=dev)])
+
+
+def embedded_charges_at(env: MMEnvironment, sel: Selection, ml_positions: torch.Tensor,
+                        mm_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`embedded_charges` from the raw positions (nm) of the ML atoms (n_ml,3) and of the selected MM
+    atoms ``sel.atoms`` (M,3) only: callers that differentiate w.r.t. these small tensors avoid dense
+    (n_atoms,3) gradients (the ML engine does, for 1e5-atom systems)."""
+    dev, dt = mm_positions.device, mm_positions.dtype
     group = torch.as_tensor(sel.group, device=dev)
-    mm_pos = positions[atoms] + torch.as_tensor(sel.shift, device=dev, dtype=dt)
+    mm_pos = mm_positions + torch.as_tensor(sel.shift, device=dev, dtype=dt)
     counts = torch.bincount(group, minlength=sel.n_groups).to(dt)
     centers = torch.zeros(sel.n_groups, 3, device=dev, dtype=dt).index_add_(0, group, mm_pos) / counts[:, None]
-    ml_pos = positions[torch.as_tensor(env.ml_indices, device=dev)]
+    ml_pos = ml_positions
     if sel.ml_shift is not None:
         ml_pos = ml_pos + torch.as_tensor(sel.ml_shift, device=dev, dtype=dt)
     pml = torch.as_tensor(sel.pair_ml, device=dev)

@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from coupling.embedding import (MMEnvironment, embedded_charges, potential_and_field, select_environment,
+from coupling.embedding import (MMEnvironment, embedded_charges_at, potential_and_field, select_environment,
                                 zone_shift)
+from coupling.bookkeeping import ownership_table
 from coupling.mmsystem import MODES, mm_environment
 from driver.client import ForceResult
 from driver.errors import CalculationFailed, SetupError
@@ -59,6 +60,11 @@ class MLEngine:
     periodic : bool
         False: boxes are ignored (clusters; i-PI always sends a cell).
     dtype : torch dtype of the network inputs; default: the model's. Embedding sums run in float64.
+
+    Each :class:`driver.client.ForceResult` carries forces on the ML atoms and on the embedded MM atoms (zero
+    elsewhere), the virial ``sum_i f_i (x) r_i`` over the positions the energy saw (ML zone made whole, MM
+    residues at their minimum image) and the extras ``ml.energy`` (kJ/mol: ``total`` and the model's
+    per-structure terms), ``ml.charges`` (e), ``ml.dipole`` (e·Å, about the ML centroid), ``ml.n_embedded``.
     """
 
     def __init__(self, model: torch.nn.Module, numbers, charge: int, env: MMEnvironment, *,
@@ -83,7 +89,6 @@ class MLEngine:
         self.numbers = torch.as_tensor(numbers, device=self.device)
         self.charge = int(charge)
         self.natoms = len(env.charges)
-        self._ml = torch.as_tensor(env.ml_indices, device=self.device)
         self._batch: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.calls = 0
 
@@ -103,6 +108,9 @@ class MLEngine:
         numbers = ml_numbers(topology, ml)
         model = load_model(model_path, device)
         check_model(model, numbers, spec.ml.charge, where=str(model_path))
+        log.info("ML client: %d ML atoms (charge %+d e), %s embedding, cutoff %.2f nm (switch %.2f nm); terms:\n%s",
+                 len(ml), spec.ml.charge, spec.coupling.embedding, env.cutoff, env.switch_width,
+                 ownership_table(spec.coupling.embedding))
         # the network casts positions/phi/E to its weights' dtype for the features but keeps its charge
         # sums (Coulomb, q·phi, polarisation) in float64: hand it float64 inputs
         return cls(model, numbers, spec.ml.charge, env, mode=spec.coupling.embedding, device=device,
@@ -137,55 +145,59 @@ class MLEngine:
                 raise SetupError("periodic system but no box was sent; set [structure] periodic = false for "
                                  "a cluster")
             boxes = np.broadcast_to(np.asarray(boxes, dtype=np.float64), (n, 3, 3))
-        ml_idx = self.env.ml_indices
-        x = torch.tensor(pos, device=self.device, requires_grad=True)             # [B, N, 3] nm, float64
-        ml_pos, phis, fields, sels, shifts = [], [], [], [], []
+        ml_idx, n_ml = self.env.ml_indices, len(self.env.ml_indices)
+        # per structure one small leaf tensor: the ML atoms, then the embedded MM atoms (raw positions, nm);
+        # autograd then never touches (N, 3) arrays, which matters for 1e5-atom systems
+        leaves, atoms, images, sels, ml_pos, phis, fields = [], [], [], [], [], [], []
         for b in range(n):
             box = boxes[b] if self.periodic else None
             if self.mode == "electrostatic":
                 sel = select_environment(self.env, pos[b], box)
-                q, mm_pos = embedded_charges(self.env, sel, x[b])
-                r = x[b][self._ml] + torch.as_tensor(sel.ml_shift, device=self.device)
-                phi, field = potential_and_field(r, mm_pos, q)                   # kJ/mol/e, kJ/mol/e/nm
-                shift = sel.ml_shift
+                idx = np.concatenate([ml_idx, sel.atoms])
+                shift = np.concatenate([sel.ml_shift, sel.shift])
             else:
-                sel = None
+                sel, idx = None, ml_idx
                 shift = zone_shift(pos[b][ml_idx], box)
-                r = x[b][self._ml] + torch.as_tensor(shift, device=self.device)
+            leaf = torch.tensor(pos[b][idx], device=self.device, requires_grad=True)
+            r = leaf[:n_ml] + torch.as_tensor(shift[:n_ml], device=self.device)
+            if sel is not None:
+                q, mm_pos = embedded_charges_at(self.env, sel, leaf[:n_ml], leaf[n_ml:])
+                phi, field = potential_and_field(r, mm_pos, q)                   # kJ/mol/e, kJ/mol/e/nm
+            else:
                 phi, field = torch.zeros_like(r[:, 0]), torch.zeros_like(r)
+            leaves.append(leaf)
+            atoms.append(idx)
+            images.append(pos[b][idx] + shift)                                      # as the energy sees them
+            sels.append(sel)
             ml_pos.append(r)
             phis.append(phi)
             fields.append(field)
-            sels.append(sel)
-            shifts.append(shift)
         numbers, mol_idx, charge = self._batch_inputs(n)
         out = self.model(numbers, (torch.cat(ml_pos) * ANGSTROM_PER_NM).to(self.dtype), mol_idx, charge,
                          (torch.cat(phis) * PHI_V_PER_KJMOL_E).to(self.dtype),
                          (torch.cat(fields) * FIELD_V_A_PER_KJMOL_E_NM).to(self.dtype))
         energy = out["energy"].to(torch.float64) * KJMOL_PER_EV                    # [B] kJ/mol
-        grad, = torch.autograd.grad(energy.sum(), x, allow_unused=True, materialize_grads=True)
+        grads = torch.autograd.grad(energy.sum(), leaves, allow_unused=True, materialize_grads=True)
         energies = energy.detach().cpu().numpy()
-        forces = -grad.cpu().numpy()                                                # [B, N, 3] kJ/mol/nm
         charges = out["charges"].detach().to(torch.float64).reshape(n, -1).cpu().numpy() \
             if "charges" in out else None
         terms = {k: v.detach().to(torch.float64).cpu().numpy() * KJMOL_PER_EV for k, v in out.items()
                  if k not in NOT_ENERGY_TERMS and torch.is_tensor(v) and v.shape == (n,)}
         results = []
         for b in range(n):
-            self._check_finite(energies[b], forces[b], b)
-            r_ml = pos[b][ml_idx] + shifts[b]                                       # imaged positions, nm
-            virial = forces[b][ml_idx].T @ r_ml                                     # W = sum f (x) r
-            sel = sels[b]
-            if sel is not None and len(sel.atoms):
-                virial += forces[b][sel.atoms].T @ (pos[b][sel.atoms] + sel.shift)
+            f = -grads[b].cpu().numpy()                                             # kJ/mol/nm
+            forces = np.zeros((self.natoms, 3))
+            forces[atoms[b]] = f
+            self._check_finite(energies[b], forces, b)
+            virial = f.T @ images[b]                                                # W = sum f (x) r
             extras = {"ml.energy": {"total": float(energies[b]),
                                     **{k: float(v[b]) for k, v in terms.items()}},
-                      "ml.n_embedded": 0 if sel is None else int(len(sel.atoms))}
+                      "ml.n_embedded": 0 if sels[b] is None else int(len(sels[b].atoms))}
             if charges is not None:
-                centred = (r_ml - r_ml.mean(axis=0)) * ANGSTROM_PER_NM
+                r_ml = images[b][:n_ml]
                 extras["ml.charges"] = charges[b].tolist()
-                extras["ml.dipole"] = (charges[b] @ centred).tolist()               # e·Å about the ML centroid
-            results.append(ForceResult(float(energies[b]), forces[b], virial, extras))
+                extras["ml.dipole"] = (charges[b] @ ((r_ml - r_ml.mean(axis=0)) * ANGSTROM_PER_NM)).tolist()
+            results.append(ForceResult(float(energies[b]), forces, virial, extras))
         return results
 
     def _check_finite(self, energy: float, forces: np.ndarray, b: int) -> None:

@@ -66,7 +66,8 @@ def _ml_mask(n_atoms: int, ml_indices) -> np.ndarray:
     return mask
 
 
-def _nonbonded(system: openmm.System) -> openmm.NonbondedForce:
+def nonbonded_force(system: openmm.System) -> openmm.NonbondedForce:
+    """The one NonbondedForce of an MM system (SetupError if there is none or several)."""
     found = [f for f in system.getForces() if isinstance(f, openmm.NonbondedForce)]
     if len(found) != 1:
         raise SetupError(f"the MM system has {len(found)} NonbondedForce objects; ML/MM needs exactly one "
@@ -133,28 +134,40 @@ def check_selection(system: openmm.System, ml_indices, topology: app.Topology | 
                                  "the ML zone, or leave the site's molecule out of the ML zone")
 
 
+def _bonded_terms(root: ET.Element):
+    """(list element, term element, atom indices) of every term in a serialised bonded force."""
+    for container in root:
+        if container.tag in _TERM_LISTS:
+            for term in list(container):
+                atoms = [int(v) for k, v in term.attrib.items() if _ATOM_ATTR.match(k)]
+                if atoms:
+                    yield container, term, atoms
+
+
+def ml_only_terms(system: openmm.System, ml_indices) -> list[tuple[str, list[int]]]:
+    """(force type, atoms) of every bonded term whose atoms are all in the ML zone (none after the surgery)."""
+    is_ml = _ml_mask(system.getNumParticles(), ml_indices)
+    return [(type(f).__name__, atoms) for f in system.getForces() if type(f).__name__ in BONDED_FORCES
+            for _, _, atoms in _bonded_terms(ET.fromstring(openmm.XmlSerializer.serialize(f)))
+            if is_ml[atoms].all()]
+
+
 def _drop_ml_terms(force: openmm.Force, is_ml: np.ndarray) -> tuple[openmm.Force, int]:
     """A copy of a bonded force without the terms whose atoms are all ML; also the number removed."""
     root = ET.fromstring(openmm.XmlSerializer.serialize(force))
     kind = type(force).__name__
     removed = 0
-    for container in root:
-        if container.tag not in _TERM_LISTS:
-            continue
-        for term in list(container):
-            atoms = [int(v) for k, v in term.attrib.items() if _ATOM_ATTR.match(k)]
-            if not atoms:
-                continue
-            inside = is_ml[atoms]
-            if inside.all():
-                container.remove(term)
-                removed += 1
-            elif inside.any() and kind in _STANDARD_BONDED:
-                raise SetupError(f"{kind} '{force.getName()}' has a term on atoms {atoms} that mixes the ML and MM "
-                                 "zones (the selection cuts a molecule); select whole molecules")
-            elif inside.any():
-                log.info("%s '%s': term on atoms %s mixes ML and MM atoms; kept in the MM client (a restraint)",
-                         kind, force.getName(), atoms)
+    for container, term, atoms in _bonded_terms(root):
+        inside = is_ml[atoms]
+        if inside.all():
+            container.remove(term)
+            removed += 1
+        elif inside.any() and kind in _STANDARD_BONDED:
+            raise SetupError(f"{kind} '{force.getName()}' has a term on atoms {atoms} that mixes the ML and MM "
+                             "zones (the selection cuts a molecule); select whole molecules")
+        elif inside.any():
+            log.info("%s '%s': term on atoms %s mixes ML and MM atoms; kept in the MM client (a restraint)",
+                     kind, force.getName(), atoms)
     return openmm.XmlSerializer.deserialize(ET.tostring(root, encoding="unicode")), removed
 
 
@@ -244,10 +257,10 @@ def mlmm_mm_system(system: openmm.System, ml_indices, mode: str = "electrostatic
         if ml_charges.shape != ml.shape or not np.all(np.isfinite(ml_charges)):
             raise SetupError(f"need {len(ml)} finite ML charges (one per ML atom), got {ml_charges.shape[0]}")
     elif mode == "mechanical":
-        nb = _nonbonded(system)
+        nb = nonbonded_force(system)
         ml_charges = np.array([nb.getParticleParameters(int(i))[0].value_in_unit(openmm.unit.elementary_charge)
                                for i in ml])
-    _nonbonded(system)
+    nonbonded_force(system)
     out = copy.deepcopy(system)
     for k in reversed(range(out.getNumConstraints())):
         i, j, _ = out.getConstraintParameters(k)
@@ -280,7 +293,7 @@ def mlmm_mm_system(system: openmm.System, ml_indices, mode: str = "electrostatic
 
 def mm_charges(system: openmm.System) -> np.ndarray:
     """Partial charges (e) of every particle, from the system's NonbondedForce."""
-    nb = _nonbonded(system)
+    nb = nonbonded_force(system)
     e = openmm.unit.elementary_charge
     return np.array([nb.getParticleParameters(i)[0].value_in_unit(e) for i in range(nb.getNumParticles())])
 
@@ -327,4 +340,10 @@ def mm_system_from_spec(spec, topology: app.Topology, system: openmm.System, pos
                                      np.asarray(positions_nm, dtype=np.float64)[ml], spec.ml.charge, device)
         elif source != "mm":
             raise SetupError(f"[coupling] mechanical_charges = {source!r}; choose \"model\" or \"mm\"")
-    return mlmm_mm_system(system, spec.ml.indices, mode, charges)
+    from coupling.bookkeeping import check_split, ownership_table
+
+    mm = mlmm_mm_system(system, spec.ml.indices, mode, charges)
+    check_split(mm, spec.ml.indices, mode, full_system=system, ml_charges=charges)
+    log.info("MM client: ML/MM split for %d ML atoms, %s embedding; terms:\n%s", len(spec.ml.indices), mode,
+             ownership_table(mode))
+    return mm

@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("xml", help="i-PI input XML (e.g. inputs/templates/nvt_bussi.xml)")
     s.add_argument("--system", required=True, help="system.toml written by `mlmm prepare`")
     s.add_argument("--model", default=None, help="network model file for the ML client")
-    s.add_argument("--out", default=None, help="run folder (default: next to the system file, run-<timestamp>)")
+    s.add_argument("--out", default=None, help="run folder (default: runs/run-<timestamp> in the current directory)")
     s.add_argument("--steps", type=int, default=None, help="override <total_steps>")
     s.add_argument("--device", default="cpu", help="torch device for the ML client (cpu, cuda, cuda:N)")
     s.add_argument("--platform", default=None, help="OpenMM platform for the MM client (CPU, CUDA, Reference)")

@@ -108,7 +108,7 @@ def run_simulation(xml: str | Path, system: str | Path, *, out: str | Path | Non
     ----------
     xml : i-PI input (e.g. ``inputs/templates/nvt_bussi.xml``); run-specific parts are filled in.
     system : ``system.toml`` written by ``mlmm prepare``.
-    out : run folder (created; must be new or empty). Default: ``run-<timestamp>`` next to ``system``.
+    out : run folder (created; must be new or empty). Default: ``runs/run-<timestamp>`` in the current directory.
     model : network file for the ``ml`` client (required if the XML has an ``ml`` socket).
     steps, seed : override ``<total_steps>`` and ``<prng><seed>``.
     device, platform : passed to the ML (torch device) and MM (OpenMM platform) clients.
@@ -199,9 +199,10 @@ def run_simulation(xml: str | Path, system: str | Path, *, out: str | Path | Non
 
 # ------------------------------------------------------------------------------------------- set-up helpers
 def _run_folder(out: str | Path | None, spec: SystemSpec) -> Path:
-    """The run folder to create: ``out`` (must be new or empty) or a fresh ``run-<timestamp>``."""
+    """The run folder to create: ``out`` (must be new or empty) or a fresh ``runs/run-<timestamp>`` in the current
+    directory (never inside the system's folder, which may be a read-only or version-controlled input)."""
     if out is None:
-        base = spec.root / time.strftime("run-%Y%m%d-%H%M%S")
+        base = Path("runs") / time.strftime("run-%Y%m%d-%H%M%S")
         folder, k = base, 1
         while folder.exists():
             folder, k = base.with_name(f"{base.name}-{k}"), k + 1

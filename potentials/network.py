@@ -99,8 +99,8 @@ class ModelConfig:
             raise SetupError(f"model config: 'field_channels' must be >= 0, got {self.field_channels}")
         if len(self.hidden) < 2 or any(not layer or min(layer) < 1 for layer in self.hidden):
             raise SetupError(f"model config: 'hidden' needs >= 2 passes of positive sizes, got {self.hidden}")
-        if not 0 <= self.rmin < self.cutoff or self.coulomb_cutoff <= 0:
-            raise SetupError(f"model config: need 0 <= rmin < cutoff and coulomb_cutoff > 0 "
+        if not 0 <= self.rmin < self.cutoff or not 0 < self.coulomb_cutoff <= self.cutoff:
+            raise SetupError(f"model config: need 0 <= rmin < cutoff and 0 < coulomb_cutoff <= cutoff "
                              f"(rmin={self.rmin}, cutoff={self.cutoff}, coulomb_cutoff={self.coulomb_cutoff})")
         if min(self.phi_scale, self.field_scale, self.alpha_scale) <= 0:
             raise SetupError("model config: phi_scale, field_scale and alpha_scale must be > 0")
@@ -175,58 +175,100 @@ def _smooth_mixing(nchannel: int, nshifts: int, ncomb: int, gen: torch.Generator
 
 
 class _NeighborSum(torch.autograd.Function):
-    """``out[s,d,i] = Σ_m weight[s,d,i,m] · table[s, nb[i,m]]`` with fused gather-and-sum (embedding_bag).
+    """``out[s,i,d] = Σ_m gs[s,i,m] ang[i,d,m] · table[s, nb[i,m]]`` with a fused gather-and-sum.
 
-    table [S, N+1, C] (row N is a dummy), weight [S, 4, N, M] (d = scalar, x, y, z), nb [N, M] (fill N).
-    The backward w.r.t. ``table`` uses that the list is full and the d>0 weights are antisymmetric under
-    i <-> j (they carry u_ij = -u_ji): the transpose of the sum is again a neighbour sum over each atom's
-    own row, so no scatter is needed. First order only.
+    table [S, N+1, C] (row N is a zero dummy), radial weights gs [S, N, M] (zero on padding slots),
+    angular factors ang [N, 4, M] (1, u_x, u_y, u_z), nb [N, M] (fill N); out [S, N, 4, C].
+    One ``embedding_bag`` per shell (bags = (atom, component)); the [S, N, 4, M] weights exist only one
+    shell at a time. The backward w.r.t. ``table`` uses that the list is full and u_ij = −u_ji: the
+    transpose of the sum is again a neighbour sum over each atom's own row (sign-flipped vector parts),
+    so no scatter is needed. First order only.
     """
 
     @staticmethod
-    def forward(ctx, table: Tensor, weight: Tensor, nb: Tensor) -> Tensor:
-        n_s, n_d, n, _ = weight.shape
-        out = table.new_empty(n_s, n_d, n, table.shape[2])
+    def forward(ctx, table: Tensor, gs: Tensor, ang: Tensor, nb: Tensor) -> Tensor:
+        n_s, n, m = gs.shape
+        n_d = ang.shape[1]
+        idx = nb.repeat_interleave(n_d, dim=0)                                # [N*4, M], bag = (i, d)
+        out = table.new_empty(n_s, n, n_d, table.shape[2])
         for s in range(n_s):
-            for d in range(n_d):
-                out[s, d] = F.embedding_bag(nb, table[s], per_sample_weights=weight[s, d], mode="sum")
-        ctx.save_for_backward(table, weight, nb)
+            w = (gs[s, :, None, :] * ang).view(n * n_d, m)
+            out[s] = F.embedding_bag(idx, table[s], per_sample_weights=w, mode="sum").view(n, n_d, -1)
+        ctx.save_for_backward(table, gs, ang, nb)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        table, weight, nb = ctx.saved_tensors
-        n_s, n_d, n, n_c = grad.shape
-        g_table = g_weight = None
-        if ctx.needs_input_grad[0]:
-            g_pad = torch.cat([grad, grad.new_zeros(n_s, n_d, 1, n_c)], dim=2)
-            g_table = torch.zeros_like(table)
-            for s in range(n_s):
-                acc = g_table[s, :n]
-                for d in range(n_d):
-                    part = F.embedding_bag(nb, g_pad[s, d], per_sample_weights=weight[s, d], mode="sum")
-                    acc.add_(part) if d == 0 else acc.sub_(part)
-        if ctx.needs_input_grad[1]:
-            g_weight = torch.empty_like(weight)
-            for s in range(n_s):
-                a_j = table[s][nb]                                           # [N, M, C]
-                g_weight[s] = torch.bmm(a_j, grad[s].permute(1, 2, 0)).permute(2, 0, 1)
-        return g_table, g_weight, None
+        table, gs, ang, nb = ctx.saved_tensors
+        n_s, n, n_d, n_c = grad.shape
+        m = nb.shape[1]
+        need_t, need_g, need_a = ctx.needs_input_grad[:3]
+        g_table = torch.zeros_like(table) if need_t else None
+        g_gs = torch.empty_like(gs) if need_g else None
+        g_ang = torch.zeros_like(ang) if need_a else None
+        if need_t:
+            off = torch.arange(n_d, device=nb.device, dtype=nb.dtype) * (n + 1)
+            idx_t = (nb[:, None, :] + off[:, None]).reshape(n, n_d * m)          # bag i: entries (d, m)
+            sign = torch.ones(n_d, 1, 1, dtype=grad.dtype, device=grad.device)
+            sign[1:] = -1.0
+        for s in range(n_s):
+            w = gs[s, :, None, :] * ang                                          # [N, 4, M]
+            if need_t:
+                g_s = torch.cat([grad[s].permute(1, 0, 2), grad.new_zeros(n_d, 1, n_c)], 1) * sign
+                g_table[s, :n] = F.embedding_bag(idx_t, g_s.reshape(n_d * (n + 1), n_c),
+                                                 per_sample_weights=w.view(n, n_d * m), mode="sum")
+        if need_g or need_a:
+            # d out / d weight: per pair, the dot product of grad[s, i, d] with table[s, j]; the neighbour rows
+            # of all shells are gathered at once, in atom blocks, into a reused buffer (fresh multi-MB
+            # allocations cost page faults on every call)
+            rows = table.permute(1, 0, 2).reshape(n + 1, n_s * n_c)
+            step = max(1, _GATHER_BLOCK // max(m * n_s * n_c, 1))
+            buf = _workspace(table, min(step, n) * m * n_s * n_c)
+            for lo in range(0, n, step):
+                hi = min(n, lo + step)
+                a_j = buf[:(hi - lo) * m * n_s * n_c].view((hi - lo) * m, n_s * n_c)
+                torch.index_select(rows, 0, nb[lo:hi].reshape(-1), out=a_j)
+                a_j = a_j.view(hi - lo, m, n_s, n_c)
+                for s in range(n_s):
+                    g_w = torch.bmm(grad[s, lo:hi], a_j[:, :, s].transpose(1, 2))    # [B, 4, M]
+                    if need_g:
+                        torch.sum(g_w * ang[lo:hi], 1, out=g_gs[s, lo:hi])
+                    if need_a:
+                        g_ang[lo:hi].addcmul_(g_w, gs[s, lo:hi, None, :])
+        return g_table, g_gs, g_ang, None
 
 
-def neighbor_sum(a: Tensor, nb: Tensor, weight: Tensor, fast: bool) -> Tensor:
-    """``avf[i,c,s,d] = Σ_m a[nb[i,m], c, s] · weight[s,d,i,m]``: a [N,C,S], weight [S,4,N,M] -> [N,C,S,4].
+_GATHER_BLOCK = 1 << 20   # floats gathered at once in the backward (4 MB in float32: stays in cache)
+ALL_PAIRS_MAX = 48        # structures up to this size use all pairs as the neighbour list
+_WORKSPACE: dict = {}
 
-    ``fast`` selects the fused first-order kernel; otherwise a twice-differentiable gather + einsum.
+
+def _workspace(like: Tensor, numel: int) -> Tensor:
+    """A flat scratch buffer of at least ``numel`` elements, kept per (device, dtype) and reused."""
+    key = (like.device, like.dtype)
+    buf = _WORKSPACE.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = _WORKSPACE[key] = like.new_empty(numel)
+    return buf
+
+
+FAST_MIN_PAIRS = 2048     # below N*M neighbour slots the plain gather + einsum is faster (measured on CPU)
+
+
+def neighbor_sum(a: Tensor, nb: Tensor, gs: Tensor, ang: Tensor, fast: bool) -> Tensor:
+    """``avf[i,c,s,d] = Σ_m a[nb[i,m], c, s] · gs[s,i,m] · ang[i,d,m]``: a [N,C,S] -> [N,C,S,4].
+
+    ``fast`` allows the fused first-order kernel (used for N*M >= FAST_MIN_PAIRS); otherwise a
+    twice-differentiable gather + einsum.
     """
     n, n_c, n_s = a.shape
-    if fast:
+    if fast and nb.numel() >= FAST_MIN_PAIRS:
         table = torch.cat([a.permute(2, 0, 1), a.new_zeros(n_s, 1, n_c)], dim=1)   # [S, N+1, C]
-        nb32 = nb.to(torch.int32) if n < 2**31 - 1 else nb
-        return _NeighborSum.apply(table, weight, nb32).permute(2, 3, 0, 1)
+        return _NeighborSum.apply(table, gs, ang, nb).permute(1, 3, 0, 2)
     a_j = torch.cat([a, a.new_zeros(1, n_c, n_s)])[nb]                              # [N, M, C, S]
-    return torch.einsum("nmcs,sdnm->ncsd", a_j, weight)
+    w = gs.transpose(0, 1)[:, :, None, :] * ang[:, None]                           # [N, S, 4, M]
+    return torch.einsum("nmcs,nsdm->ncsd", a_j, w)
 
 
 class ConvSV(nn.Module):
@@ -279,64 +321,56 @@ def nqe(q: Tensor, f: Tensor, mol_idx: Tensor, charge: Tensor) -> Tensor:
     return q + w / _per_structure(w, mol_idx, b)[mol_idx] * deficit[mol_idx]
 
 
-def _sr_envelope(r: Tensor, rc: float) -> tuple[Tensor, Tensor]:
-    """AIMNet2's exp envelope f(r) = exp(1 − 1/(1 − (r/rc)²)) for r < rc (0 beyond) and df/dr."""
+def _sr_envelope(r: Tensor, rc: float) -> Tensor:
+    """AIMNet2's exp envelope f(r) = exp(1 − 1/(1 − (r/rc)²)) for r < rc, 0 beyond (f(0) = 1, C∞ at rc)."""
     x2 = (r / rc).square()
     inside = x2 < 1.0
     t = torch.where(inside, 1.0 - x2, torch.ones_like(x2))     # safe branch: no inf in gradients
-    f = torch.where(inside, torch.exp(1.0 - 1.0 / t), torch.zeros_like(x2))
-    dfdr = torch.where(inside, -f * 2.0 * r / (rc * rc) / (t * t), torch.zeros_like(x2))
-    return f, dfdr
+    return torch.where(inside, torch.exp(1.0 - 1.0 / t), torch.zeros_like(x2))
 
 
-def _coulomb_pairs(q: Tensor, pos: Tensor, mol_idx: Tensor, n_structures: int, rc: float) -> Tensor:
-    """½ k Σ_{i≠j in structure} q_i q_j (1 − f(r))/r by autograd-friendly dense pairs (twice differentiable)."""
+def _coulomb_dense(q: Tensor, pos: Tensor, mol_idx: Tensor, n_structures: int) -> Tensor:
+    """½ k Σ_{i≠j in structure} q_i q_j / r over all pairs, plain autograd (twice differentiable)."""
     n = q.shape[0]
     cand = structure_pairs(mol_idx, n_structures)                        # [N, n_max]
     valid = cand < n
     d = torch.cat([pos, pos.new_zeros(1, 3)])[cand] - pos[:, None]
     d = torch.where(valid[..., None], d, torch.ones_like(d))
-    r = d.norm(dim=-1)
-    f, _ = _sr_envelope(r, rc)
-    psi = torch.where(valid, (1.0 - f) / r, torch.zeros_like(r))
+    inv_r = torch.where(valid, 1.0 / d.norm(dim=-1), torch.zeros_like(valid, dtype=pos.dtype))
     qj = torch.cat([q, q.new_zeros(1)])[cand]
-    e_atom = 0.5 * COULOMB_EV_ANGSTROM * q * (qj * psi).sum(1)
-    return _per_structure(e_atom, mol_idx, n_structures)
+    return _per_structure(0.5 * COULOMB_EV_ANGSTROM * q * (qj * inv_r).sum(1), mol_idx, n_structures)
 
 
 class _CoulombChunked(torch.autograd.Function):
-    """Same energy as :func:`_coulomb_pairs` for large structures, in row chunks with memory O(chunk).
+    """Same energy as :func:`_coulomb_dense` in row chunks, memory O(chunk), any structure size.
 
-    The gradients are accumulated in the forward (cheaper than a recomputing backward); first order only.
+    Distances by ``cdist`` and gradients by two matrix products per chunk, accumulated in the forward
+    (cheaper than a recomputing backward). First order only.
     """
 
     @staticmethod
-    def forward(ctx, q: Tensor, pos: Tensor, mol_idx: Tensor, start: Tensor, count: Tensor, rc: float):
-        n, b = q.shape[0], start.shape[0]
-        k = COULOMB_EV_ANGSTROM
+    def forward(ctx, q: Tensor, pos: Tensor, mol_idx: Tensor, start: Tensor, count: Tensor):
+        n, b, k = q.shape[0], start.shape[0], COULOMB_EV_ANGSTROM
         energy = q.new_zeros(b)
-        dq = torch.zeros_like(q)
-        dpos = torch.zeros_like(pos)
+        dq = torch.empty_like(q)
+        dpos = torch.empty_like(pos)
         end = start + count
+        single = b == 1
         lo = 0
         while lo < n:
-            step = max(1, COULOMB_PAIR_BUDGET // int(count[mol_idx[lo]]))
-            hi = min(n, lo + step)
+            hi = min(n, lo + max(1, COULOMB_PAIR_BUDGET // int(count[mol_idx[lo]])))
             c0, c1 = int(start[mol_idx[lo]]), int(end[mol_idx[hi - 1]])
-            d = pos[c0:c1][None] - pos[lo:hi, None]                        # [R, W, 3]  r_j - r_i
-            same = (mol_idx[lo:hi, None] == mol_idx[None, c0:c1]) & (
-                torch.arange(lo, hi, device=q.device)[:, None] != torch.arange(c0, c1, device=q.device)[None])
-            d = torch.where(same[..., None], d, torch.ones_like(d))
-            r = d.norm(dim=-1)
-            f, dfdr = _sr_envelope(r, rc)
-            psi = torch.where(same, (1.0 - f) / r, torch.zeros_like(r))
-            dpsi = torch.where(same, -dfdr / r - (1.0 - f) / (r * r), torch.zeros_like(r))
-            v = k * (psi * q[c0:c1]).sum(1)                                  # potential of the others at i
-            dq[lo:hi] = v
-            energy.index_add_(0, mol_idx[lo:hi], 0.5 * q[lo:hi] * v)
-            # dE/dr_i = k q_i Σ_j q_j psi'(r) * (r_i - r_j)/r
-            coef = k * q[lo:hi, None] * q[None, c0:c1] * dpsi / r
-            dpos[lo:hi] = -(coef[..., None] * d).sum(1)
+            rows = torch.arange(lo, hi, device=q.device)
+            bad = rows[:, None] == torch.arange(c0, c1, device=q.device)
+            if not single:
+                bad |= mol_idx[lo:hi, None] != mol_idx[None, c0:c1]
+            inv = torch.cdist(pos[lo:hi], pos[c0:c1]).reciprocal_().masked_fill_(bad, 0.0)   # [R, W]
+            v = inv @ q[c0:c1]
+            dq[lo:hi] = k * v
+            energy.index_add_(0, mol_idx[lo:hi], 0.5 * k * q[lo:hi] * v)
+            a = inv.pow_(3).mul_(q[c0:c1])                                 # q_j / r^3
+            # dE/dx_i = -k q_i Σ_j q_j (x_i - x_j) / r^3
+            dpos[lo:hi] = -k * q[lo:hi, None] * (pos[lo:hi] * a.sum(1, keepdim=True) - a @ pos[c0:c1])
             lo = hi
         ctx.save_for_backward(dq, dpos, mol_idx)
         return energy
@@ -346,16 +380,32 @@ class _CoulombChunked(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         dq, dpos, mol_idx = ctx.saved_tensors
         g = grad[mol_idx]
-        return g * dq, g[:, None] * dpos, None, None, None, None
+        return g * dq, g[:, None] * dpos, None, None, None
 
 
-def coulomb_energy(q: Tensor, pos: Tensor, mol_idx: Tensor, n_structures: int, rc: float) -> Tensor:
-    """ML–ML Coulomb energy per structure (eV) of charges q (e) at pos (Å), short range removed; float64."""
+def coulomb_energy(q: Tensor, pos: Tensor, nb: Tensor, mol_idx: Tensor, n_structures: int, rc: float,
+                   first_order: bool = False, complete: bool = False) -> Tensor:
+    """ML–ML Coulomb energy per structure (eV), float64: ½ k Σ_{i≠j} q_i q_j (1 − f(r_ij)) / r_ij.
+
+    q [N] e, pos [N,3] Å, nb a neighbour matrix holding every pair closer than ``rc`` (``complete``: every
+    pair of each structure). Unless complete, the 1/r part runs over all pairs of each structure (chunked
+    and analytic when ``first_order`` or large) and the short-range envelope part over ``nb`` (autograd).
+    """
     q, pos = q.to(torch.float64), pos.to(torch.float64)
+    n = q.shape[0]
+    valid = nb < n
+    d = torch.cat([pos, pos.new_zeros(1, 3)])[nb] - pos[:, None]
+    r = torch.where(valid[..., None], d, torch.ones_like(d)).norm(dim=-1)
+    qj = torch.cat([q, q.new_zeros(1)])[nb]
+    f = _sr_envelope(r, rc)
+    pair = torch.where(valid, ((1.0 - f) if complete else -f) / r, torch.zeros_like(r))
+    part = _per_structure(0.5 * COULOMB_EV_ANGSTROM * q * (qj * pair).sum(1), mol_idx, n_structures)
+    if complete:
+        return part
     start, count = structure_layout(mol_idx, n_structures)
-    if q.shape[0] * int(count.max()) <= COULOMB_PAIR_BUDGET:
-        return _coulomb_pairs(q, pos, mol_idx, n_structures, rc)
-    return _CoulombChunked.apply(q, pos, mol_idx, start, count, rc)
+    if first_order or n * int(count.max()) > COULOMB_PAIR_BUDGET:
+        return _CoulombChunked.apply(q, pos, mol_idx, start, count) + part
+    return _coulomb_dense(q, pos, mol_idx, n_structures) + part
 
 
 def d3_energy(numbers: Tensor, pos: Tensor, mol_idx: Tensor, n_structures: int, params: dict) -> Tensor:
@@ -439,8 +489,8 @@ class EmbeddedAIMNet2(nn.Module):
             raise SetupError(f"network inputs: mol_idx must be sorted and within 0..{charge.shape[0] - 1}")
 
     # ------------------------------------------------------------------ pieces
-    def _geometry(self, pos: Tensor, nb: Tensor) -> Tensor:
-        """Radial x angular basis w [S, 4, N, M]: g_s(r_ij) f_c(r_ij) x (1, u_ij)."""
+    def _geometry(self, pos: Tensor, nb: Tensor) -> tuple[Tensor, Tensor]:
+        """Radial basis gs [S, N, M] = g_s(r_ij) f_c(r_ij) and angular factors ang [N, 4, M] = (1, u_ij)."""
         n = pos.shape[0]
         valid = nb < n
         d = torch.cat([pos, pos.new_zeros(1, 3)])[nb] - pos[:, None]          # [N, M, 3]
@@ -448,9 +498,9 @@ class EmbeddedAIMNet2(nn.Module):
         r = d.norm(dim=-1)
         rc = self.config.cutoff
         fc = torch.where(valid & (r < rc), 0.5 * torch.cos(r * (math.pi / rc)) + 0.5, torch.zeros_like(r))
-        gs = torch.exp(-self.eta * (r[None] - self.shifts[:, None, None]).square()) * fc   # [S, N, M]
-        ang = torch.cat([torch.ones_like(r)[None], (d / r[..., None]).permute(2, 0, 1)])  # [4, N, M]
-        return gs[:, None] * ang[None]
+        gs = torch.exp(-self.eta * (r[None] - self.shifts[:, None, None]).square()) * fc
+        ang = torch.cat([torch.ones_like(r)[:, None], (d / r[..., None]).transpose(1, 2)], 1)
+        return gs, ang
 
     def _field_inputs(self, phi, efield, mol_idx, n_structures, dtype):
         c = self.config
@@ -478,8 +528,11 @@ class EmbeddedAIMNet2(nn.Module):
         if bool(((species < 0) | (zc != numbers)).any()):
             self.check_numbers(numbers)
         pos = positions.to(dtype)
-        nb = neighbor_matrix(pos, mol_idx, c.cutoff)
-        w = self._geometry(pos, nb)
+        # small structures: every pair is a neighbour slot (the cutoff functions zero the far ones), which
+        # is cheaper than a distance test and lets the Coulomb sum run over the same list
+        complete = int(torch.bincount(mol_idx).max()) <= ALL_PAIRS_MAX
+        nb = structure_pairs(mol_idx, n_struct) if complete else neighbor_matrix(pos, mol_idx, c.cutoff)
+        gs, ang = self._geometry(pos, nb)
         fast = not self.training
         if c.embedding:
             phi = positions.new_zeros(n) if phi is None else phi
@@ -491,13 +544,13 @@ class EmbeddedAIMNet2(nn.Module):
         nf, ns = c.nfeature, c.nshifts
         aim = a.new_zeros(0)
         for p, mlp in enumerate(self.passes):
-            s_a, v2_a, vec_a = self.conv_a(neighbor_sum(a, nb, w, fast))
+            s_a, v2_a, vec_a = self.conv_a(neighbor_sum(a, nb, gs, ang, fast))
             feats = [a.reshape(n, -1), s_a, v2_a]
             vecs = [vec_a]
             if p > 0:
                 q_c = q.to(dtype)
-                q_j = torch.cat([q_c, q_c.new_zeros(1)])[nb]                   # [N, M]
-                avq = torch.einsum("nm,sdnm->nsd", q_j, w)[:, None]            # [N, 1, S, 4]
+                q_j = torch.cat([q_c, q_c.new_zeros(1)])[nb]                       # [N, M]
+                avq = torch.bmm(gs.transpose(0, 1), (ang * q_j[:, None]).transpose(1, 2))[:, None]  # [N,1,S,4]
                 s_q, v2_q, vec_q = self.conv_q(avq)
                 feats += [q_c[:, None], s_q, v2_q]
                 vecs.append(vec_q)
@@ -516,7 +569,8 @@ class EmbeddedAIMNet2(nn.Module):
         head = self.output(aim)
         e_atom = head[:, 0].to(torch.float64) + self.shift(species)
         local = _per_structure(e_atom, mol_idx, n_struct)
-        coul = coulomb_energy(q, positions, mol_idx, n_struct, c.coulomb_cutoff)
+        coul = coulomb_energy(q, positions, nb, mol_idx, n_struct, c.coulomb_cutoff, first_order=fast,
+                              complete=complete)
         res = {"atomic_energies": e_atom, "charges": q, "local": local, "coulomb": coul}
         energy = local + coul
         if c.embedding:

@@ -32,6 +32,7 @@ import os
 import subprocess
 import time
 import tomllib
+import zlib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -246,8 +247,11 @@ def plan(cfg: LabelConfig) -> list[Task]:
         settings.append(("gas", cfg.gas_temperature_K))
     common = dict(timestep_fs=cfg.timestep_fs, equil_ps=cfg.equil_ps, gap_ps=cfg.gap_ps,
                   spacing_ps=cfg.spacing_ps, droplet_radius_nm=cfg.droplet_radius_nm)
-    chains = {(s, k, t): ChainSpec(s, k, t, seed=cfg.seed + 100 * i + 10 * j, **common)
-              for i, s in enumerate(cfg.solutes) for j, (k, t) in enumerate(settings)}
+    # the seed depends on (solute, kind, temperature) only, so a config with a subset of the settings reuses
+    # the same cached MD chains
+    chains = {(s, k, t): ChainSpec(s, k, t, seed=cfg.seed + zlib.crc32(f"{s}/{k}/{t:g}".encode()) % 1000003,
+                                   **common)
+              for s in cfg.solutes for (k, t) in settings}
     tasks = []
     for b in range(cfg.trajectories):
         split = cfg.split_pattern[b % len(cfg.split_pattern)]

@@ -57,6 +57,7 @@ class TrainConfig:
     checkpoint: str = ""                 # default: <output stem>.ckpt
     curve: str = ""                      # default: <output stem>_curve.png
     snapshot: bool = True                # copy the dataset first (it may be growing while we train)
+    init_model: str = ""                 # start from this model file's weights and self-energies (fine-tuning)
     seed: int = 0
     epochs: int = 100
     batch_size: int = 16
@@ -130,6 +131,8 @@ class TrainConfig:
         stem = str(Path(cfg.output).with_suffix(""))
         cfg.checkpoint = str((base / cfg.checkpoint).resolve()) if cfg.checkpoint else stem + ".ckpt"
         cfg.curve = str((base / cfg.curve).resolve()) if cfg.curve else stem + "_curve.png"
+        if cfg.init_model:
+            cfg.init_model = str((base / cfg.init_model).resolve())
         if cfg.optimizer not in ("adamw", "radam"):
             raise SetupError(f"optimizer {cfg.optimizer!r} unknown; choose adamw or radam")
         if cfg.batch_size < 1 or cfg.epochs < 0:
@@ -428,8 +431,19 @@ def train(cfg: TrainConfig, device: str = "cpu", resume: bool = False) -> Path:
     _seed_everything(cfg.seed)
     model = build_model(cfg, device)
     dtype = next(model.parameters()).dtype
-    sae = fit_self_energies(splits["train"], [int(z) for z in model.config.elements])
-    set_self_energies(model, sae)
+    if cfg.init_model:
+        from potentials.model_io import load_model
+
+        init = load_model(cfg.init_model, device)
+        if init.config.to_dict() != model.config.to_dict():
+            raise SetupError(f"init_model {cfg.init_model} has another architecture than [model]; "
+                             "use the same preset")
+        model.load_state_dict(init.state_dict())
+        sae = model.shift.weight.detach().cpu().numpy()
+        log.info("starting from the weights of %s", cfg.init_model)
+    else:
+        sae = fit_self_energies(splits["train"], [int(z) for z in model.config.elements])
+        set_self_energies(model, sae)
     opt = _make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=cfg.plateau_factor,
                                                        patience=cfg.plateau_patience)

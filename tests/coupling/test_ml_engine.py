@@ -49,6 +49,19 @@ def check_fd(engine, pos, atoms, box=None, h=5e-5):
             assert forces[a, k] == pytest.approx(fd, rel=1e-6, abs=1e-5), (a, k)
 
 
+def strain_virial(engine, pos, box, h=1e-6):
+    """W_ab = -dE/d(eps_ab) by central differences, the strain applied to positions and box together."""
+    fd = np.zeros((3, 3))
+    for a in range(3):
+        for b in range(3):
+            eps = np.zeros((3, 3))
+            eps[a, b] = h
+            ep = energy(engine, pos @ (np.eye(3) + eps).T, box @ (np.eye(3) + eps).T)
+            em = energy(engine, pos @ (np.eye(3) - eps).T, box @ (np.eye(3) - eps).T)
+            fd[a, b] = -(ep - em) / (2 * h)
+    return fd
+
+
 def test_forces_match_finite_differences_in_and_near_the_switch(cluster):
     engine = make_engine(cluster)
     pos = cluster.positions
@@ -113,17 +126,7 @@ def test_periodic_images_wrapping_and_virial(water_box):
     engine.periodic = True
     assert res2.energy == pytest.approx(ref.energy, rel=1e-12)
     assert np.allclose(res2.forces, ref.forces, atol=1e-8)
-    # virial = -dE/d(strain), strain applied to positions and box together
-    h = 1e-6
-    fd = np.zeros((3, 3))
-    for a in range(3):
-        for b in range(3):
-            eps = np.zeros((3, 3))
-            eps[a, b] = h
-            ep = energy(engine, pos @ (np.eye(3) + eps).T, box @ (np.eye(3) + eps).T)
-            em = energy(engine, pos @ (np.eye(3) - eps).T, box @ (np.eye(3) - eps).T)
-            fd[a, b] = -(ep - em) / (2 * h)
-    assert np.allclose(ref.virial, fd, rtol=1e-5, atol=1e-4)
+    assert np.allclose(ref.virial, strain_virial(engine, pos, box), rtol=1e-5, atol=1e-4)
     assert np.allclose(ref.virial, ref.virial.T, atol=1e-6)            # rotation-invariant energy
 
 
@@ -272,6 +275,10 @@ def test_from_spec_builds_a_consistent_pair(tmp_path, tiny_network):
     box = np.asarray(spec.structure.box_nm)
     res = engine.compute(pos[None], box[None])[0]
     assert np.isfinite(res.energy) and res.extras["ml.n_embedded"] > 100
+    # the network in a periodic box: forces on ML and embedded MM atoms, and the virial, are derivatives
+    atoms, s = group_scales(engine, pos, box)
+    check_fd(engine, pos, [0, 3, atoms[np.argmin(s)], atoms[np.argmax(s)]], box)
+    assert np.allclose(res.virial, strain_virial(engine, pos, box), rtol=1e-5, atol=1e-4)
     mm = mm_system_from_spec(spec, topology, system, pos, model_path=model_path)
     check_split(mm, spec.ml.indices, spec.coupling.embedding, full_system=system, engine=engine)
     # mechanical embedding with the network's vacuum charges in the MM system

@@ -98,8 +98,8 @@ def test_mm_client_keeps_ml_mm_lj_and_owns_coulomb_only_in_mechanical(cluster, m
     e_far, _ = openmm_energy_forces(mm, far)
     lj, coul = _direct_ml_mm(cluster.system, cluster.positions, cluster.ml, charges)
     expected = lj + (coul if mode == "mechanical" else 0.0)
-    assert abs(lj) > 1 and abs(coul) > 10
-    assert e_near - e_far == pytest.approx(expected, rel=1e-7)       # ONE_4PI_EPS0 digits differ at 1e-8
+    assert abs(lj) > 0.1 and abs(coul) > 10       # (minimised: ML–MM LJ attraction and repulsion nearly cancel)
+    assert e_near - e_far == pytest.approx(expected, rel=1e-7, abs=1e-6)   # ONE_4PI_EPS0 digits differ at 1e-8
     check_split(mm, cluster.ml, mode, full_system=cluster.system, ml_charges=charges)
 
 

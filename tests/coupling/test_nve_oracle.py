@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from openmm import app
 
-from coupling_cases import build_cluster
 from driver import launch
 from driver.system import CouplingSpec, MLSpec, MMSpec, StructureSpec, SystemSpec
 
@@ -28,8 +27,7 @@ def _read(path: Path) -> dict[str, np.ndarray]:
     return {k: np.array([float(r[k]) for r in rows]) for k in rows[0]}
 
 
-def _write_system(folder: Path, with_ml: bool) -> Path:
-    case = build_cluster()
+def _write_system(case, folder: Path, with_ml: bool) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "cluster.pdb", "w") as fh:
         app.PDBFile.writeFile(case.topology, case.positions * 10.0, fh, keepIds=True)
@@ -56,7 +54,7 @@ def _drift(props: dict[str, np.ndarray]) -> float:
     return float(np.polyfit(props["time_ps"], props["conserved_kjmol"], 1)[0])
 
 
-def test_nve_mlmm_conserves_energy_like_plain_mm(tmp_path):
+def test_nve_mlmm_conserves_energy_like_plain_mm(cluster, tmp_path):
     """Same start, same velocities (seed), ML/MM split vs the unsplit force field.
 
     With flexible water at 0.5 fs the conserved energy of either run swings by ~20 kJ/mol while the O–H
@@ -64,8 +62,8 @@ def test_nve_mlmm_conserves_energy_like_plain_mm(tmp_path):
     absolute slope over 0.2 ps says little. The sharp check is that the ML/MM conserved energy follows the
     plain-MM one: a non-conservative or inconsistent coupling term would add its own drift on top.
     """
-    mlmm = _write_system(tmp_path / "mlmm", with_ml=True)
-    plain = _write_system(tmp_path / "mm", with_ml=False)
+    mlmm = _write_system(cluster, tmp_path / "mlmm", with_ml=True)
+    plain = _write_system(cluster, tmp_path / "mm", with_ml=False)
     res = launch.run_simulation(REPO / "inputs/templates/nve.xml", mlmm, out=tmp_path / "run_mlmm", steps=STEPS,
                                 seed=7, progress=False, client_argv=_argv(mlmm))
     ref = launch.run_simulation(REPO / "inputs/templates/nve_mm.xml", plain, out=tmp_path / "run_mm", steps=STEPS,

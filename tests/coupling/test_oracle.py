@@ -17,6 +17,7 @@ from coupling.ml_engine import MLEngine
 from coupling.mmsystem import mlmm_mm_system, mm_charges
 from coupling_cases import openmm_energy_forces
 from oracle import ForceFieldOracle
+from potentials.openmm_engine import OpenMMEngine
 
 COULOMB = 138.935456
 TIP3P_DIPOLE = 0.0489            # e·nm (2.35 D)
@@ -31,12 +32,14 @@ def oracle_engine(case, cutoff, width=0.2, mode="electrostatic"):
 
 
 def split_sum(case, mode, cutoff):
+    """Energy and forces of the two clients' engines (the MM client's OpenMMEngine, Reference platform)."""
     mm = mlmm_mm_system(case.system, case.ml, mode)
     engine = oracle_engine(case, cutoff, mode=mode)
     check_split(mm, case.ml, mode, full_system=case.system, engine=engine)
-    e_mm, f_mm = openmm_energy_forces(mm, case.positions, case.box)
-    res, = engine.compute(case.positions[None], None if case.box is None else case.box[None])
-    return e_mm + res.energy, f_mm + res.forces, res
+    boxes = None if case.box is None else case.box[None]
+    mm_res, = OpenMMEngine(mm, platform="Reference").compute(case.positions[None], boxes)
+    res, = engine.compute(case.positions[None], boxes)
+    return mm_res.energy + res.energy, mm_res.forces + res.forces, res
 
 
 @pytest.mark.parametrize("mode", ["electrostatic", "mechanical"])
@@ -96,3 +99,20 @@ def test_periodic_electrostatic_split_within_cutoff_scheme_difference(water_box)
     _, f_mech = openmm_energy_forces(mlmm_mm_system(water_box.system, ml, "mechanical"), pos, water_box.box)
     _, f_elec = openmm_energy_forces(mlmm_mm_system(water_box.system, ml, "electrostatic"), pos, water_box.box)
     assert rms((f_mech - f_elec)[ml]) > force_bound                 # the ML–MM Coulomb forces themselves
+
+
+def test_gas_phase_zone_without_mm_atoms(dipeptide):
+    """Everything ML, nothing to embed: the ML client alone is the force field (and the MM client is zero)."""
+    from openmm import app
+
+    ff, top, pos = dipeptide
+    system = ff.createSystem(top, nonbondedMethod=app.NoCutoff, constraints=None)
+    ml = np.arange(len(pos))
+    env = MMEnvironment(mm_charges(system), np.array([a.residue.index for a in top.atoms()]), ml)
+    engine = MLEngine(ForceFieldOracle(system, ml), [a.element.atomic_number for a in top.atoms()], 0, env,
+                      periodic=False)
+    res, = engine.compute(pos[None], None)
+    e_full, f_full = openmm_energy_forces(system, pos)
+    assert res.extras["ml.n_embedded"] == 0
+    assert abs(res.energy - e_full) < 1e-6 * abs(e_full)
+    assert np.abs(res.forces - f_full).max() < 1e-6 * np.abs(f_full).max()
