@@ -25,6 +25,7 @@ writer only trust the leading run of complete frames, and the next append overwr
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -78,18 +79,16 @@ def _n_complete(nc: netCDF4.Dataset) -> int:
 class DatasetWriter:
     """Appends labelled frames to a NetCDF4 file; create it with global provenance attributes first."""
 
-    def __init__(self, path: str | os.PathLike, attributes: Mapping[str, object] | None = None):
+    def __init__(self, path: str | os.PathLike, attributes: Mapping[str, object] | None = None,
+                 wait_s: float = 600.0):
         self.path = Path(path)
+        self.wait_s = wait_s            # how long to wait for a reader's lock before giving up
         if not self.path.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._create(attributes or {})
         else:
-            try:
-                with netCDF4.Dataset(self.path, "r") as nc:
-                    missing = [v for v in ("complete", "energy", "mm_forces") if v not in nc.variables]
-            except OSError as exc:
-                raise SetupError(f"{self.path} is not a readable NetCDF4 file ({exc}); restore the .bak copy "
-                                 "next to it or delete it to start over") from exc
+            with _open(self.path, "r", wait_s) as nc:
+                missing = [v for v in ("complete", "energy", "mm_forces") if v not in nc.variables]
             if missing:
                 raise SetupError(f"{self.path} is not a QM/MM dataset (no {missing}); choose another --out")
 
@@ -120,9 +119,15 @@ class DatasetWriter:
                 nc.setncattr(key, value if not isinstance(value, bool) else int(value))
         os.replace(tmp, self.path)
 
+    def add_history(self, line: str) -> None:
+        """Append a line to the global ``history`` attribute (one per labelling session)."""
+        with _open(self.path, "a", self.wait_s) as nc:
+            old = nc.getncattr("history") if "history" in nc.ncattrs() else ""
+            nc.setncattr("history", (old + "\n" if old else "") + line)
+
     def frame_ids(self) -> set[str]:
         """Ids of the complete frames already in the file (to skip them on restart)."""
-        with netCDF4.Dataset(self.path, "r") as nc:
+        with _open(self.path, "r", self.wait_s) as nc:
             n = _n_complete(nc)
             return set(nc.variables["frame_id"][:n]) if n else set()
 
@@ -138,7 +143,7 @@ class DatasetWriter:
         m = len(mq)
         if frame["split"] not in SPLITS:
             raise SetupError(f"split {frame['split']!r} of frame {frame['frame_id']} is not one of {SPLITS}")
-        with netCDF4.Dataset(self.path, "a") as nc:
+        with _open(self.path, "a", self.wait_s) as nc:
             i = _n_complete(nc)
             a0 = c0 = 0
             if i:
@@ -164,40 +169,50 @@ class DatasetWriter:
 
 
 class Dataset:
-    """Read access. ``Dataset.open(path)``; ``len(ds)``; ``ds.frame(i)``; ``ds.indices('train')``.
+    """Read access: ``Dataset.open(path)``, ``len(ds)``, ``ds.frame(i)``, ``ds.indices('train')``, ``ds.solute(i)``.
 
-    Per-frame scalars and strings are loaded at open; ``frame(i)`` reads that frame's atoms and charges.
+    The whole file is read into memory at open and closed again at once (a few hundred MB at most), so a
+    reader never holds the HDF5 lock that a running ``mlmm label`` needs to append. ``meta`` holds the
+    per-frame fields, ``atoms`` / ``charges`` the ragged per-atom / per-charge arrays (slice them with
+    ``meta['atom_start']``/``meta['n_atoms']`` and ``meta['charge_start']``/``meta['n_charges']``).
     """
 
     def __init__(self, nc: netCDF4.Dataset):
-        self._nc = nc
-        self.n = _n_complete(nc)
+        nc.set_auto_mask(False)
+        self.n = n = _n_complete(nc)
         self.attrs = {k: nc.getncattr(k) for k in nc.ncattrs()}
-        self.units = {name: getattr(v, "units") for name, v in nc.variables.items() if hasattr(v, "units")}
-        sl = slice(0, self.n)
+        self.var_attrs = {name: {k: v.getncattr(k) for k in v.ncattrs()} for name, v in nc.variables.items()}
+        self.var_dims = {name: v.dimensions for name, v in nc.variables.items()}
+        self.fixed_dims = {d: len(nc.dimensions[d]) for d in nc.dimensions if d not in ("frame", "atom", "charge")}
+        self.units = {name: a["units"] for name, a in self.var_attrs.items() if "units" in a}
+        # every variable is loaded by its first dimension, so extra ones (e.g. a trainer's gas_energy) come along
         self.meta: dict[str, np.ndarray] = {}
-        for name in (*STRING_FIELDS, "atom_start", "n_atoms", "charge_start", "n_charges", *FRAME_FIELDS):
-            v = nc.variables[name]
-            self.meta[name] = np.asarray(v[sl], dtype=object if name in STRING_FIELDS else None) \
-                if self.n else np.zeros((0, *v.shape[1:]), dtype=object if name in STRING_FIELDS else v.dtype)
+        self.atoms: dict[str, np.ndarray] = {}
+        self.charges: dict[str, np.ndarray] = {}
+        for name in ("atom_start", "n_atoms", "charge_start", "n_charges"):
+            self.meta[name] = np.asarray(nc.variables[name][:n])
+        na = int(self.meta["atom_start"][-1] + self.meta["n_atoms"][-1]) if n else 0
+        nq = int(self.meta["charge_start"][-1] + self.meta["n_charges"][-1]) if n else 0
+        for name, v in nc.variables.items():
+            dim = v.dimensions[0]
+            if name == "complete" or dim not in ("frame", "atom", "charge"):
+                continue
+            stop = {"frame": n, "atom": na, "charge": nq}[dim]
+            data = np.asarray(v[:stop], dtype=object) if v.dtype == str else np.asarray(v[:stop])
+            {"frame": self.meta, "atom": self.atoms, "charge": self.charges}[dim][name] = data
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "Dataset":
+    def open(cls, path: str | os.PathLike, wait_s: float = 120.0) -> "Dataset":
         path = Path(path)
         if not path.exists():
             raise SetupError(f"dataset {path} does not exist; create it with `mlmm label --out {path}`")
-        try:
-            nc = netCDF4.Dataset(path, "r")
-        except OSError as exc:
-            raise SetupError(f"cannot read dataset {path}: {exc}") from exc
-        if "complete" not in nc.variables:
-            nc.close()
-            raise SetupError(f"{path} is not a QM/MM dataset written by potentials.dataset")
-        nc.set_auto_mask(False)
-        return cls(nc)
+        with _open(path, "r", wait_s) as nc:
+            if "complete" not in nc.variables:
+                raise SetupError(f"{path} is not a QM/MM dataset written by potentials.dataset")
+            return cls(nc)
 
     def close(self) -> None:
-        self._nc.close()
+        """Nothing to release (the file is closed after reading); kept for ``with`` blocks."""
 
     def __enter__(self) -> "Dataset":
         return self
@@ -219,10 +234,8 @@ class Dataset:
         out = {name: self.meta[name][i] for name in self.meta}
         a0, n = int(out["atom_start"]), int(out["n_atoms"])
         c0, m = int(out["charge_start"]), int(out["n_charges"])
-        for name in ATOM_FIELDS:
-            out[name] = np.asarray(self._nc.variables[name][a0:a0 + n])
-        for name in CHARGE_FIELDS:
-            out[name] = np.asarray(self._nc.variables[name][c0:c0 + m])
+        out.update({name: v[a0:a0 + n] for name, v in self.atoms.items()})
+        out.update({name: v[c0:c0 + m] for name, v in self.charges.items()})
         return out
 
     def indices(self, split: str) -> np.ndarray:
@@ -236,18 +249,39 @@ class Dataset:
 
 def compact(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Copy the complete frames of ``src`` into a new, zlib-compressed file ``dst`` with fixed dimensions."""
-    with Dataset.open(src) as ds, netCDF4.Dataset(Path(dst), "w", format="NETCDF4") as out:
-        n = len(ds)
-        na = int(ds.meta["atom_start"][-1] + ds.meta["n_atoms"][-1]) if n else 0
-        nq = int(ds.meta["charge_start"][-1] + ds.meta["n_charges"][-1]) if n else 0
-        for d, size in (("frame", n), ("atom", na), ("charge", nq), ("xyz", 3), ("quad", 6)):
+    ds = Dataset.open(src)
+    with netCDF4.Dataset(Path(dst), "w", format="NETCDF4") as out:
+        sizes = {"frame": ds.n, "atom": len(ds.atoms["numbers"]), "charge": len(ds.charges["mm_charges"])}
+        for d, size in (*sizes.items(), *ds.fixed_dims.items()):
             out.createDimension(d, size)
-        for name, v in ds._nc.variables.items():
-            dims = v.dimensions
-            w = out.createVariable(name, str if v.dtype == str else v.dtype, dims,
-                                   zlib=v.dtype != str, complevel=6)
-            w.setncatts({k: v.getncattr(k) for k in v.ncattrs()})
-            stop = {"frame": n, "atom": na, "charge": nq}[dims[0]]
-            if stop:
-                w[:stop] = v[:stop]
+        for name, attrs in ds.var_attrs.items():
+            if name in ds.atoms:
+                data, dim = ds.atoms[name], "atom"
+            elif name in ds.charges:
+                data, dim = ds.charges[name], "charge"
+            elif name == "complete":
+                data, dim = np.ones(ds.n, np.int8), "frame"
+            else:
+                data, dim = ds.meta[name], "frame"
+            is_str = data.dtype == object
+            w = out.createVariable(name, str if is_str else data.dtype, ds.var_dims[name], zlib=not is_str,
+                                   complevel=6)
+            w.setncatts({k: v for k, v in attrs.items() if k != "_FillValue"})
+            if len(data):
+                w[:] = data
         out.setncatts(ds.attrs)
+
+
+def _open(path: Path, mode: str, wait_s: float) -> netCDF4.Dataset:
+    """Open a NetCDF4 file, retrying while another process holds the HDF5 lock (reader vs. appending writer)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return netCDF4.Dataset(path, mode)
+        except OSError as exc:
+            with open(path, "rb") as fh:
+                is_hdf5 = fh.read(8) == b"\x89HDF\r\n\x1a\n"
+            if not is_hdf5 or time.monotonic() > deadline:
+                raise SetupError(f"cannot open {path} ({exc}): locked by another process for {wait_s:.0f} s or "
+                                 "not a NetCDF4 file; if it is corrupt, restore a copy or delete it") from exc
+            time.sleep(0.5)

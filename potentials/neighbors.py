@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 DENSE_MAX = 768         # largest structure handled by the dense path (measured crossover on CPU ~ 500-1000)
-_CHUNK = 1 << 22        # candidate pairs evaluated at once (bounds transient memory to ~100 MB)
+_CHUNK = 1 << 18        # candidate pairs evaluated at once (a few MB of temporaries: stays in cache)
 
 
 def structure_layout(mol_idx: Tensor, n_structures: int | None = None) -> tuple[Tensor, Tensor]:
@@ -76,7 +76,7 @@ def dense_neighbors(positions: Tensor, mol_idx: Tensor, cutoff: float) -> Tensor
 def cell_neighbors(positions: Tensor, mol_idx: Tensor, cutoff: float) -> Tensor:
     """Neighbour matrix from a cell list (cells of edge ``cutoff``, 27-cell stencil). O(N)."""
     n, dev = positions.shape[0], positions.device
-    pos = positions.to(torch.float64)
+    pos = positions
     nstruct = int(mol_idx[-1]) + 1
     lo = torch.full((nstruct, 3), float("inf"), dtype=pos.dtype, device=dev).scatter_reduce(
         0, mol_idx[:, None].expand(-1, 3), pos, "amin")
@@ -107,7 +107,7 @@ def cell_neighbors(positions: Tensor, mol_idx: Tensor, cutoff: float) -> Tensor:
     return _merge(rows, n)
 
 
-def neighbor_matrix(positions: Tensor, mol_idx: Tensor, cutoff: float, dense_max: int = DENSE_MAX) -> Tensor:
+def neighbor_matrix(positions: Tensor, mol_idx: Tensor, cutoff: float, dense_max: int | None = None) -> Tensor:
     """Padded neighbour matrix [N, M] (long, fill N) of pairs closer than ``cutoff`` within each structure.
 
     Parameters
@@ -115,9 +115,10 @@ def neighbor_matrix(positions: Tensor, mol_idx: Tensor, cutoff: float, dense_max
     positions : [N, 3] tensor, any length unit (the same as ``cutoff``; Å in the network)
     mol_idx : [N] long tensor, structure of each atom, sorted ascending
     cutoff : float
-    dense_max : int
+    dense_max : int, default DENSE_MAX
         Structures of at most this many atoms use the dense path; larger ones the cell list.
     """
+    dense_max = DENSE_MAX if dense_max is None else dense_max
     if positions.shape[0] == 0:
         return torch.zeros(0, 1, dtype=torch.long, device=positions.device)
     n_max = int(torch.bincount(mol_idx).max())

@@ -5,10 +5,10 @@ Units (the network's own, converted by the caller): positions Å, energies eV, c
 
 Architecture (AIMNet2 core, see shared/reference/aimnet2.md §1, plus electrostatic embedding):
 
-* geometry: ``nshifts`` Gaussians between ``rmin`` and ``cutoff`` times a cosine cutoff, and the same
-  times the unit vector ``u_ij``: ``w[s, d, i, m]`` with d = (scalar, x, y, z);
+* geometry: ``nshifts`` Gaussians between ``rmin`` and ``cutoff`` times a cosine cutoff, ``gs[s,i,m]``,
+  and the angular factors ``ang[i,d,m]`` = (1, u_ij) over each atom's neighbour slots m;
 * per-element (F×S) embeddings ``a``; each pass contracts neighbour features with the geometry
-  (``avf[i,f,s,d] = Σ_m a_j[f,s] w[s,d,i,m]``), keeps the scalar part and the squared norms of
+  (``avf[i,d,f,s] = Σ_m a_j[f,s] gs[s,i,m] ang[i,d,m]``), keeps the scalar part and the squared norms of
   shell-mixed vector channels (``agh``); passes ≥ 1 do the same on the charges (``conv_q``);
 * embedding: ``φ_i − φ̄`` (gauge-free), ``|E_i|²`` and ``field_channels`` learned mixtures of the
   rotation-invariant contractions ``v·E_i`` of every vector channel (FieldSchNet-style) enter EVERY pass,
@@ -21,12 +21,15 @@ Architecture (AIMNet2 core, see shared/reference/aimnet2.md §1, plus electrosta
 
 Forces are not computed here: callers differentiate ``energy`` w.r.t. positions and w.r.t. whatever φ/E
 were computed from. In ``train()`` mode the forward is twice differentiable (force losses); in ``eval()``
-mode the neighbour contraction uses a faster first-order-only kernel (``embedding_bag``), which is what MD
-needs. ``model.double()`` works (shifts stay float64 in every dtype).
+mode the neighbour contraction (``embedding_bag``) and, for structures above COULOMB_DENSE_MAX atoms, the
+Coulomb sum use faster first-order-only kernels, which is what MD needs (a second derivative through them
+raises). ``model.double()`` works (shifts stay float64 in every dtype). Cost and memory are O(N) except
+the all-pairs ML–ML Coulomb sum (O(N²) time, O(N) memory).
 """
 from __future__ import annotations
 
 import math
+import threading
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -36,13 +39,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from driver.errors import SetupError
+from driver.errors import CalculationFailed, SetupError
 from driver.units import BOHR_PER_ANGSTROM, COULOMB_EV_ANGSTROM, EV_PER_HARTREE
 from potentials.neighbors import neighbor_matrix, structure_layout, structure_pairs
 
 D3_WB97M = {"s6": 1.0, "s8": 0.3908, "a1": 0.5660, "a2": 3.1280}    # ωB97M-D3(BJ), a2 in Bohr
-COULOMB_PAIR_BUDGET = 1 << 21      # above N * n_max pairs the Coulomb sum runs chunked (first order only)
-_NQE_EPS = 1e-6                     # keeps NQE weights defined when all f_i vanish
+# Size thresholds of the code paths (measured on CPU; results do not depend on them, only speed).
+ALL_PAIRS_MAX = 48                 # structures up to this size: every pair is a neighbour slot
+FAST_MIN_PAIRS = 2048              # eval mode: fused neighbour kernel from N*M slots on (else gather + einsum)
+_GATHER_BLOCK = 1 << 22            # floats gathered at once in the fused kernel's backward (16 MB: stays in L3)
+COULOMB_PAIR_BUDGET = 1 << 18      # Coulomb pair entries held at once (2 MB per float64 array)
+COULOMB_DENSE_MAX = 256            # larger structures use the chunked analytic Coulomb sum in eval mode
+COULOMB_DENSE_PAIRS = 1 << 21      # beyond N * n_max pairs the dense (twice differentiable) sum is not used
+_NQE_EPS = 1e-6                    # keeps NQE weights defined when all f_i vanish
+_WORKSPACE = threading.local()
 
 
 def _symbol(z: int) -> str:
@@ -201,6 +211,7 @@ class _NeighborSum(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: Tensor):
         table, gs, ang, nb = ctx.saved_tensors
+        grad = grad.contiguous()                     # arrives permuted; strided bmm operands are slow
         n_s, n, n_d, n_c = grad.shape
         m = nb.shape[1]
         need_t, need_g, need_a = ctx.needs_input_grad[:3]
@@ -239,25 +250,18 @@ class _NeighborSum(torch.autograd.Function):
         return g_table, g_gs, g_ang, None
 
 
-_GATHER_BLOCK = 1 << 20   # floats gathered at once in the backward (4 MB in float32: stays in cache)
-ALL_PAIRS_MAX = 48        # structures up to this size use all pairs as the neighbour list
-_WORKSPACE: dict = {}
-
-
 def _workspace(like: Tensor, numel: int) -> Tensor:
-    """A flat scratch buffer of at least ``numel`` elements, kept per (device, dtype) and reused."""
+    """A flat scratch buffer of at least ``numel`` elements, kept per thread, device and dtype, and reused."""
+    cache = _WORKSPACE.__dict__.setdefault("buffers", {})
     key = (like.device, like.dtype)
-    buf = _WORKSPACE.get(key)
+    buf = cache.get(key)
     if buf is None or buf.numel() < numel:
-        buf = _WORKSPACE[key] = like.new_empty(numel)
+        buf = cache[key] = like.new_empty(numel)
     return buf
 
 
-FAST_MIN_PAIRS = 2048     # below N*M neighbour slots the plain gather + einsum is faster (measured on CPU)
-
-
 def neighbor_sum(a: Tensor, nb: Tensor, gs: Tensor, ang: Tensor, fast: bool) -> Tensor:
-    """``avf[i,c,s,d] = Σ_m a[nb[i,m], c, s] · gs[s,i,m] · ang[i,d,m]``: a [N,C,S] -> [N,C,S,4].
+    """``avf[i,d,c,s] = Σ_m a[nb[i,m], c, s] · gs[s,i,m] · ang[i,d,m]``: a [N,C,S] -> [N,4,C,S].
 
     ``fast`` allows the fused first-order kernel (used for N*M >= FAST_MIN_PAIRS); otherwise a
     twice-differentiable gather + einsum.
@@ -265,17 +269,17 @@ def neighbor_sum(a: Tensor, nb: Tensor, gs: Tensor, ang: Tensor, fast: bool) -> 
     n, n_c, n_s = a.shape
     if fast and nb.numel() >= FAST_MIN_PAIRS:
         table = torch.cat([a.permute(2, 0, 1), a.new_zeros(n_s, 1, n_c)], dim=1)   # [S, N+1, C]
-        return _NeighborSum.apply(table, gs, ang, nb).permute(1, 3, 0, 2)
+        return _NeighborSum.apply(table, gs, ang, nb).permute(1, 2, 3, 0)
     a_j = torch.cat([a, a.new_zeros(1, n_c, n_s)])[nb]                              # [N, M, C, S]
     w = gs.transpose(0, 1)[:, :, None, :] * ang[:, None]                           # [N, S, 4, M]
-    return torch.einsum("nmcs,nsdm->ncsd", a_j, w)
+    return torch.einsum("nmcs,nsdm->ndcs", a_j, w)
 
 
 class ConvSV(nn.Module):
     """Finish of AIMNet2's ConvSV: scalar part and squared norms of shell-mixed vector channels.
 
-    Input avf [N, C, S, 4]; returns scalars [N, C*S], vector invariants [N, C*H] and the mixed vectors
-    themselves [N, C*H, 3] (used for the field contractions).
+    Input avf [N, 4, C, S]; returns scalars [N, C*S], vector invariants [N, C*H] and the mixed vectors
+    themselves [N, 3, C*H] (used for the field contractions).
     """
 
     def __init__(self, nchannel: int, nshifts: int, ncomb: int, gen: torch.Generator):
@@ -283,9 +287,11 @@ class ConvSV(nn.Module):
         self.agh = nn.Parameter(_smooth_mixing(nchannel, nshifts, ncomb, gen))        # [C, S, H]
 
     def forward(self, avf: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        n = avf.shape[0]
-        vec = torch.einsum("csh,ncsd->nchd", self.agh, avf[..., 1:]).reshape(n, -1, 3)
-        return avf[..., 0].reshape(n, -1), vec.square().sum(-1), vec
+        n, _, n_c, n_s = avf.shape
+        scal, v = avf.split([1, 3], dim=1)              # split, not slicing: its backward allocates no zeros
+        x = v.reshape(n * 3, n_c, n_s).transpose(0, 1)                                   # [C, 3N, S]
+        vec = torch.bmm(x, self.agh).view(n_c, n, 3, -1).permute(1, 2, 0, 3).reshape(n, 3, -1)
+        return scal.reshape(n, -1), vec.square().sum(1), vec
 
 
 class AtomicShift(nn.Module):
@@ -304,6 +310,12 @@ class AtomicShift(nn.Module):
 
     def forward(self, species: Tensor) -> Tensor:
         return self.weight[species]
+
+
+def _gather_rows(x: Tensor, nb: Tensor) -> Tensor:
+    """``x[nb]`` for a neighbour matrix with fill N (a zero row is appended): [N, ...] -> [N, M, ...]."""
+    pad = torch.cat([x, x.new_zeros(1, *x.shape[1:])])
+    return pad.index_select(0, nb.reshape(-1)).view(*nb.shape, *x.shape[1:])
 
 
 def _per_structure(x: Tensor, mol_idx: Tensor, n_structures: int) -> Tensor:
@@ -342,37 +354,41 @@ def _coulomb_dense(q: Tensor, pos: Tensor, mol_idx: Tensor, n_structures: int) -
 
 
 class _CoulombChunked(torch.autograd.Function):
-    """Same energy as :func:`_coulomb_dense` in row chunks, memory O(chunk), any structure size.
+    """Same energy as :func:`_coulomb_dense` for large structures: O(chunk) memory, each pair visited once.
 
-    Distances by ``cdist`` and gradients by two matrix products per chunk, accumulated in the forward
-    (cheaper than a recomputing backward). First order only.
+    Row blocks of one structure against the columns from the block on (the block itself in both orders,
+    the later columns once, accumulated into rows and columns); squared distances by one matrix product.
+    Gradients are accumulated in the forward (cheaper than a recomputing backward). First order only.
     """
 
     @staticmethod
     def forward(ctx, q: Tensor, pos: Tensor, mol_idx: Tensor, start: Tensor, count: Tensor):
-        n, b, k = q.shape[0], start.shape[0], COULOMB_EV_ANGSTROM
-        energy = q.new_zeros(b)
-        dq = torch.empty_like(q)
-        dpos = torch.empty_like(pos)
-        end = start + count
-        single = b == 1
+        n, k = q.shape[0], COULOMB_EV_ANGSTROM
+        x = pos - pos.mean(0)                           # smaller coordinates: better |xi|²+|xj|²-2xi.xj
+        sq = x.square().sum(1)
+        qx = torch.cat([q[:, None], q[:, None] * x], 1)                   # [N, 4]: q_j, q_j x_j
+        pot = torch.zeros_like(q)                                          # Σ_j q_j / r_ij
+        acc = torch.zeros_like(qx)                                         # Σ_j (q_j, q_j x_j) / r_ij³
+        end = (start + count).tolist()
         lo = 0
         while lo < n:
-            hi = min(n, lo + max(1, COULOMB_PAIR_BUDGET // int(count[mol_idx[lo]])))
-            c0, c1 = int(start[mol_idx[lo]]), int(end[mol_idx[hi - 1]])
-            rows = torch.arange(lo, hi, device=q.device)
-            bad = rows[:, None] == torch.arange(c0, c1, device=q.device)
-            if not single:
-                bad |= mol_idx[lo:hi, None] != mol_idx[None, c0:c1]
-            inv = torch.cdist(pos[lo:hi], pos[c0:c1]).reciprocal_().masked_fill_(bad, 0.0)   # [R, W]
-            v = inv @ q[c0:c1]
-            dq[lo:hi] = k * v
-            energy.index_add_(0, mol_idx[lo:hi], 0.5 * k * q[lo:hi] * v)
-            a = inv.pow_(3).mul_(q[c0:c1])                                 # q_j / r^3
-            # dE/dx_i = -k q_i Σ_j q_j (x_i - x_j) / r^3
-            dpos[lo:hi] = -k * q[lo:hi, None] * (pos[lo:hi] * a.sum(1, keepdim=True) - a @ pos[c0:c1])
+            stop = end[int(mol_idx[lo])]
+            hi = min(stop, lo + max(1, COULOMB_PAIR_BUDGET // (stop - lo)))
+            r_ = hi - lo
+            d2 = torch.addmm(sq[lo:hi, None] + sq[None, lo:stop], x[lo:hi], x[lo:stop].T, alpha=-2.0)
+            d2.diagonal().fill_(1.0)                                       # self pairs, zeroed below
+            inv = d2.rsqrt_()
+            inv.diagonal().zero_()
+            cube = inv.pow(3)
+            pot[lo:hi] += inv @ q[lo:stop]
+            acc[lo:hi] += cube @ qx[lo:stop]
+            if stop > hi:                                                  # later columns: the other order
+                pot[hi:stop] += inv[:, r_:].T @ q[lo:hi]
+                acc[hi:stop] += cube[:, r_:].T @ qx[lo:hi]
             lo = hi
-        ctx.save_for_backward(dq, dpos, mol_idx)
+        energy = q.new_zeros(start.shape[0]).index_add_(0, mol_idx, 0.5 * k * q * pot)
+        dpos = -k * q[:, None] * (x * acc[:, :1] - acc[:, 1:])             # dE/dx_i = -k q_i Σ q_j (x_i-x_j)/r³
+        ctx.save_for_backward(k * pot, dpos, mol_idx)
         return energy
 
     @staticmethod
@@ -388,33 +404,44 @@ def coulomb_energy(q: Tensor, pos: Tensor, nb: Tensor, mol_idx: Tensor, n_struct
     """ML–ML Coulomb energy per structure (eV), float64: ½ k Σ_{i≠j} q_i q_j (1 − f(r_ij)) / r_ij.
 
     q [N] e, pos [N,3] Å, nb a neighbour matrix holding every pair closer than ``rc`` (``complete``: every
-    pair of each structure). Unless complete, the 1/r part runs over all pairs of each structure (chunked
-    and analytic when ``first_order`` or large) and the short-range envelope part over ``nb`` (autograd).
+    pair of each structure). Unless complete, the 1/r part runs over all pairs of each structure and the
+    short-range envelope part over ``nb`` (autograd). The 1/r part is chunked and analytic (first order
+    only) for structures above COULOMB_DENSE_MAX atoms when ``first_order``, and whenever the dense pair
+    table would exceed COULOMB_DENSE_PAIRS entries.
     """
     q, pos = q.to(torch.float64), pos.to(torch.float64)
     n = q.shape[0]
     valid = nb < n
-    d = torch.cat([pos, pos.new_zeros(1, 3)])[nb] - pos[:, None]
+    d = _gather_rows(pos, nb) - pos[:, None]
     r = torch.where(valid[..., None], d, torch.ones_like(d)).norm(dim=-1)
-    qj = torch.cat([q, q.new_zeros(1)])[nb]
+    qj = _gather_rows(q, nb)
     f = _sr_envelope(r, rc)
     pair = torch.where(valid, ((1.0 - f) if complete else -f) / r, torch.zeros_like(r))
     part = _per_structure(0.5 * COULOMB_EV_ANGSTROM * q * (qj * pair).sum(1), mol_idx, n_structures)
     if complete:
         return part
     start, count = structure_layout(mol_idx, n_structures)
-    if first_order or n * int(count.max()) > COULOMB_PAIR_BUDGET:
+    n_max = int(count.max())
+    if n * n_max > COULOMB_DENSE_PAIRS or (first_order and n_max > COULOMB_DENSE_MAX):
         return _CoulombChunked.apply(q, pos, mol_idx, start, count) + part
     return _coulomb_dense(q, pos, mol_idx, n_structures) + part
 
 
-def d3_energy(numbers: Tensor, pos: Tensor, mol_idx: Tensor, n_structures: int, params: dict) -> Tensor:
-    """D3(BJ) energy per structure (eV) from tad-dftd3 (no three-body term); positions Å; float64."""
+def _import_tad_dftd3():
     try:
         import tad_dftd3
     except ImportError:
         raise SetupError("model config has d3 = true but tad-dftd3 is not installed; "
                          "run `pip install tad-dftd3` or set d3 = false") from None
+    return tad_dftd3
+
+
+def d3_energy(numbers: Tensor, pos: Tensor, mol_idx: Tensor, n_structures: int, params: dict) -> Tensor:
+    """D3(BJ) energy per structure (eV) from tad-dftd3 (no three-body term); positions Å; float64.
+
+    Dense per structure (memory O(n_max²)): meant for ML zones up to a few thousand atoms.
+    """
+    tad_dftd3 = _import_tad_dftd3()
     start, count = structure_layout(mol_idx, n_structures)
     slot = torch.arange(len(mol_idx), device=mol_idx.device) - start[mol_idx]
     n_max = int(count.max())
@@ -463,6 +490,8 @@ class EmbeddedAIMNet2(nn.Module):
             n_out = c.aim_size if last else 2 + n_a
             self.passes.append(_mlp(n_in, hidden, n_out, last_activation=p > 0, gen=gen))
         self.output = _mlp(c.aim_size, c.out_hidden, 2, last_activation=False, gen=gen)   # energy, polarisability
+        if c.d3:
+            _import_tad_dftd3()
         self.shift = AtomicShift(nel)
 
     # ------------------------------------------------------------------ checks
@@ -487,13 +516,15 @@ class EmbeddedAIMNet2(nn.Module):
         if n and (int(mol_idx[0]) < 0 or int(mol_idx[-1]) >= charge.shape[0]
                   or bool((mol_idx[1:] < mol_idx[:-1]).any())):
             raise SetupError(f"network inputs: mol_idx must be sorted and within 0..{charge.shape[0] - 1}")
+        if not bool(torch.isfinite(positions).all()):
+            raise CalculationFailed("network inputs: ML positions contain NaN or inf (exploded structure?)")
 
     # ------------------------------------------------------------------ pieces
     def _geometry(self, pos: Tensor, nb: Tensor) -> tuple[Tensor, Tensor]:
         """Radial basis gs [S, N, M] = g_s(r_ij) f_c(r_ij) and angular factors ang [N, 4, M] = (1, u_ij)."""
         n = pos.shape[0]
         valid = nb < n
-        d = torch.cat([pos, pos.new_zeros(1, 3)])[nb] - pos[:, None]          # [N, M, 3]
+        d = _gather_rows(pos, nb) - pos[:, None]                              # [N, M, 3]
         d = torch.where(valid[..., None], d, torch.ones_like(d))              # padding: r = sqrt(3), finite
         r = d.norm(dim=-1)
         rc = self.config.cutoff
@@ -549,13 +580,13 @@ class EmbeddedAIMNet2(nn.Module):
             vecs = [vec_a]
             if p > 0:
                 q_c = q.to(dtype)
-                q_j = torch.cat([q_c, q_c.new_zeros(1)])[nb]                       # [N, M]
-                avq = torch.bmm(gs.transpose(0, 1), (ang * q_j[:, None]).transpose(1, 2))[:, None]  # [N,1,S,4]
+                q_j = _gather_rows(q_c, nb)                                         # [N, M]
+                avq = torch.bmm(ang * q_j[:, None], gs.permute(1, 2, 0))[:, :, None]  # [N, 4, 1, S]
                 s_q, v2_q, vec_q = self.conv_q(avq)
                 feats += [q_c[:, None], s_q, v2_q]
                 vecs.append(vec_q)
             if c.embedding:
-                proj = (torch.cat(vecs, 1) * e_in[:, None, :]).sum(-1)          # v·E, rotation invariant
+                proj = torch.cat([torch.bmm(e_in[:, None], v)[:, 0] for v in vecs], 1)  # v·E: invariant
                 feats += [self.field_mix[p](proj), phi_in, e2_in]
             out = mlp(torch.cat(feats, -1))
             if p < self.n_passes - 1:

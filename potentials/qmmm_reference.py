@@ -29,6 +29,7 @@ import datetime
 import json
 import logging
 import os
+import signal
 import subprocess
 import time
 import tomllib
@@ -39,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from driver.errors import CalculationFailed, SetupError
-from driver.units import BOHR_PER_ANGSTROM, EV_PER_HARTREE
+from driver.units import ANGSTROM_PER_NM, BOHR_PER_ANGSTROM, EV_PER_HARTREE
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,11 @@ def label_frame(numbers, positions, charge: int = 0, mm_positions=None, mm_charg
     has_mm = mm_charges is not None and len(mm_charges) > 0
     notes = []
     for attempt in range(3):
-        mol, mf = _scf(numbers, positions, charge, mm_positions, mm_charges, level, attempt)
+        try:
+            mol, mf = _scf(numbers, positions, charge, mm_positions, mm_charges, level, attempt)
+        except (np.linalg.LinAlgError, FloatingPointError, RuntimeError) as exc:   # numerical breakdown
+            notes.append(f"SCF attempt {attempt} failed: {exc}")
+            continue
         if mf.converged and np.isfinite(mf.e_tot):
             break
         notes.append(f"SCF attempt {attempt} not converged")
@@ -208,6 +213,14 @@ class LabelConfig:
         lbad = sorted(set(level_raw) - {f.name for f in fields(LevelOfTheory)})
         if lbad:
             raise SetupError(f"{path}: unknown key(s) {lbad} in [level]")
+        defaults = cls()
+        for key, value in raw.items():
+            want = type(getattr(defaults, key))
+            ok = isinstance(value, list) if want is tuple else (
+                isinstance(value, (int, float)) and not isinstance(value, bool) if want in (int, float)
+                else isinstance(value, want))
+            if not ok or (want is int and not isinstance(value, int)):
+                raise SetupError(f"{path}: {key} = {value!r} should be of type {want.__name__}")
         kw = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
         cfg = cls(**kw, level=LevelOfTheory(**level_raw))
         for s in cfg.split_pattern:
@@ -297,7 +310,7 @@ class Labeller:
             rng = np.random.default_rng([task.chain.seed, task.block, task.index, task.copy])
             lo, hi = self.cfg.displacement_A
             pos = displace(pos, data.ml_indices, rng, lo, hi)
-        out = dict(numbers=data.numbers, positions=pos[data.ml_indices] * 10.0, charge=data.solute_charge,
+        out = dict(numbers=data.numbers, positions=pos[data.ml_indices] * ANGSTROM_PER_NM, charge=data.solute_charge,
                    mm_positions=np.zeros((0, 3), np.float32), mm_charges=np.zeros(0, np.float32))
         if task.chain.kind != "gas":
             env = self._envs.get(task.chain.chain_id)
@@ -308,7 +321,7 @@ class Labeller:
             sel = select_environment(env, pos, data.box)
             with torch.no_grad():
                 q, mm_pos = embedded_charges(env, sel, torch.tensor(pos, dtype=torch.float64))
-            out["mm_positions"] = (mm_pos.numpy() * 10.0).astype(np.float32)
+            out["mm_positions"] = (mm_pos.numpy() * ANGSTROM_PER_NM).astype(np.float32)
             out["mm_charges"] = q.numpy().astype(np.float32)
         return out
 
@@ -381,7 +394,10 @@ def main(args) -> int:
     cache = Path(cfg.cache) if cfg.cache else out.with_suffix(".samples")
     if out.exists():
         _check_level(out, cfg)
-    writer = DatasetWriter(out, provenance(cfg, config_text))
+    prov = provenance(cfg, config_text)
+    writer = DatasetWriter(out, prov)
+    writer.add_history(f"{prov['created']} mlmm label session: git {prov['git_commit']}, pyscf "
+                       f"{prov['pyscf_version']}, openmm {prov['openmm_version']}, {threads} thread(s)")
     skipped_path = out.with_suffix(".skipped.txt")
     done = writer.frame_ids()
     if skipped_path.exists():
@@ -401,7 +417,13 @@ def main(args) -> int:
             with open(skipped_path, "a") as fh:
                 fh.write(f"{task.frame_id}\t{exc}\n")
             continue
-        writer.append(rec)
+        # a kill signal arriving during the write is held until the frame is complete (HDF5 files can be
+        # corrupted by dying mid-write); outside the write the default handlers stop the job at once
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+        try:
+            writer.append(rec)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
         n_new += 1
         elapsed = time.perf_counter() - t_start
         rate = n_new / elapsed * 3600.0

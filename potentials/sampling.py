@@ -4,11 +4,12 @@ A *chain* is one continuous Langevin MD run of one solute in one setting (period
 phase) at one temperature. It is cut into *blocks*: each block starts after a decorrelation gap (the
 equilibration for block 0) and holds ``n_frames`` frames spaced ``spacing_ps`` apart. A block is the unit
 the dataset calls a trajectory, so the train/validation/test split by trajectory never puts two frames of
-the same stretch of MD on both sides.
+the same stretch of MD on both sides (consecutive blocks are ``gap_ps`` apart, so the last frame of one and
+the first of the next are still weakly correlated through the slow solvent motions).
 
-Chains are cached on disk (``cache/<chain id>/``: the serialized System, metadata, the latest State and one
-``block_NNNN.npz`` per block), so a restarted labeller continues the MD where it stopped and reuses every
-block already sampled.
+Chains are cached on disk (``cache/<chain id>/``: the serialized System, metadata, the equilibrated state and
+one ``block_NNNN.npz`` per block with its frames and final state), so a restarted labeller continues the MD
+where it stopped and reuses every block already sampled.
 
 Choices (documented here because the dataset depends on them):
 
@@ -19,7 +20,7 @@ Choices (documented here because the dataset depends on them):
   (Na+ for acetate, Cl- for methylammonium), which then appears among the MM charges when it comes near.
 * Droplets: waters whose oxygen lies within ``droplet_radius`` of the solute centroid, no cutoff, no
   counter-ion, and a flat-bottom restraint (k = 500 kJ/mol/nm^2 beyond the radius) between the solute
-  centroid and each water oxygen that keeps the droplet from evaporating at 400 K.
+  centre of mass and each water oxygen that keeps the droplet from evaporating at 400 K.
 * Solute parameters come from ``inputs/forcefields/solutes.xml`` (OPLS-like, for sampling only).
 
 Units: nm, ps, kJ/mol, K (internal); the hand-built starting geometries are in Å.
@@ -222,6 +223,7 @@ class Chain:
         self.spec = spec
         self.dir = Path(cache_dir) / spec.chain_id
         self._sim: app.Simulation | None = None
+        self._next = -1                     # block the live simulation would sample next
         self._data: ChainSystem | None = None
 
     # -- static data ------------------------------------------------------------------------------
@@ -241,7 +243,7 @@ class Chain:
         return self._data
 
     def _initialise(self) -> None:
-        """Build, minimise and equilibrate; write system.xml, meta.npz, topology.pdb and state.xml."""
+        """Build, minimise and equilibrate; write system.xml, topology.pdb, state0.npz and (last) meta.npz."""
         self.dir.mkdir(parents=True, exist_ok=True)
         top, system, pos = build(self.spec)
         d = system_data(top, system, SOLUTE_CHARGE[self.spec.solute])
@@ -254,11 +256,11 @@ class Chain:
         with open(self.dir / "topology.pdb", "w") as fh:
             app.PDBFile.writeFile(top, state.getPositions(), fh)
         _atomic_write(self.dir / "system.xml", openmm.XmlSerializer.serialize(system))
-        _atomic_write(self.dir / "state.xml", openmm.XmlSerializer.serialize(state))
-        np.savez(self.dir / "meta.npz", numbers=d.numbers, ml_indices=d.ml_indices, charges=d.charges,
-                 residue=d.residue, box=d.box if d.box is not None else np.zeros(0),
-                 solute_charge=d.solute_charge, next_block=0, spec=repr(self.spec))
-        self._sim = sim
+        _atomic_savez(self.dir / "state0.npz", **_state_arrays(sim))
+        _atomic_savez(self.dir / "meta.npz", numbers=d.numbers, ml_indices=d.ml_indices, charges=d.charges,
+                      residue=d.residue, box=d.box if d.box is not None else np.zeros(0),
+                      solute_charge=d.solute_charge, spec=repr(self.spec))
+        self._sim, self._next = sim, 0
         log.info("chain %s: %d atoms, equilibrated %.1f ps", self.spec.chain_id, system.getNumParticles(),
                  self.spec.equil_ps)
 
@@ -292,13 +294,18 @@ class Chain:
         return pos[:n_frames]
 
     def _sample_next(self, n_frames: int) -> None:
-        with np.load(self.dir / "meta.npz") as z:
-            meta = dict(z)
-        b = int(meta["next_block"])
-        if self._sim is None:
-            system = openmm.XmlSerializer.deserialize((self.dir / "system.xml").read_text())
-            self._sim = self._simulation(None, system)
-            self._sim.context.setState(openmm.XmlSerializer.deserialize((self.dir / "state.xml").read_text()))
+        """Sample the first missing block. Each block file also holds the final positions and velocities, so
+        one atomic rename commits both the frames and the state the next block continues from."""
+        b = 0
+        while self._block_path(b).exists():
+            b += 1
+        if self._sim is None or self._next != b:
+            if self._sim is None:
+                system = openmm.XmlSerializer.deserialize((self.dir / "system.xml").read_text())
+                self._sim = self._simulation(None, system)
+            with np.load(self._block_path(b - 1) if b else self.dir / "state0.npz") as z:
+                self._sim.context.setPositions(z["final_positions"])
+                self._sim.context.setVelocities(z["final_velocities"])
         sim = self._sim
         frames = []
         for k in range(n_frames):
@@ -308,14 +315,21 @@ class Chain:
         frames = np.asarray(frames, dtype=np.float32)
         if not np.all(np.isfinite(frames)):
             raise SetupError(f"MD of chain {self.spec.chain_id} blew up in block {b}; lower timestep_fs")
-        np.savez(self._block_path(b).with_suffix(".tmp.npz"), positions=frames)
-        os.replace(self._block_path(b).with_suffix(".tmp.npz"), self._block_path(b))
-        state = sim.context.getState(getPositions=True, getVelocities=True)
-        _atomic_write(self.dir / "state.xml", openmm.XmlSerializer.serialize(state))
-        meta["next_block"] = b + 1
-        np.savez(self.dir / "meta.tmp.npz", **meta)
-        os.replace(self.dir / "meta.tmp.npz", self.dir / "meta.npz")
+        _atomic_savez(self._block_path(b), positions=frames, **_state_arrays(sim))
+        self._next = b + 1
         log.debug("chain %s: sampled block %d", self.spec.chain_id, b)
+
+
+def _state_arrays(sim: app.Simulation) -> dict[str, np.ndarray]:
+    st = sim.context.getState(getPositions=True, getVelocities=True)
+    return dict(final_positions=st.getPositions(asNumpy=True).value_in_unit(unit.nanometer),
+                final_velocities=st.getVelocities(asNumpy=True).value_in_unit(unit.nanometer / unit.picosecond))
+
+
+def _atomic_savez(path: Path, **arrays) -> None:
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -24,6 +24,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
@@ -391,7 +392,7 @@ def _make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
 
 
 def evaluate_loss(model, frames, cfg: TrainConfig, device, dtype) -> dict[str, float]:
-    """Validation loss and MAEs (kcal/mol, kcal/mol/Å) with gradients for forces but no graph kept."""
+    """Validation loss, its terms and MAEs (kcal/mol, kcal/mol/Å); forces by autograd, no graph kept."""
     sums: dict[str, float] = {}
     for idx in _batches(len(frames), cfg.batch_size, 0, 0, shuffle=False):
         b = collate([frames[i] for i in idx], device, dtype)
@@ -401,8 +402,12 @@ def evaluate_loss(model, frames, cfg: TrainConfig, device, dtype) -> dict[str, f
         sums["loss"] = sums.get("loss", 0.0) + k * float(total_loss(terms, cfg))
         for name, v in terms.items():
             sums[name] = sums.get(name, 0.0) + k * float(v)
-        sums["energy_mae"] = sums.get("energy_mae", 0.0) + k * KCALMOL_PER_EV * float(
-            (pred["energy"].detach() - b.energy).abs().mean())
+        maes = {"energy_mae": (pred["energy"].detach() - b.energy).abs().mean(),
+                "force_mae": (pred["forces"].detach() - b.forces).abs().mean(),
+                "mm_force_mae": (pred["mm_forces"].detach() - b.mm_forces).abs().mean()
+                if len(b.mm_forces) else torch.zeros(())}
+        for name, v in maes.items():   # weighted by frames, close enough for monitoring
+            sums[name] = sums.get(name, 0.0) + k * KCALMOL_PER_EV * float(v)
     return sums
 
 
@@ -467,7 +472,7 @@ def train(cfg: TrainConfig, device: str = "cpu", resume: bool = False) -> Path:
         model.train()
         batches = _batches(len(splits["train"]), cfg.batch_size, cfg.seed, state.epoch, shuffle=True)
         running, t0 = 0.0, time.time()
-        bar = tqdm(batches, desc=f"epoch {state.epoch + 1}/{cfg.epochs}", disable=not cfg.progress,
+        bar = tqdm(batches, desc=f"epoch {state.epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and sys.stderr.isatty()),
                    leave=False, mininterval=5.0)
         for idx in bar:
             b = collate([splits["train"][i] for i in idx], device, dtype)
@@ -480,7 +485,7 @@ def train(cfg: TrainConfig, device: str = "cpu", resume: bool = False) -> Path:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
             opt.step()
             running += float(loss.detach()) * len(idx)
-            bar.set_postfix(loss=f"{float(loss):.3g}")
+            bar.set_postfix(loss=f"{float(loss.detach()):.3g}")
         model.eval()
         val = evaluate_loss(model, splits["val"], cfg, device, dtype)
         sched.step(val["loss"])
@@ -488,8 +493,7 @@ def train(cfg: TrainConfig, device: str = "cpu", resume: bool = False) -> Path:
         state.epoch += 1
         state.history.append({"epoch": state.epoch, "train_loss": running / len(splits["train"]),
                               "val_loss": val["loss"], "val_energy_mae": val["energy_mae"],
-                              "val_force_rmse": KCALMOL_PER_EV * math.sqrt(val["forces"]),
-                              "val_mm_force_rmse": KCALMOL_PER_EV * math.sqrt(val["mm_forces"]),
+                              "val_force_mae": val["force_mae"], "val_mm_force_mae": val["mm_force_mae"],
                               "lr": lr, "seconds": time.time() - t0})
         if val["loss"] < state.best_val:
             state.best_val, state.best_epoch, state.bad_epochs = val["loss"], state.epoch, 0
@@ -497,9 +501,9 @@ def train(cfg: TrainConfig, device: str = "cpu", resume: bool = False) -> Path:
         else:
             state.bad_epochs += 1
         h = state.history[-1]
-        log.info("epoch %d: train %.4g val %.4g | val E MAE %.3f kcal/mol, F RMSE %.3f, MM F RMSE %.3f "
-                 "kcal/mol/Å | lr %.2g | %.0f s", state.epoch, h["train_loss"], h["val_loss"],
-                 h["val_energy_mae"], h["val_force_rmse"], h["val_mm_force_rmse"], lr, h["seconds"])
+        log.info("epoch %d: train %.4g val %.4g | val MAE: E %.3f kcal/mol, F %.3f, MM F %.3f kcal/mol/Å "
+                 "| lr %.2g | %.0f s", state.epoch, h["train_loss"], h["val_loss"],
+                 h["val_energy_mae"], h["val_force_mae"], h["val_mm_force_mae"], lr, h["seconds"])
         _save_checkpoint(ckpt_path, model, opt, sched, state, best_state)
         plot_curve(state.history, cfg.curve)
         if state.bad_epochs >= cfg.early_stopping:
@@ -546,8 +550,8 @@ def plot_curve(history: list[dict], path: str) -> None:
     a.semilogy(ep, [h["val_loss"] for h in history], label="validation")
     a.set_xlabel("epoch"), a.set_ylabel("loss"), a.legend()
     b.semilogy(ep, [h["val_energy_mae"] for h in history], label="energy MAE (kcal/mol)")
-    b.semilogy(ep, [h["val_force_rmse"] for h in history], label="ML force RMSE (kcal/mol/Å)")
-    b.semilogy(ep, [h["val_mm_force_rmse"] for h in history], label="MM force RMSE (kcal/mol/Å)")
+    b.semilogy(ep, [h["val_force_mae"] for h in history], label="ML force MAE (kcal/mol/Å)")
+    b.semilogy(ep, [h["val_mm_force_mae"] for h in history], label="MM force MAE (kcal/mol/Å)")
     b.set_xlabel("epoch"), b.set_title("validation"), b.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -600,8 +604,8 @@ def evaluate(model: torch.nn.Module, frames: list[dict], device="cpu", batch_siz
         for solute, slot in per.items():
             r = {"n": slot["n"]}
             for m in METRICS:
-                if slot[m]:
-                    v = np.concatenate(slot[m])
+                v = np.concatenate(slot[m]) if slot[m] else np.zeros(0)
+                if v.size:                   # e.g. no MM forces in a gas-phase-only subset
                     scale = 1.0 if m in ("energy", "e_int", "dipole") else KCALMOL_PER_EV
                     r[m] = float(v.mean()) * scale
             out[mode][solute] = r

@@ -83,9 +83,14 @@ def test_compact_copy(tmp_path):
     w = DatasetWriter(src, {"title": "x"})
     for i in range(4):
         w.append(_frame(i, rng))
+    with netCDF4.Dataset(src, "a") as nc:        # an extra per-frame variable (as a trainer may add) is kept
+        v = nc.createVariable("gas_energy", "f8", ("frame",), fill_value=np.nan)
+        v.units = "eV"
+        v[:4] = np.arange(4.0)
     compact(src, dst)
     with Dataset.open(src) as a, Dataset.open(dst) as b:
         assert len(a) == len(b) == 4 and b.attrs["title"] == "x" and b.units == a.units
+        np.testing.assert_array_equal(b.meta["gas_energy"], np.arange(4.0))
         for i in range(4):
             fa, fb = a.frame(i), b.frame(i)
             for k in fa:
@@ -128,3 +133,26 @@ def test_shipped_tiny_dataset():
             # net force on QM atoms + charges ~ 0 (translation invariance of the QM/MM energy)
             tot = f["forces"].sum(0) + f["mm_forces"].sum(0)
             assert np.abs(tot).max() < 5e-3
+
+
+def test_writer_waits_for_a_reader_lock(tmp_path):
+    """A process holding the file open (HDF5 lock) delays an append instead of crashing the labeller."""
+    import subprocess
+    import sys
+    import time
+    rng = np.random.default_rng(4)
+    path = tmp_path / "d.nc"
+    w = DatasetWriter(path, wait_s=30.0)
+    w.append(_frame(0, rng))
+    holder = subprocess.Popen([sys.executable, "-c", f"import netCDF4, time\nnc = netCDF4.Dataset({str(path)!r})\n"
+                               "print('open', flush=True)\ntime.sleep(2.0)\nnc.close()"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        t0 = time.monotonic()
+        w.append(_frame(1, rng))
+        assert time.monotonic() - t0 > 0.5           # it really had to wait for the lock
+    finally:
+        holder.wait(timeout=30)
+    with Dataset.open(path) as ds:
+        assert len(ds) == 2

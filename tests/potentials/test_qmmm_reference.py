@@ -80,6 +80,20 @@ def test_forces_match_finite_differences():
     np.testing.assert_allclose(total, 0.0, atol=2e-3)
 
 
+def test_scf_fallbacks_give_the_same_state():
+    """The retry paths (damping + level shift, second-order SCF) converge to the same energy and gradient."""
+    from potentials.qmmm_reference import _scf
+    level = LevelOfTheory(basis="6-31g", grid_level=2, conv_tol=1e-10)
+    res = []
+    for attempt in range(3):
+        mol, mf = _scf(np.array([8, 1, 1]), WATER, 0, MM_POS, MM_Q, level, attempt)
+        assert mf.converged
+        res.append((mf.e_tot, mf.nuc_grad_method().kernel()))
+    for e, g in res[1:]:
+        assert e == pytest.approx(res[0][0], abs=1e-8)
+        np.testing.assert_allclose(g, res[0][1], atol=1e-5)
+
+
 def test_dipole_of_neutral_water():
     """Dipole about the centroid: along the H-O-H bisector, ~2.0-2.2 D for B3LYP/def2-SVP water in vacuum."""
     lab = label_frame([8, 1, 1], WATER, 0)
@@ -133,6 +147,7 @@ def test_label_main_resumable_and_consistent(tmp_path):
         assert len(ds) == len(tasks)
         assert [ds.frame(i)["frame_id"] for i in range(len(ds))] == [t.frame_id for t in tasks]
         assert ds.attrs["qm_xc"] == "b3lypg" and "pyscf_version" in ds.attrs
+        assert ds.attrs["history"].count("mlmm label session") == 2        # one line per (re)start
         kinds = {str(k) for k in ds.meta["kind"]}
         assert kinds == {"droplet", "displaced", "gas"}
         for traj in set(ds.meta["trajectory"]):
@@ -160,6 +175,9 @@ def test_config_errors(tmp_path):
     p = tmp_path / "bad.toml"
     p.write_text("solutes = ['HOH']\nframes = 3\n")
     with pytest.raises(SetupError, match="unknown key"):
+        LabelConfig.from_toml(p)
+    p.write_text("trajectories = 'many'\n")
+    with pytest.raises(SetupError, match="should be of type int"):
         LabelConfig.from_toml(p)
     p.write_text("solutes = ['XYZ']\n")
     with pytest.raises(SetupError, match="unknown solute"):

@@ -72,13 +72,13 @@ def test_loss_falls_in_a_few_steps(tmp_path, frames):
     def loss():
         return T.total_loss(T.loss_terms(T.predict(model, b, create_graph=True), b), cfg)
 
-    first = float(loss())
+    first = float(loss().detach())
     for _ in range(15):
         opt.zero_grad()
         lo = loss()
         lo.backward()
         opt.step()
-    last = float(loss())
+    last = float(loss().detach())
     assert math.isfinite(first) and last < 0.5 * first, (first, last)
 
 
@@ -125,8 +125,9 @@ def test_mechanical_baseline_is_coulomb_of_vacuum_charges(tmp_path, frames):
     dist = np.linalg.norm(d, axis=-1)
     e_coul = COULOMB_EV_ANGSTROM * np.sum(q[:, None] * Q[None, :] / dist)
     f_mm = COULOMB_EV_ANGSTROM * np.sum((q[:, None] * Q[None, :] / dist ** 3)[..., None] * d, axis=0)
-    assert float(mech["energy"] - gas["energy"]) == pytest.approx(e_coul, rel=1e-9, abs=1e-9)
-    np.testing.assert_allclose(mech["mm_forces"].detach().numpy(), f_mm, rtol=1e-8, atol=1e-10)
+    # 1e-7: k_e in kJ/mol·nm (OpenMM's, used by the embedding) and in eV·Å (i-PI's a.u.) differ by ~1e-8
+    assert float(mech["energy"] - gas["energy"]) == pytest.approx(e_coul, rel=1e-7)
+    np.testing.assert_allclose(mech["mm_forces"].detach().numpy(), f_mm, rtol=1e-7, atol=1e-12)
 
 
 def test_evaluate_table_has_every_solute_and_modes_agree_in_gas_phase(tmp_path, frames):

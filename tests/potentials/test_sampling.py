@@ -1,0 +1,75 @@
+"""Sampling systems: solute parameters (charges, geometry), droplet restraint, cached MD chains, displacements."""
+from __future__ import annotations
+
+import numpy as np
+import openmm
+import pytest
+from openmm import unit
+
+from potentials.sampling import SOLUTE_CHARGE, Chain, ChainSpec, build, displace, system_data
+
+BONDS_NM = {("C", "H"): 0.109, ("C", "O"): 0.141, ("O", "H"): 0.0945, ("C", "C"): 0.1522, ("N", "H"): 0.101,
+            ("C", "N"): 0.1471}
+
+
+@pytest.mark.parametrize("solute", sorted(SOLUTE_CHARGE))
+def test_gas_phase_solute(solute):
+    """Formal charge, whole-molecule topology, and a minimised geometry with sensible bond lengths."""
+    top, system, pos = build(ChainSpec(solute, "gas", 300.0, seed=1))
+    d = system_data(top, system, SOLUTE_CHARGE[solute])
+    assert d.charges.sum() == pytest.approx(SOLUTE_CHARGE[solute], abs=1e-6)
+    assert list(d.ml_indices) == list(range(top.getNumAtoms())) and d.box is None
+    els = [a.element.symbol for a in top.atoms()]
+    for bond in top.bonds():
+        i, j = bond[0].index, bond[1].index
+        key = tuple(sorted((els[i], els[j]), key=lambda e: "CNOH".index(e)))
+        r = np.linalg.norm(pos[i] - pos[j])
+        if solute == "HOH":
+            assert r == pytest.approx(0.09572, abs=0.003)
+        elif key == ("C", "O") and solute == "ACT":
+            assert r == pytest.approx(0.125, abs=0.004)          # carboxylate C-O
+        else:
+            assert r == pytest.approx(BONDS_NM[key], abs=0.004), (key, r)
+    assert top.getNumBonds() == len(els) - 1
+
+
+def test_droplet_restraint_and_chain_cache(tmp_path):
+    """A small droplet: neutral water shell, restraint active only outside the radius; cached blocks reload
+    identically and the next block continues the MD (different frames)."""
+    spec = ChainSpec("MOH", "droplet", 300.0, seed=3, equil_ps=0.02, gap_ps=0.02, spacing_ps=0.01,
+                     droplet_radius_nm=0.6)
+    top, system, pos = build(spec)
+    restraint = next(f for f in system.getForces() if isinstance(f, openmm.CustomCentroidBondForce))
+    assert restraint.getNumBonds() == sum(1 for r in top.residues() if r.name == "HOH") > 10
+    ctx = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+    restraint.setForceGroup(5)
+    ctx.reinitialize()
+    ctx.setPositions(pos)
+    assert ctx.getState(getEnergy=True, groups={5}).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole) == 0
+    pos2 = pos.copy()
+    last_o = max(a.index for a in top.atoms() if a.element.symbol == "O" and a.residue.name == "HOH")
+    mass = np.array([system.getParticleMass(i).value_in_unit(unit.dalton) for i in range(6)])
+    centre = mass @ pos[:6] / mass.sum()                     # the restraint uses the solute's centre of mass
+    pos2[last_o] = centre + np.array([0.7, 0.0, 0.0])        # 0.1 nm outside
+    ctx.setPositions(pos2)
+    e = ctx.getState(getEnergy=True, groups={5}).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+    assert e == pytest.approx(500.0 * 0.1 ** 2, rel=1e-6)
+
+    chain = Chain(spec, tmp_path)
+    b0 = chain.block(0, 2)
+    b1 = chain.block(1, 2)
+    again = Chain(spec, tmp_path)
+    np.testing.assert_array_equal(again.block(0, 2), b0)
+    assert b0.shape == (2, top.getNumAtoms(), 3) and not np.allclose(b0[1], b1[0])
+    assert again.data.solute_charge == 0 and len(again.data.numbers) == 6
+    b2 = again.block(2, 2)                                   # continues from block 1's saved final state
+    assert np.abs(b2[0] - b1[1]).max() < 0.3                 # 20 fs later: nothing jumped
+
+
+def test_displace_lengths():
+    rng = np.random.default_rng(0)
+    pos = np.zeros((10, 3))
+    out = displace(pos, np.arange(2, 8), rng, 0.05, 0.15)
+    d = np.linalg.norm(out - pos, axis=1) * 10.0               # Å
+    assert np.all(d[[0, 1, 8, 9]] == 0)
+    assert np.all((d[2:8] >= 0.05) & (d[2:8] <= 0.15))
