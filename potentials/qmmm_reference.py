@@ -319,6 +319,8 @@ class Labeller:
                     data.charges, data.residue, data.ml_indices, cutoff=self.cfg.embedding_cutoff_nm,
                     switch_width=self.cfg.embedding_switch_nm)
             sel = select_environment(env, pos, data.box)
+            if sel.ml_shift is not None:      # the ML zone as the network sees it: whole across the box edge
+                out["positions"] = (pos[data.ml_indices] + sel.ml_shift) * ANGSTROM_PER_NM
             with torch.no_grad():
                 q, mm_pos = embedded_charges(env, sel, torch.tensor(pos, dtype=torch.float64))
             out["mm_positions"] = (mm_pos.numpy() * ANGSTROM_PER_NM).astype(np.float32)
