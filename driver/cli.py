@@ -20,6 +20,8 @@ TARGETS = {
     "label": "potentials.qmmm_reference:main",
     "train": "potentials.train:main",
     "evaluate": "potentials.train:evaluate_main",
+    "analyze": "driver.analyze:main",
+    "optimize": "driver.optimize:main",
 }
 
 
@@ -57,9 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default=None, help="network model file for the ML client")
     s.add_argument("--out", default=None, help="run folder (default: runs/run-<timestamp> in the current directory)")
     s.add_argument("--steps", type=int, default=None, help="override <total_steps>")
-    s.add_argument("--device", default="cpu", help="torch device for the ML client (cpu, cuda, cuda:N)")
+    s.add_argument("--device", default="cpu", help="torch device for the ML client (cpu, cuda, cuda:N); a "
+                   "comma-separated list (cuda:0,cuda:1) spreads several --ml-clients over devices")
     s.add_argument("--platform", default=None, help="OpenMM platform for the MM client (CPU, CUDA, Reference)")
     s.add_argument("--seed", type=int, default=None, help="override the i-PI <prng><seed>")
+    s.add_argument("--beads", type=int, default=None, help="override the number of path-integral beads "
+                   "(<initialize nbeads>)")
+    s.add_argument("--ml-clients", type=int, default=1, help="start this many ML clients on the 'ml' socket; "
+                   "i-PI shares the beads among them; 0 = none here (all remote)")
+    s.add_argument("--remote-ml-clients", type=int, default=0, help="ML clients that connect from other nodes "
+                   "(`mlmm client ml --address HOST:PORT`); needs an inet 'ml' socket; sizes the batches")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     # --- client (driver/client.py)
@@ -89,6 +98,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dataset")
     s.add_argument("--split", default="test")
     s.add_argument("--device", default="cpu")
+
+    # --- analyze (driver/analyze.py)
+    s = sub.add_parser("analyze", help="plots (PNG) and a text summary of a run folder written by `mlmm run`")
+    s.add_argument("run_dir", help="run folder (input.xml, sim.out, sim.pos_0.nc, ...)")
+    s.add_argument("--system", default=None,
+                   help="system.toml of the run: which atoms are water and ML zone (needed for the RDF)")
+    s.add_argument("--out", default=None, help="folder for the PNGs and summary.txt (default: RUN_DIR/analysis)")
+    s.add_argument("--skip", type=float, default=0.0, metavar="PS",
+                   help="equilibration time left out of averages and drift (ps)")
+
+    # --- optimize (driver/optimize.py)
+    s = sub.add_parser("optimize", help="relax a prepared structure on the ML/MM potential (ASE), write a new "
+                                        "structure + system.toml")
+    s.add_argument("system", help="system.toml written by `mlmm prepare`")
+    s.add_argument("--model", default=None, help="network model file (required if the system has an ML zone)")
+    s.add_argument("--out", default=None, help="output folder (default: the system file's folder)")
+    s.add_argument("--name", default="optimized", help="stem of the written files: NAME.pdb, NAME.toml, NAME.log")
+    s.add_argument("--free", choices=["shell", "ml", "all"], default="shell",
+                   help="atoms that move: the ML zone and MM residues within --shell of it (default), the ML "
+                        "zone only, or all atoms")
+    s.add_argument("--shell", type=float, default=0.6, metavar="NM", help="shell radius for --free shell (nm)")
+    s.add_argument("--fmax", type=float, default=0.05, help="convergence: largest force on a free atom (eV/Å)")
+    s.add_argument("--steps", type=int, default=500, help="maximum optimiser steps")
+    s.add_argument("--optimizer", choices=["LBFGS", "BFGS", "FIRE"], default="LBFGS", help="ASE optimiser")
+    s.add_argument("--device", default="cpu", help="torch device for the network")
+    s.add_argument("--platform", default=None, help="OpenMM platform (CPU, CUDA, Reference)")
     return p
 
 

@@ -163,6 +163,7 @@ def _loop(engine: Engine, wire: codec.Wire, max_steps: int | None) -> int:
     initialised, batch_size = False, 1
     reply: bytes | None = None          # FORCEREADY computed at POSDATA, sent at GETFORCE
     served, t_compute, t_start = 0, 0.0, time.perf_counter()
+    structures, computed, t_wire = 0, 0, 0.0     # for the summary line at the end (benchmarks, tests)
     while max_steps is None or served < max_steps:
         header = wire.recv_header()
         if header is None:
@@ -178,14 +179,19 @@ def _loop(engine: Engine, wire: codec.Wire, max_steps: int | None) -> int:
         elif header == codec.POSDATA:
             if reply is not None:
                 raise ProtocolError("i-PI sent POSDATA while the previous forces were not collected with GETFORCE")
-            positions, boxes = wire.recv_posdata(batch_size, engine.natoms)
             t0 = time.perf_counter()
-            reply = evaluate(engine, positions, boxes, batched=batch_size > 1)
-            t_compute += time.perf_counter() - t0
+            positions, boxes = wire.recv_posdata(batch_size, engine.natoms)
+            t1 = time.perf_counter()
+            n_real = distinct_prefix(positions, boxes)
+            reply = evaluate(engine, positions, boxes, batched=batch_size > 1, n_compute=n_real)
+            t_wire, t_compute = t_wire + t1 - t0, t_compute + time.perf_counter() - t1
+            structures, computed = structures + len(positions), computed + n_real
         elif header == codec.GETFORCE:
             if reply is None:
                 raise ProtocolError("i-PI sent GETFORCE before any POSDATA")
+            t0 = time.perf_counter()
             wire.send(reply, "FORCEREADY")
+            t_wire += time.perf_counter() - t0
             reply, served = None, served + 1
             if served % LOG_EVERY == 0:
                 wall = time.perf_counter() - t_start
@@ -194,17 +200,37 @@ def _loop(engine: Engine, wire: codec.Wire, max_steps: int | None) -> int:
         else:                            # EXIT; recv_header rejects anything else
             log.info("i-PI sent EXIT after %d requests", served)
             break
+    # one parseable line, read by tests/driver/test_pimd.py and tests/bench/bench_pimd.py: structures received
+    # (i-PI's batch padding included), structures computed (padding skipped), time in the engine and on the wire
+    log.info("summary: requests=%d structures=%d computed=%d batch_size=%d compute_s=%.6f wire_s=%.6f wall_s=%.6f",
+             served, structures, computed, batch_size, t_compute, t_wire, time.perf_counter() - t_start)
     return served
 
 
-def evaluate(engine: Engine, positions: np.ndarray, boxes: np.ndarray | None, *, batched: bool) -> bytes:
+def distinct_prefix(positions: np.ndarray, boxes: np.ndarray | None) -> int:
+    """How many leading structures of a batch to compute: i-PI pads a short batch by repeating the last
+    structure (ipi.md §1.6), so trailing exact copies of the last one are dropped (their results are the
+    last one's, the engines being deterministic)."""
+    n = len(positions)
+    while n > 1 and np.array_equal(positions[n - 2], positions[-1]) and \
+            (boxes is None or np.array_equal(boxes[n - 2], boxes[-1])):
+        n -= 1
+    return n
+
+
+def evaluate(engine: Engine, positions: np.ndarray, boxes: np.ndarray | None, *, batched: bool,
+             n_compute: int | None = None) -> bytes:
     """Run ``engine`` on (B, N, 3) nm positions and return the encoded FORCEREADY reply.
 
-    Refuses to send non-finite or misshapen results: i-PI would integrate them silently.
+    ``n_compute``: compute only the first structures and repeat the last result for the rest (the batch padding,
+    see :func:`distinct_prefix`). Refuses to send non-finite or misshapen results: i-PI would integrate them
+    silently.
     """
     nbatch, natoms = positions.shape[0], positions.shape[1]
+    n_compute = nbatch if n_compute is None else max(1, min(n_compute, nbatch))
     try:
-        results = engine.compute(positions, boxes)
+        results = engine.compute(positions[:n_compute], None if boxes is None else boxes[:n_compute])
+        results = list(results) + [results[-1]] * (nbatch - n_compute) if len(results) == n_compute else results
     except MLMMError:
         raise
     except Exception as exc:                     # engine-library errors (OpenMMException, torch) -> one line

@@ -87,7 +87,9 @@ def main(args) -> int:
     try:
         result = run_simulation(args.xml, args.system, out=args.out, model=args.model, steps=args.steps,
                                 seed=args.seed, device=args.device, platform=args.platform,
-                                progress=not args.no_progress, verbose=getattr(args, "verbose", False))
+                                progress=not args.no_progress, verbose=getattr(args, "verbose", False),
+                                beads=getattr(args, "beads", None), ml_clients=getattr(args, "ml_clients", 1),
+                                remote_ml_clients=getattr(args, "remote_ml_clients", 0))
     except RunInterrupted as exc:
         print(f"mlmm: interrupted: {exc}", file=sys.stderr)
         return 128 + exc.signum          # 130 for Ctrl-C, 143 for SIGTERM (shell convention)
@@ -101,7 +103,8 @@ def main(args) -> int:
 def run_simulation(xml: str | Path, system: str | Path, *, out: str | Path | None = None,
                    model: str | Path | None = None, steps: int | None = None, seed: int | None = None,
                    device: str = "cpu", platform: str | None = None, progress: bool = True,
-                   verbose: bool = False, client_argv: ClientArgv | None = None) -> RunResult:
+                   verbose: bool = False, client_argv: ClientArgv | None = None, beads: int | None = None,
+                   ml_clients: int = 1, remote_ml_clients: int = 0) -> RunResult:
     """Run i-PI with the input ``xml`` on ``system`` and one client per `<ffsocket>`; block until done.
 
     Parameters
@@ -111,10 +114,19 @@ def run_simulation(xml: str | Path, system: str | Path, *, out: str | Path | Non
     out : run folder (created; must be new or empty). Default: ``runs/run-<timestamp>`` in the current directory.
     model : network file for the ``ml`` client (required if the XML has an ``ml`` socket).
     steps, seed : override ``<total_steps>`` and ``<prng><seed>``.
-    device, platform : passed to the ML (torch device) and MM (OpenMM platform) clients.
+    device, platform : passed to the ML (torch device) and MM (OpenMM platform) clients. ``device`` may list
+        several devices, comma-separated (``cuda:0,cuda:1``): ML client k gets device k modulo their number.
     progress : show a tqdm bar (steps, temperature, ns/day).
     client_argv : replaces the client command lines ``mlmm client NAME ...``; gets the forcefield name and
         the address (``unix:/path`` or ``HOST:PORT``). For running i-PI's own drivers in tests.
+    beads : override the ring-polymer size ``<initialize nbeads>`` (path integrals; contracted forces that ask for
+        more beads are lowered to it).
+    ml_clients : number of ML clients started on the ``ml`` socket (i-PI shares the beads among them,
+        ipi.md §2.4). Batched sockets (``<batch_size>`` > 1) get ``batch_size`` = the beads their forcefield
+        sees divided among its clients (`xmlinput.fit_batches`). 0: no local ML client (all remote).
+    remote_ml_clients : ML clients that will connect from other nodes (``mlmm client ml --address HOST:PORT``,
+        not started here; the ``ml`` socket must be ``mode='inet'``). Only used to size the batches; i-PI waits
+        for them. A remote client that dies is not noticed by the supervisor (i-PI waits; see README).
 
     Raises
     ------
@@ -130,7 +142,7 @@ def run_simulation(xml: str | Path, system: str | Path, *, out: str | Path | Non
     spec = SystemSpec.load(system)
     if not spec.structure_path.is_file():
         raise SetupError(f"{system}: structure file {spec.structure_path} not found; re-run `mlmm prepare`")
-    if client_argv is None and any(s.name == "ml" for s in socks):
+    if client_argv is None and ml_clients > 0 and any(s.name == "ml" for s in socks):
         if not model:
             raise SetupError(f"{where} has an <ffsocket name='ml'>: pass the network with --model FILE "
                              "(or use a pure-MM template such as inputs/templates/nvt_bussi_mm.xml)")
@@ -138,6 +150,30 @@ def run_simulation(xml: str | Path, system: str | Path, *, out: str | Path | Non
             raise SetupError(f"model file {model} not found; train one with `mlmm train CONFIG`")
     if steps is not None and steps < 1:
         raise SetupError(f"--steps {steps}: must be a positive number of MD steps")
+    ml_sock = next((s for s in socks if s.name == "ml"), None)
+    if ml_clients < 0 or remote_ml_clients < 0:
+        raise SetupError(f"--ml-clients {ml_clients} / --remote-ml-clients {remote_ml_clients}: must be >= 0")
+    if (ml_clients != 1 or remote_ml_clients) and ml_sock is None:
+        raise SetupError(f"--ml-clients/--remote-ml-clients: {where} has no <ffsocket name='ml'>")
+    if ml_sock is not None and ml_clients + remote_ml_clients < 1:
+        raise SetupError(f"--ml-clients 0 and no --remote-ml-clients: nobody would serve the 'ml' forcefield of "
+                         f"{where}; pass --remote-ml-clients N for clients started on other nodes")
+    if remote_ml_clients and ml_sock.mode != "inet":
+        raise SetupError(f"--remote-ml-clients {remote_ml_clients}: the 'ml' <ffsocket> of {where} is "
+                         f"mode='{ml_sock.mode}'; clients on other nodes need mode='inet' with this node's "
+                         "<address> and a <port>")
+    if beads is not None:
+        xmlinput.set_beads(root, beads, where)
+    n_clients = {s.name: (ml_clients if s.name == "ml" else 1) for s in socks}         # started here
+    sharing = {**n_clients, "ml": ml_clients + remote_ml_clients}
+    batches = xmlinput.fit_batches(root, sharing)
+    seen = xmlinput.beads_per_forcefield(root, where)
+    for name, n in sharing.items():
+        if n > 1 and seen.get(name, 0) % n:
+            log.warning("%d clients on '%s' which sees %d beads per step: the clients get unequal shares "
+                        "(choose a number of clients that divides the beads)", n, name, seen.get(name, 0))
+    if batches:
+        log.info("batched sockets: %s (structures per request)", batches)
     total = steps if steps is not None else (xmlinput.total_steps(root) or 1000)   # 1000: i-PI's default
     ipi_argv = _ipi_argv()
     folder = _run_folder(out, spec)
@@ -161,7 +197,8 @@ def run_simulation(xml: str | Path, system: str | Path, *, out: str | Path | Non
 
         default_argv = _client_argv_factory(Path(system).resolve(), model, device, platform, verbose)
         argv = client_argv or default_argv
-        clients = {s.name: argv(s.name, address(s)) for s in socks}
+        clients = {(s.name if k == 0 else f"{s.name}-{k + 1}"): argv(s.name, address(s))
+                   for s in socks for k in range(n_clients[s.name])}
         endpoints = [Path(prefix + s.name) if s.mode == "unix" else s.port for s in socks]
         props = xmlinput.properties_file(root)
         sup = _Supervisor(folder, ipi_argv, clients, endpoints, folder / props if props else None, total,
@@ -253,11 +290,16 @@ def initial_structure(spec: SystemSpec):
 
 
 def _client_argv_factory(system: Path, model, device: str, platform: str | None, verbose: bool) -> ClientArgv:
+    devices = [d.strip() for d in device.split(",") if d.strip()] or ["cpu"]
+    started = {"ml": 0}             # ML clients made so far: the next one gets the next device
+
     def argv(name: str, address: str) -> list[str]:
         cmd = [sys.executable, "-m", "driver.cli"] + (["-v"] if verbose else [])
         cmd += ["client", name, "--system", str(system), "--address", address]
         if name == "ml":
-            cmd += ["--model", str(Path(model).resolve()), "--device", device]
+            dev = devices[started["ml"] % len(devices)]
+            started["ml"] += 1
+            cmd += ["--model", str(Path(model).resolve()), "--device", dev]
         elif platform:
             cmd += ["--platform", platform]
         return cmd

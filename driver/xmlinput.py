@@ -225,6 +225,74 @@ def patch(root: ET.Element, *, init_file: str, sockets_prefix: str | None, steps
         _set_child(prng, "seed", str(int(seed)))
 
 
+def nbeads(root: ET.Element) -> int:
+    """Number of beads of the ring polymer (``<initialize nbeads>`` of the first system; 1 if not set)."""
+    init = root.find("system/initialize")
+    text = init.get("nbeads", "1") if init is not None else "1"
+    try:
+        return int(text)
+    except ValueError:
+        raise SetupError(f"<initialize nbeads='{text}'> is not an integer") from None
+
+
+def beads_per_forcefield(root: ET.Element, where: str = "input") -> dict[str, int]:
+    """Beads each forcefield is evaluated on per force evaluation of the first system, summed over the
+    `<force>`s that use it: ``<force nbeads='k'>`` contracts to k beads (ring-polymer contraction, ipi.md §2.3);
+    0, absent or more than the system's beads means the full ring polymer; ``weight='0'`` is never evaluated."""
+    full = nbeads(root)
+    counts: dict[str, int] = {}
+    system = root.find("system")
+    for force in (system.iter("force") if system is not None else ()):
+        ff = force.get("forcefield", "")
+        try:
+            k = int(force.get("nbeads", "0"))
+            weight = float(force.get("weight", "1"))
+        except ValueError:
+            raise SetupError(f"{where}: <force forcefield='{ff}'>: nbeads/weight must be numbers") from None
+        if weight != 0.0:
+            counts[ff] = counts.get(ff, 0) + (full if k <= 0 or k > full else k)
+    return counts
+
+
+def set_beads(root: ET.Element, n: int, where: str = "input") -> None:
+    """Set the ring-polymer size of every system to ``n`` beads (``mlmm run --beads``), in place.
+
+    A contracted `<force nbeads='k'>` with k > n is lowered to n (i-PI would treat it as the full polymer
+    anyway)."""
+    if n < 1:
+        raise SetupError(f"--beads {n}: must be a positive number of beads")
+    for system in root.findall("system"):
+        init = system.find("initialize")
+        if init is None:
+            init = ET.Element("initialize")
+            system.insert(0, init)
+        init.set("nbeads", str(int(n)))
+        for force in system.iter("force"):
+            if int(force.get("nbeads", "0") or 0) > n:
+                force.set("nbeads", str(int(n)))
+
+
+def fit_batches(root: ET.Element, clients: dict[str, int]) -> dict[str, int]:
+    """Size each batched socket's ``<batch_size>`` to the beads its forcefield sees, shared among its clients.
+
+    i-PI pads a short batch by repeating the last structure (ipi.md §1.6), so a batch larger than the beads a
+    client gets per step wastes evaluations; with c clients on a forcefield that sees b beads each request
+    carries ceil(b / c) beads, so every client gets work. Only sockets that ask for batching
+    (``batch_size`` > 1) are changed. ``clients``: forcefield name -> number of clients. Returns the new sizes.
+    """
+    seen = beads_per_forcefield(root)
+    sizes = {}
+    for el in root.iter("ffsocket"):
+        bs = el.find("batch_size")
+        name = el.get("name", "")
+        if bs is None or int(_text(bs) or 1) <= 1 or name not in seen:
+            continue
+        size = max(1, -(-seen[name] // max(1, clients.get(name, 1))))
+        bs.text = f" {size} "
+        sizes[name] = size
+    return sizes
+
+
 def write(tree: ET.ElementTree, path: str | Path) -> None:
     ET.indent(tree, space="  ")
     tree.write(path, encoding="unicode", xml_declaration=False)

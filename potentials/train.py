@@ -710,7 +710,8 @@ def make_test_set(src: str | Path, dst: str | Path, split: str = "test", per_sol
                 chosen += sorted(picked)
             idx = np.array(sorted(chosen))
     frames = load_frames(src, indices=[int(i) for i in idx])
-    gas = label_gas_energies(frames, attrs)
+    gas = read_gas_energies(src) or {}                    # reuse vacuum labels src already has
+    gas.update(label_gas_energies([f for f in frames if f["index"] not in gas], attrs))
     write_subset(src, dst, [int(i) for i in idx], gas)
 
 
