@@ -83,6 +83,7 @@ def analyze(run_dir: str | Path, *, system: str | Path | None = None, out: str |
     ----------
     run_dir : a folder written by ``mlmm run`` (needs ``input.xml`` and i-PI's properties file).
     system : system.toml of the run; needed for the RDF (which atoms are water, which are the ML zone).
+        Default: the one recorded in ``run_dir/run.json`` by ``mlmm run``.
     out : output folder, default ``run_dir/analysis``.
     skip_ps : float, ps
         Equilibration left out of averages, drift and RDF.
@@ -92,6 +93,10 @@ def analyze(run_dir: str | Path, *, system: str | Path | None = None, out: str |
 
     run_dir = Path(run_dir)
     run = _Run(run_dir)
+    if system is None and (run_dir / "run.json").is_file():      # written by `mlmm run`
+        system = json.loads((run_dir / "run.json").read_text()).get("system")
+        if system is not None and not Path(system).is_file():
+            system = None
     out = Path(out) if out is not None else run_dir / "analysis"
     out.mkdir(parents=True, exist_ok=True)
     s = Summary()

@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("analyze", help="plots (PNG) and a text summary of a run folder written by `mlmm run`")
     s.add_argument("run_dir", help="run folder (input.xml, sim.out, sim.pos_0.nc, ...)")
     s.add_argument("--system", default=None,
-                   help="system.toml of the run: which atoms are water and ML zone (needed for the RDF)")
+                   help="system.toml of the run (default: the one in RUN_DIR/run.json): water and ML atoms for the RDF")
     s.add_argument("--out", default=None, help="folder for the PNGs and summary.txt (default: RUN_DIR/analysis)")
     s.add_argument("--skip", type=float, default=0.0, metavar="PS",
                    help="equilibration time left out of averages and drift (ps)")

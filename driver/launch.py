@@ -4,6 +4,7 @@ convert the outputs.
 The run folder (i-PI's working directory) ends up with::
 
     input.xml        the patched i-PI input          init.extxyz   starting structure (Å, masses)
+    run.json         absolute paths of the XML, system.toml and model the run was started with
     ipi.log          i-PI's output                   client_mm.log, client_ml.log
     sim.out          i-PI's properties table (units in its header; the templates use kJ/mol, ps, K)
     properties.csv   the same table with plain column names (conserved_kjmol, pot_mm_kjmol, ...)
@@ -17,6 +18,7 @@ kills at once. Unix sockets live in a fresh 0700 directory that is removed at th
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -191,6 +193,10 @@ def run_simulation(xml: str | Path, system: str | Path, *, out: str | Path | Non
         ase.io.write(str(folder / "init.extxyz"), start, format="extxyz")
         xmlinput.patch(root, init_file="init.extxyz", sockets_prefix=prefix, steps=steps, seed=seed)
         xmlinput.write(tree, folder / "input.xml")
+        # what the run was made from, so `mlmm analyze RUN_DIR` (and a person) can find the system and model
+        (folder / "run.json").write_text(json.dumps({
+            "xml": str(Path(xml).resolve()), "system": str(Path(system).resolve()),
+            "model": str(Path(model).resolve()) if model else None, "steps": steps, "seed": seed}, indent=1) + "\n")
 
         def address(s: xmlinput.SocketSpec) -> str:
             return f"unix:{prefix}{s.name}" if s.mode == "unix" else f"{s.address}:{s.port}"

@@ -397,7 +397,7 @@ def evaluate_loss(model, frames, cfg: TrainConfig, device, dtype) -> dict[str, f
     for idx in _batches(len(frames), cfg.batch_size, 0, 0, shuffle=False):
         b = collate([frames[i] for i in idx], device, dtype)
         pred = predict(model, b)
-        terms = loss_terms(pred, b)
+        terms = {name: v.detach() for name, v in loss_terms(pred, b).items()}
         k = len(idx) / len(frames)
         sums["loss"] = sums.get("loss", 0.0) + k * float(total_loss(terms, cfg))
         for name, v in terms.items():

@@ -8,6 +8,7 @@ skipped with a line, not an error.
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -47,8 +48,8 @@ def nvt_run(prepared, tmp_path_factory) -> Path:
     text = text.replace("<properties stride='10'", "<properties stride='2'")
     text = text.replace("safe_stride='10'", "safe_stride='2'")
     text = text.replace("<trajectory filename='pos' stride='100'", "<trajectory filename='pos' stride='5'")
-    text = text.replace("<checkpoint", "<trajectory filename='xtr' stride='4' extra_type='ml.charges,ml.dipole'> "
-                                       "extras </trajectory>\n    <checkpoint")
+    assert "<trajectory filename='ml_extras' stride='10' extra_type='ml.charges,ml.dipole'>" in text
+    text = text.replace("<trajectory filename='ml_extras' stride='10'", "<trajectory filename='xtr' stride='4'")
     folder = tmp_path_factory.mktemp("nvt")
     xml = folder / "nvt.xml"
     xml.write_text(text)
@@ -148,8 +149,14 @@ def test_rdf_normalisation(nvt_run, prepared):
 
 
 def test_analyze_without_system_and_extras(nvt_run, tmp_path):
-    """No --system: the RDF is skipped with the fix in the summary; a bad folder is one clear error line."""
-    assert cli(["analyze", str(nvt_run), "--out", str(tmp_path / "a"), "--skip", "0.005"]) == 0
+    """No --system: the system comes from run.json; without run.json the RDF is skipped with the fix in the
+    summary; a bad folder is one clear error line."""
+    assert cli(["analyze", str(nvt_run), "--out", str(tmp_path / "r"), "--skip", "0.005"]) == 0
+    _assert_png(tmp_path / "r" / "rdf.png")                   # system found through run.json
+    bare = tmp_path / "bare"
+    shutil.copytree(nvt_run, bare)
+    (bare / "run.json").unlink()
+    assert cli(["analyze", str(bare), "--out", str(tmp_path / "a"), "--skip", "0.005"]) == 0
     text = (tmp_path / "a" / "summary.txt").read_text()
     assert re.search(r"^skipped rdf\.png: .*--system", text, re.M)
     assert "averages from: 0.005 ps" in text
