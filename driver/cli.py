@@ -54,12 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     # --- run (driver/launch.py)
     s = sub.add_parser("run", help="run i-PI with the XML and one client per <ffsocket>")
-    s.add_argument("xml", help="i-PI input XML (e.g. inputs/templates/nvt_bussi.xml)")
-    s.add_argument("--system", required=True, help="system.toml written by `mlmm prepare`")
+    s.add_argument("xml", nargs="?", default=None, help="i-PI input XML (e.g. inputs/templates/nvt_bussi.xml)")
+    s.add_argument("--system", default=None, help="system.toml written by `mlmm prepare` (required unless --resume)")
+    s.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR from i-PI's "
+                   "RESTART (outputs are appended; with --steps N the run goes on to step N)")
+    s.add_argument("--max-restarts", type=int, default=3, help="when a client dies (killed, crashed), restart "
+                   "i-PI and the clients from RESTART at most this many times (0: stop with an error)")
     s.add_argument("--model", default=None, help="network model file for the ML client")
     s.add_argument("--out", default=None, help="run folder (default: runs/run-<timestamp> in the current directory)")
     s.add_argument("--steps", type=int, default=None, help="override <total_steps>")
-    s.add_argument("--device", default="cpu", help="torch device for the ML client (cpu, cuda, cuda:N); a "
+    s.add_argument("--device", default=None, help="torch device for the ML client (cpu, cuda, cuda:N; default cpu, "
+                   "or the resumed run's); a "
                    "comma-separated list (cuda:0,cuda:1) spreads several --ml-clients over devices")
     s.add_argument("--platform", default=None, help="OpenMM platform for the MM client (CPU, CUDA, Reference)")
     s.add_argument("--seed", type=int, default=None, help="override the i-PI <prng><seed>")
@@ -70,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--remote-ml-clients", type=int, default=0, help="ML clients that connect from other nodes "
                    "(`mlmm client ml --address HOST:PORT`); needs an inet 'ml' socket; sizes the batches")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.add_argument("--max-force", type=float, default=None, help="clients stop the run if an atom's force exceeds "
+                   "this (kJ/mol/nm; default 1e6): exploding structure; the last good frame goes to last_good.pdb")
 
     # --- client (driver/client.py)
     s = sub.add_parser("client", help="run one force client that connects to i-PI")
@@ -81,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu", help="torch device (ML client)")
     s.add_argument("--platform", default=None, help="OpenMM platform (MM client): CPU, CUDA, OpenCL, Reference")
     s.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the server to appear")
+    s.add_argument("--max-force", type=float, default=1.0e6, help="stop with an error (naming atoms and cause) if an "
+                   "atom's force exceeds this (kJ/mol/nm): a blown-up structure")
 
     # --- label (potentials/qmmm_reference.py)
     s = sub.add_parser("label", help="generate QM/MM reference data (PySCF B3LYP/def2-SVP, TIP3P embedding)")

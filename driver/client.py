@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 
 UNIX_PREFIX = "/tmp/ipi_"        # i-PI's default <simulation sockets_prefix>
 LOG_EVERY = 1000                 # requests between debug timing lines
+# forces beyond this (kJ/mol/nm) mean a blown-up structure: flexible water at 300 K stays below ~1e4, an unrelaxed
+# box straight from OpenMM's Modeller reaches ~2e5 (still integrable), a 0.08 nm O-O overlap ~6e9
+MAX_FORCE_KJMOL_NM = 1.0e6
+CLASH_NM = 0.12                  # atoms of different residues this close: a Lennard-Jones clash
 _RETRY = (FileNotFoundError, ConnectionRefusedError, ConnectionResetError, ConnectionAbortedError,
           BlockingIOError, TimeoutError)
 
@@ -112,7 +116,8 @@ def connect(address: str, timeout: float = 120.0) -> socket.socket:
 
 # ---------------------------------------------------------------------------------------------- loop
 def serve(engine: Engine, address: str, *, timeout: float = 120.0, max_steps: int | None = None,
-          read_timeout: float | None = 60.0, idle_timeout: float | None = None) -> int:
+          read_timeout: float | None = 60.0, idle_timeout: float | None = None,
+          guard: "ForceGuard | None" = None) -> int:
     """Connect to i-PI at ``address`` and answer its requests with ``engine`` until EXIT or disconnect.
 
     Parameters
@@ -122,6 +127,7 @@ def serve(engine: Engine, address: str, *, timeout: float = 120.0, max_steps: in
     timeout : seconds to keep trying to connect
     max_steps : stop after this many answered requests (None: until i-PI says EXIT or closes)
     read_timeout, idle_timeout : seconds, see :class:`driver.codec.Wire`
+    guard : checks every result for a blown-up structure (see :class:`ForceGuard`); None: non-finite check only
 
     Returns
     -------
@@ -129,14 +135,16 @@ def serve(engine: Engine, address: str, *, timeout: float = 120.0, max_steps: in
     """
     with connect(address, timeout) as sock:
         return serve_socket(engine, sock, max_steps=max_steps, read_timeout=read_timeout,
-                            idle_timeout=idle_timeout)
+                            idle_timeout=idle_timeout, guard=guard)
 
 
 def serve_socket(engine: Engine, sock: socket.socket, *, max_steps: int | None = None,
-                 read_timeout: float | None = 60.0, idle_timeout: float | None = None) -> int:
+                 read_timeout: float | None = 60.0, idle_timeout: float | None = None,
+                 guard: "ForceGuard | None" = None) -> int:
     """The protocol loop on an already connected socket (see :func:`serve`)."""
     try:
-        return _loop(engine, codec.Wire(sock, timeout=read_timeout, idle_timeout=idle_timeout), max_steps)
+        return _loop(engine, codec.Wire(sock, timeout=read_timeout, idle_timeout=idle_timeout), max_steps,
+                     guard)
     finally:
         _close_gently(sock)
 
@@ -159,7 +167,7 @@ def _close_gently(sock: socket.socket, wait: float = 2.0) -> None:
         pass
 
 
-def _loop(engine: Engine, wire: codec.Wire, max_steps: int | None) -> int:
+def _loop(engine: Engine, wire: codec.Wire, max_steps: int | None, guard: "ForceGuard | None" = None) -> int:
     initialised, batch_size = False, 1
     reply: bytes | None = None          # FORCEREADY computed at POSDATA, sent at GETFORCE
     served, t_compute, t_start = 0, 0.0, time.perf_counter()
@@ -183,7 +191,8 @@ def _loop(engine: Engine, wire: codec.Wire, max_steps: int | None) -> int:
             positions, boxes = wire.recv_posdata(batch_size, engine.natoms)
             t1 = time.perf_counter()
             n_real = distinct_prefix(positions, boxes)
-            reply = evaluate(engine, positions, boxes, batched=batch_size > 1, n_compute=n_real)
+            reply = evaluate(engine, positions, boxes, batched=batch_size > 1, n_compute=n_real, guard=guard,
+                             request=served + 1)
             t_wire, t_compute = t_wire + t1 - t0, t_compute + time.perf_counter() - t1
             structures, computed = structures + len(positions), computed + n_real
         elif header == codec.GETFORCE:
@@ -219,12 +228,13 @@ def distinct_prefix(positions: np.ndarray, boxes: np.ndarray | None) -> int:
 
 
 def evaluate(engine: Engine, positions: np.ndarray, boxes: np.ndarray | None, *, batched: bool,
-             n_compute: int | None = None) -> bytes:
+             n_compute: int | None = None, guard: "ForceGuard | None" = None, request: int = 0) -> bytes:
     """Run ``engine`` on (B, N, 3) nm positions and return the encoded FORCEREADY reply.
 
     ``n_compute``: compute only the first structures and repeat the last result for the rest (the batch padding,
     see :func:`distinct_prefix`). Refuses to send non-finite or misshapen results: i-PI would integrate them
-    silently.
+    silently. ``guard`` (optional) also refuses forces beyond its threshold and names the atoms and the likely
+    cause; ``request`` is the number of the request, for its message.
     """
     nbatch, natoms = positions.shape[0], positions.shape[1]
     n_compute = nbatch if n_compute is None else max(1, min(n_compute, nbatch))
@@ -246,6 +256,9 @@ def evaluate(engine: Engine, positions: np.ndarray, boxes: np.ndarray | None, *,
                                 f"{virials.shape[1:]}, expected ({natoms}, 3) / (3, 3)")
     for b in range(nbatch):
         bad = np.flatnonzero(~np.isfinite(forces[b]).all(axis=1))
+        if guard is not None:
+            guard.check(engine, positions[b], boxes[b] if boxes is not None else None, energies[b], forces[b],
+                        request, b)
         if not np.isfinite(energies[b]) or bad.size or not np.isfinite(virials[b]).all():
             raise CalculationFailed(
                 f"{type(engine).__name__} returned a non-finite energy ({energies[b]}), forces "
@@ -254,6 +267,69 @@ def evaluate(engine: Engine, positions: np.ndarray, boxes: np.ndarray | None, *,
                 "its training domain). Not sending it to i-PI.")
     extras = [codec.encode_extras(r.extras) for r in results]
     return codec.encode_forceready(energies, forces, virials, extras, batched)
+
+
+class ForceGuard:
+    """Stops a client on a blown-up structure: non-finite energy/forces, or an atom's force above ``max_force``
+    (kJ/mol/nm). The error names the request, the worst atoms (index, atom, residue, ML/MM) and the likely cause:
+    a Lennard-Jones clash (atoms of different residues closer than `CLASH_NM`), an ML-zone geometry outside the
+    model's training domain (the worst atom is an ML atom), or too large a time step.
+
+    ``spec``: the system (`driver.system.SystemSpec`); its PDB is read only when something went wrong.
+    """
+
+    def __init__(self, spec, max_force: float = MAX_FORCE_KJMOL_NM):
+        if not max_force > 0:
+            raise SetupError(f"--max-force {max_force}: must be a positive force in kJ/mol/nm")
+        self.spec, self.max_force = spec, float(max_force)
+
+    def _labels(self) -> list[str]:
+        from openmm import app
+
+        try:
+            top = app.PDBFile(str(self.spec.structure_path)).topology
+        except Exception:                            # a label is a courtesy: never hide the real error behind it
+            return []
+        ml = set(self.spec.ml.indices)
+        return [f"{a.name} {a.residue.name} {a.residue.id}, {'ML' if a.index in ml else 'MM'}" for a in top.atoms()]
+
+    def check(self, engine: Engine, pos: np.ndarray, box: np.ndarray | None, energy: float, forces: np.ndarray,
+              request: int, b: int) -> None:
+        """Raise CalculationFailed if structure ``b`` (positions nm, forces kJ/mol/nm) looks blown up."""
+        norm = np.linalg.norm(forces, axis=1)
+        finite = bool(np.isfinite(energy)) and bool(np.isfinite(norm).all())
+        if finite and (norm.size == 0 or norm.max() <= self.max_force):
+            return
+        score = np.where(np.isfinite(norm), norm, np.inf)
+        worst = np.argsort(-score, kind="stable")[:3]
+        labels = self._labels()
+        names = ml_worst = None
+        if len(labels) == len(pos):
+            names = labels
+            ml_worst = labels[worst[0]].endswith("ML")
+        describe = "; ".join(f"atom {i} ({names[i] if names else '?'}) |F| = {norm[i]:.3g}" for i in worst)
+        # nearest other atom of the worst one: in another residue and this close, it is a clash
+        d = np.linalg.norm(pos - pos[worst[0]], axis=1)
+        d[worst[0]] = np.inf
+        if box is not None and np.any(box):                   # minimum image, rows = box vectors (nm)
+            frac = (pos - pos[worst[0]]) @ np.linalg.inv(box)
+            d = np.linalg.norm((frac - np.round(frac)) @ box, axis=1)
+            d[worst[0]] = np.inf
+        j = int(np.argmin(d)) if np.isfinite(d).any() else None
+        res = [n.split(", ")[0].split(" ", 1)[1] for n in names] if names else None
+        if j is not None and res and d[j] < CLASH_NM and res[j] != res[worst[0]]:
+            cause = (f"a Lennard-Jones clash: atom {worst[0]} and atom {j} ({names[j]}) of another residue are "
+                     f"{d[j]:.3f} nm apart (relax the structure: mlmm prepare / mlmm optimize)")
+        elif ml_worst:
+            cause = ("an ML-zone geometry outside the model's training domain (or too large a time step): "
+                     "check the model's card, lower the time step, optimise the start with mlmm optimize")
+        else:
+            cause = "too large a time step or a bad starting structure: lower <timestep>, relax the structure first"
+        what = f"non-finite energy ({energy}) or forces" if not finite else \
+            f"forces above --max-force {self.max_force:.3g} kJ/mol/nm"
+        raise CalculationFailed(f"exploding structure at request {request} (structure {b}): {type(engine).__name__} "
+                                f"returned {what}; worst atoms: {describe}; likely cause: {cause}. Not sending it "
+                                "to i-PI.")
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -266,7 +342,8 @@ def main(args: argparse.Namespace) -> int:
         engine = build_mm_engine(spec, args.platform, model=args.model, device=args.device)
     else:
         engine = build_ml_engine(spec, args.model, args.device)
-    served = serve(engine, args.address, timeout=args.timeout)
+    guard = ForceGuard(spec, getattr(args, "max_force", MAX_FORCE_KJMOL_NM))
+    served = serve(engine, args.address, timeout=args.timeout, guard=guard)
     log.info("%s client done: %d requests served", args.kind, served)
     return 0
 

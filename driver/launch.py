@@ -10,17 +10,28 @@ The run folder (i-PI's working directory) ends up with::
     properties.csv   the same table with plain column names (conserved_kjmol, pot_mm_kjmol, ...)
     sim.pos_0.xyz    i-PI's positions                sim.pos_0.nc  the same as AMBER NetCDF
     RESTART          i-PI's restart file, written on every exit (the state a resumed run starts from)
+    resume.xml       the RESTART a resumed or automatically restarted run was started from (with new sockets)
+    last_good.pdb    after an exploding structure: the last accepted state (RESTART's step)
 
 Supervision: every child runs in its own process group; the loop watches all of them. A client that dies
 makes i-PI hang forever with consolidated messages (ipi.md §2.7), so the supervisor then stops i-PI itself:
 SIGTERM (i-PI writes RESTART), SIGKILL after a grace period. Ctrl-C/SIGTERM do the same; a second Ctrl-C
-kills at once. Unix sockets live in a fresh 0700 directory that is removed at the end.
+kills at once. Unix sockets live in a fresh 0700 directory per i-PI process, removed when it ends.
+
+Recovery: after a client death that is not the client's own one-line error (exit code 2), the run continues
+from RESTART with a new i-PI and new clients (``max_restarts`` times at most). i-PI appends to its outputs from
+the RESTART's step, which lags the last written step by up to ``safe_stride``; `trim_outputs` first cuts the
+properties, trajectories and extras back to that step, so each step appears once. `resume_simulation`
+(``mlmm run --resume``) does the same for a stopped run. NetCDF files are rewritten from the i-PI trajectories
+after every run. A client that refuses a blown-up structure (driver.client.ForceGuard) stops the run; the RESTART
+state is then saved as ``last_good.pdb``.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -39,7 +50,7 @@ import numpy as np
 from . import trajectory, xmlinput
 from .errors import CalculationFailed, SetupError
 from .system import SystemSpec
-from .units import ANGSTROM_PER_NM
+from .units import ANGSTROM_PER_NM, NM_PER_BOHR
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +96,32 @@ class RunInterrupted(KeyboardInterrupt):
 
 # ------------------------------------------------------------------------------------------------- CLI
 def main(args) -> int:
-    """``mlmm run XML --system S [--model M] [--steps N] [--out DIR] [--seed K] [--no-progress]``."""
+    """``mlmm run XML --system S [--model M] [--steps N] [--out DIR] [--seed K] [--no-progress]`` or
+    ``mlmm run --resume RUN_DIR [--steps N]``."""
+    resume = getattr(args, "resume", None)
+    max_restarts = getattr(args, "max_restarts", 3)
+    if max_restarts < 0:
+        raise SetupError(f"--max-restarts {max_restarts}: must be >= 0")
     try:
-        result = run_simulation(args.xml, args.system, out=args.out, model=args.model, steps=args.steps,
-                                seed=args.seed, device=args.device, platform=args.platform,
-                                progress=not args.no_progress, verbose=getattr(args, "verbose", False),
-                                beads=getattr(args, "beads", None), ml_clients=getattr(args, "ml_clients", 1),
-                                remote_ml_clients=getattr(args, "remote_ml_clients", 0))
+        if resume:
+            given = [f for f, v in (("XML", args.xml), ("--system", args.system), ("--model", args.model),
+                                    ("--out", args.out), ("--seed", args.seed), ("--beads", args.beads))
+                     if v is not None]
+            if given:
+                raise SetupError(f"--resume {resume}: {', '.join(given)} cannot change a run being continued "
+                                 "(they come from its RESTART and run.json); give only --steps and devices")
+            result = resume_simulation(resume, steps=args.steps, device=args.device, platform=args.platform,
+                                       progress=not args.no_progress, verbose=getattr(args, "verbose", False),
+                                       max_restarts=max_restarts, max_force=args.max_force)
+        else:
+            if args.xml is None or args.system is None:
+                raise SetupError("mlmm run needs an i-PI XML and --system TOML (or --resume RUN_DIR)")
+            result = run_simulation(args.xml, args.system, out=args.out, model=args.model, steps=args.steps,
+                                    seed=args.seed, device=args.device or "cpu", platform=args.platform,
+                                    progress=not args.no_progress, verbose=getattr(args, "verbose", False),
+                                    beads=getattr(args, "beads", None), ml_clients=getattr(args, "ml_clients", 1),
+                                    remote_ml_clients=getattr(args, "remote_ml_clients", 0),
+                                    max_restarts=max_restarts, max_force=args.max_force)
     except RunInterrupted as exc:
         print(f"mlmm: interrupted: {exc}", file=sys.stderr)
         return 128 + exc.signum          # 130 for Ctrl-C, 143 for SIGTERM (shell convention)
@@ -106,7 +136,8 @@ def run_simulation(xml: str | Path, system: str | Path, *, out: str | Path | Non
                    model: str | Path | None = None, steps: int | None = None, seed: int | None = None,
                    device: str = "cpu", platform: str | None = None, progress: bool = True,
                    verbose: bool = False, client_argv: ClientArgv | None = None, beads: int | None = None,
-                   ml_clients: int = 1, remote_ml_clients: int = 0) -> RunResult:
+                   ml_clients: int = 1, remote_ml_clients: int = 0, max_restarts: int = 3,
+                   max_force: float | None = None) -> RunResult:
     """Run i-PI with the input ``xml`` on ``system`` and one client per `<ffsocket>`; block until done.
 
     Parameters
@@ -126,6 +157,10 @@ def run_simulation(xml: str | Path, system: str | Path, *, out: str | Path | Non
     ml_clients : number of ML clients started on the ``ml`` socket (i-PI shares the beads among them,
         ipi.md §2.4). Batched sockets (``<batch_size>`` > 1) get ``batch_size`` = the beads their forcefield
         sees divided among its clients (`xmlinput.fit_batches`). 0: no local ML client (all remote).
+    max_force : kJ/mol/nm; a client stops the run when an atom's force exceeds it (exploding structure; default
+        `driver.client.MAX_FORCE_KJMOL_NM`); the state of the last RESTART is then saved as ``last_good.pdb``.
+    max_restarts : when a client dies (killed, or crashed other than with its own one-line error), stop i-PI
+        (it writes RESTART) and continue from RESTART with fresh clients, at most this many times.
     remote_ml_clients : ML clients that will connect from other nodes (``mlmm client ml --address HOST:PORT``,
         not started here; the ``ml`` socket must be ``mode='inet'``). Only used to size the batches; i-PI waits
         for them. A remote client that dies is not noticed by the supervisor (i-PI waits; see README).
@@ -152,6 +187,8 @@ def run_simulation(xml: str | Path, system: str | Path, *, out: str | Path | Non
             raise SetupError(f"model file {model} not found; train one with `mlmm train CONFIG`")
     if steps is not None and steps < 1:
         raise SetupError(f"--steps {steps}: must be a positive number of MD steps")
+    if max_force is not None and not max_force > 0:
+        raise SetupError(f"--max-force {max_force}: must be a positive force in kJ/mol/nm")
     ml_sock = next((s for s in socks if s.name == "ml"), None)
     if ml_clients < 0 or remote_ml_clients < 0:
         raise SetupError(f"--ml-clients {ml_clients} / --remote-ml-clients {remote_ml_clients}: must be >= 0")
@@ -177,67 +214,280 @@ def run_simulation(xml: str | Path, system: str | Path, *, out: str | Path | Non
     if batches:
         log.info("batched sockets: %s (structures per request)", batches)
     total = steps if steps is not None else (xmlinput.total_steps(root) or 1000)   # 1000: i-PI's default
-    ipi_argv = _ipi_argv()
     folder = _run_folder(out, spec)
     start = initial_structure(spec)         # builds the OpenMM system: force-field problems show up here
-    periodic = bool(start.pbc.all())
+    if client_argv is None and ml_clients > 0 and ml_sock is not None:
+        _check_model(model, spec, start)
+    _check_socket_paths(socks)
+    _check_ports(socks)
+    _ipi_argv("input.xml")                  # i-PI must be installed
+    folder.mkdir(parents=True, exist_ok=True)
+    ase.io.write(str(folder / "init.extxyz"), start, format="extxyz")
+    xmlinput.patch(root, init_file="init.extxyz", sockets_prefix=None, steps=steps, seed=seed)
+    # what the run was made from, so `mlmm analyze RUN_DIR` / `mlmm run --resume RUN_DIR` (and a person) can
+    # find the system, the model and the clients
+    (folder / "run.json").write_text(json.dumps({
+        "xml": str(Path(xml).resolve()), "system": str(Path(system).resolve()),
+        "model": str(Path(model).resolve()) if model else None, "steps": steps, "seed": seed,
+        "device": device, "platform": platform, "ml_clients": ml_clients,
+        "remote_ml_clients": remote_ml_clients, "max_force": max_force}, indent=1) + "\n")
+    argv = client_argv or _client_argv_factory(Path(system).resolve(), model, device, platform, verbose, max_force)
+    run = _Run(folder, socks, n_clients, argv, total, progress, bool(start.pbc.all()), components, spec)
+    return run.drive(tree, "input.xml", max_restarts=_no_restarts_with_remote(max_restarts, remote_ml_clients),
+                     append=False)
 
-    sockdir = Path(tempfile.mkdtemp(prefix="mlmm-", dir=_short_tmpdir()))     # mode 0700
+
+def _no_restarts_with_remote(max_restarts: int, remote: int) -> int:
+    """A restarted i-PI would wait forever for remote clients nobody restarts: no automatic restarts then."""
+    if remote and max_restarts:
+        log.info("remote ML clients: no automatic restart after a client death (resume by hand with --resume and "
+                 "restart the remote clients)")
+        return 0
+    return max_restarts
+
+
+def resume_simulation(run_dir: str | Path, *, steps: int | None = None, device: str | None = None,
+                      platform: str | None = None, progress: bool = True, verbose: bool = False,
+                      client_argv: ClientArgv | None = None, max_restarts: int = 3,
+                      max_force: float | None = None) -> RunResult:
+    """Continue the run in ``run_dir`` from i-PI's ``RESTART`` (``mlmm run --resume RUN_DIR``).
+
+    The outputs i-PI appends to are first cut back to the RESTART's step (it may lag the last written step by
+    up to ``safe_stride``), so every step's properties and frames appear once; the NetCDF files are rewritten
+    from the continued i-PI trajectories. The thermostat's random state comes from RESTART: a seeded run
+    continued this way matches the uninterrupted one to i-PI's printed precision.
+
+    Parameters
+    ----------
+    run_dir : a run folder written by `run_simulation` (``run.json``, ``RESTART``).
+    steps : new ``total_steps`` (must exceed the RESTART's step); default: the run's own total.
+    device, platform, max_force : as in `run_simulation`; default: what the run was started with (``run.json``).
+    Other parameters as in `run_simulation`.
+    """
+    folder = Path(run_dir).resolve()
     try:
-        prefix = f"{sockdir}/"
-        for s in socks:
-            if s.mode == "unix" and len(os.fsencode(prefix + s.name)) > MAX_UNIX_PATH:
-                raise SetupError(f"unix socket path {prefix + s.name} is longer than {MAX_UNIX_PATH} bytes; "
-                                 "set TMPDIR to a short folder")
-        folder.mkdir(parents=True, exist_ok=True)
-        ase.io.write(str(folder / "init.extxyz"), start, format="extxyz")
-        xmlinput.patch(root, init_file="init.extxyz", sockets_prefix=prefix, steps=steps, seed=seed)
-        xmlinput.write(tree, folder / "input.xml")
-        # what the run was made from, so `mlmm analyze RUN_DIR` (and a person) can find the system and model
-        (folder / "run.json").write_text(json.dumps({
-            "xml": str(Path(xml).resolve()), "system": str(Path(system).resolve()),
-            "model": str(Path(model).resolve()) if model else None, "steps": steps, "seed": seed}, indent=1) + "\n")
+        info = json.loads((folder / "run.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise SetupError(f"{folder}: no readable run.json ({exc}); --resume needs a folder written by mlmm run") \
+            from None
+    step = xmlinput.restart_step(folder / "RESTART")
+    if step is None:
+        raise SetupError(f"{folder}: no readable RESTART (i-PI was killed before writing one); start a new run")
+    root = xmlinput.load(folder / "RESTART").getroot()
+    where = str(folder / "RESTART")
+    socks = xmlinput.sockets(root, where)
+    components = xmlinput.force_components(root, where)
+    total = steps if steps is not None else (xmlinput.total_steps(root) or 1000)
+    if total <= step:
+        raise SetupError(f"{folder}: the run already reached step {step} of {total}; pass --steps N with N > "
+                         f"{step} to continue it")
+    system, model = info.get("system"), info.get("model")
+    spec = SystemSpec.load(system)
+    ml_clients = int(info.get("ml_clients", 1))
+    if client_argv is None and ml_clients > 0 and any(s.name == "ml" for s in socks) and \
+            not (model and Path(model).is_file()):
+        raise SetupError(f"{folder}: the model the run was started with ({model}) is gone; restore it to resume")
+    n_clients = {s.name: (ml_clients if s.name == "ml" else 1) for s in socks}
+    _check_socket_paths(socks)
+    _check_ports(socks)
+    argv = client_argv or _client_argv_factory(Path(system), model, device or info.get("device") or "cpu",
+                                               platform or info.get("platform"), verbose,
+                                               max_force or info.get("max_force"))
+    run = _Run(folder, socks, n_clients, argv, total, progress, bool(spec.structure.periodic), components, spec)
+    return run.drive(run.resume_input(), "resume.xml", append=True,
+                     max_restarts=_no_restarts_with_remote(max_restarts, int(info.get("remote_ml_clients") or 0)))
 
-        def address(s: xmlinput.SocketSpec) -> str:
-            return f"unix:{prefix}{s.name}" if s.mode == "unix" else f"{s.address}:{s.port}"
 
-        default_argv = _client_argv_factory(Path(system).resolve(), model, device, platform, verbose)
-        argv = client_argv or default_argv
-        clients = {(s.name if k == 0 else f"{s.name}-{k + 1}"): argv(s.name, address(s))
-                   for s in socks for k in range(n_clients[s.name])}
-        endpoints = [Path(prefix + s.name) if s.mode == "unix" else s.port for s in socks]
+def _check_model(model: str | Path, spec: SystemSpec, start: ase.Atoms) -> None:
+    """The ML client would refuse a model file of another format version or one that does not know an element
+    (or the charge) of the ML zone; find out before anything is started, so the error is one line and no run
+    folder is written. Weights-only loading (no pickled code)."""
+    from coupling.ml_engine import check_model
+    from potentials.model_io import load_model
+
+    numbers = start.numbers[np.asarray(spec.ml.indices, dtype=int)]
+    check_model(load_model(model, "cpu"), numbers, spec.ml.charge, where=f"model file {model}")
+
+
+def _check_ports(socks: list[xmlinput.SocketSpec]) -> None:
+    """An inet <ffsocket> whose host:port is already taken: i-PI would die with a traceback after the run folder
+    was written. Probe by binding (and releasing) the same address i-PI will bind."""
+    import socket
+
+    for s in socks:
+        if s.mode != "inet":
+            continue
+        try:
+            infos = socket.getaddrinfo(s.address, s.port, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise SetupError(f"<ffsocket name='{s.name}'>: cannot resolve <address>{s.address}</address> ({exc}); "
+                             "give this node's host name or IP") from None
+        family, _, _, _, addr = infos[0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)     # as i-PI does: TIME_WAIT is no conflict
+            try:
+                probe.bind(addr)
+            except OSError as exc:
+                raise SetupError(f"<ffsocket name='{s.name}'>: {s.address}:{s.port} is not free ({exc.strerror}); "
+                                 "another i-PI or program uses it: choose another <port>, or use mode='unix'") \
+                    from None
+
+
+def _check_socket_paths(socks: list[xmlinput.SocketSpec]) -> None:
+    """Unix socket paths must fit in sun_path; the private folder of every attempt has the same length."""
+    probe = tempfile.mkdtemp(prefix="mlmm-", dir=_short_tmpdir())
+    os.rmdir(probe)
+    for s in socks:
+        path = f"{probe}/{s.name}"
+        if s.mode == "unix" and len(os.fsencode(path)) > MAX_UNIX_PATH:
+            raise SetupError(f"unix socket path {path} is longer than {MAX_UNIX_PATH} bytes; set TMPDIR to a "
+                             "short folder")
+
+
+def _recoverable(child: "_Child") -> bool:
+    """A client death worth an automatic restart: killed by a signal (OOM killer, kill -9, node trouble) or an
+    unexpected crash. Exit code 2 is a client's own one-line error (bad input, exploding structure): restarting
+    would only repeat it."""
+    rc = child.rc
+    return rc is not None and rc != 0 and rc != 2
+
+
+@dataclass
+class _Run:
+    """One run folder, driven through one or more i-PI processes (the first start, automatic restarts)."""
+
+    folder: Path
+    socks: list[xmlinput.SocketSpec]
+    n_clients: dict[str, int]
+    argv: ClientArgv
+    total: int
+    progress: bool
+    periodic: bool
+    components: list[str]
+    spec: SystemSpec
+
+    def resume_input(self) -> ET.ElementTree:
+        """i-PI's RESTART with ``total_steps`` set, after cutting the outputs back to its step."""
+        step = xmlinput.restart_step(self.folder / "RESTART")
+        tree = xmlinput.load(self.folder / "RESTART")
+        trim_outputs(self.folder, tree.getroot(), step)
+        xmlinput.patch(tree.getroot(), init_file=None, sockets_prefix=None, steps=self.total)
+        return tree
+
+    def drive(self, tree: ET.ElementTree, input_name: str, *, max_restarts: int, append: bool) -> RunResult:
+        """Run i-PI on ``tree`` (written as ``input_name``); after a recoverable client death, restart from
+        RESTART up to ``max_restarts`` times. Then convert the outputs and report."""
+        wall, restarts = 0.0, 0
+        while True:
+            outcome, sup, dt = self._attempt(tree, input_name, append)
+            wall += dt
+            if outcome is None or sup.interrupted or sup.crashed is None:
+                break
+            step = xmlinput.restart_step(self.folder / "RESTART")
+            if restarts >= max_restarts or not _recoverable(sup.crashed) or step is None or step >= self.total:
+                break
+            restarts += 1
+            log.warning("%s; restarting i-PI and the clients from RESTART at step %d (automatic restart %d of %d)",
+                        outcome, step, restarts, max_restarts)
+            tree, input_name, append = self.resume_input(), "resume.xml", True
+        if outcome is not None and restarts:
+            outcome += f" (after {restarts} automatic restart(s))"
+        if outcome is not None:
+            saved = save_last_good(self.folder, self.spec)
+            if saved is not None:
+                outcome += f"; last good frame (step {saved[1]}, from RESTART): {saved[0]}"
+
+        root = tree.getroot()
+        folder = self.folder
+        done = xmlinput.restart_step(folder / "RESTART")
+        result = RunResult(folder, done if done is not None else sup.last_step, self.total, wall,
+                           xmlinput.timestep_ps(root))
         props = xmlinput.properties_file(root)
-        sup = _Supervisor(folder, ipi_argv, clients, endpoints, folder / props if props else None, total,
-                          progress)
-        t0 = time.monotonic()
-        outcome = sup.run()
-        wall = time.monotonic() - t0
-    finally:
-        shutil.rmtree(sockdir, ignore_errors=True)
+        try:
+            result.trajectories = _convert_trajectories(folder, root, self.periodic)
+            if props and (folder / props).is_file():
+                result.properties_csv = folder / "properties.csv"
+                trajectory.write_properties_csv(folder / props, result.properties_csv, self.components)
+        except (OSError, ValueError, RuntimeError) as exc:
+            if outcome is None and not sup.interrupted:
+                raise CalculationFailed(f"the run finished but converting its outputs in {folder} failed: {exc}") \
+                    from exc
+            log.warning("converting the outputs of the stopped run failed: %s", exc)
 
-    done = _steps_done(folder)
-    result = RunResult(folder, done if done is not None else sup.last_step, total, wall,
-                       xmlinput.timestep_ps(root))
+        if sup.interrupted:
+            raise RunInterrupted(f"stopped at step {result.steps_done} of {self.total}; i-PI saved its state in "
+                                 f"{folder / 'RESTART'} (continue with mlmm run --resume {folder})", sup.interrupted)
+        if outcome is not None:
+            raise CalculationFailed(outcome)
+        if done is None or done < self.total:
+            raise CalculationFailed(f"i-PI stopped ({sup.ipi.describe_exit()}) at step {result.steps_done} of "
+                                    f"{self.total}: {_last_lines(sup.ipi.log)}; see {sup.ipi.log}")
+        return result
+
+    def _attempt(self, tree: ET.ElementTree, input_name: str, append: bool) -> tuple[str | None, "_Supervisor",
+                                                                                      float]:
+        """One i-PI process and its clients, with a fresh private socket folder."""
+        root = tree.getroot()
+        sockdir = Path(tempfile.mkdtemp(prefix="mlmm-", dir=_short_tmpdir()))     # mode 0700
+        try:
+            prefix = f"{sockdir}/"
+            xmlinput.patch(root, init_file=None, sockets_prefix=prefix)
+            xmlinput.write(tree, self.folder / input_name)
+
+            def address(s: xmlinput.SocketSpec) -> str:
+                return f"unix:{prefix}{s.name}" if s.mode == "unix" else f"{s.address}:{s.port}"
+
+            clients = {(s.name if k == 0 else f"{s.name}-{k + 1}"): self.argv(s.name, address(s))
+                       for s in self.socks for k in range(self.n_clients[s.name])}
+            endpoints = [Path(prefix + s.name) if s.mode == "unix" else s.port for s in self.socks]
+            props = xmlinput.properties_file(root)
+            sup = _Supervisor(self.folder, _ipi_argv(input_name), clients, endpoints,
+                              self.folder / props if props else None, self.total, self.progress, append=append)
+            t0 = time.monotonic()
+            outcome = sup.run()
+            return outcome, sup, time.monotonic() - t0
+        finally:
+            shutil.rmtree(sockdir, ignore_errors=True)
+
+
+def save_last_good(folder: Path, spec: SystemSpec) -> tuple[Path, int] | None:
+    """Write the state of i-PI's RESTART (the last step whose forces were all accepted; the centroid for a ring
+    polymer) as ``last_good.pdb`` in ``folder`` with the system's topology. Returns (path, step), or None if
+    there is no usable RESTART (nothing is written then)."""
+    from openmm import app, unit
+
     try:
-        result.trajectories = _convert_trajectories(folder, root, periodic)
-        if props and (folder / props).is_file():
-            result.properties_csv = folder / "properties.csv"
-            trajectory.write_properties_csv(folder / props, result.properties_csv, components)
-    except (OSError, ValueError, RuntimeError) as exc:
-        if outcome is None and not sup.interrupted:
-            raise CalculationFailed(f"the run finished but converting its outputs in {folder} failed: {exc}") \
-                from exc
-        log.warning("converting the outputs of the stopped run failed: %s", exc)
+        root = ET.parse(folder / "RESTART").getroot()
+        beads = root.find("system/beads")
+        q = np.array([float(v) for v in re.split(r"[\s,\[\]]+", beads.findtext("q", "")) if v])
+        q = q.reshape(int(beads.get("nbeads")), int(beads.get("natoms")), 3).mean(axis=0) * NM_PER_BOHR
+        top = app.PDBFile(str(spec.structure_path)).topology
+        step = xmlinput.restart_step(folder / "RESTART")
+    except (OSError, ET.ParseError, AttributeError, TypeError, ValueError) as exc:
+        log.warning("could not save the last good frame from %s: %s", folder / "RESTART", exc)
+        return None
+    if len(q) != top.getNumAtoms() or not np.isfinite(q).all():
+        return None
+    out = folder / "last_good.pdb"
+    with open(out, "w") as fh:
+        app.PDBFile.writeFile(top, q * unit.nanometer, fh)
+    return out, step if step is not None else 0          # i-PI writes no <step> before the first one
 
-    if sup.interrupted:
-        raise RunInterrupted(f"stopped at step {result.steps_done} of {total}; i-PI saved its state in "
-                             f"{folder / 'RESTART'}", sup.interrupted)
-    if outcome is not None:
-        raise CalculationFailed(outcome)
-    if done is None or done < total:
-        raise CalculationFailed(f"i-PI stopped ({sup.ipi.describe_exit()}) at step {result.steps_done} of {total}:"
-                                f" {_last_lines(folder / 'ipi.log')}; see {folder / 'ipi.log'}")
-    return result
+
+def trim_outputs(folder: Path, root: ET.Element, step: int) -> None:
+    """Cut i-PI's text outputs in ``folder`` (properties, trajectories, extras; as listed in ``root``'s
+    ``<output>``) back to ``step``, the step of the RESTART a run is resumed from: i-PI appends to them."""
+    prefix = xmlinput.output_prefix(root)
+    for el in root.findall("output/properties"):
+        f = folder / f"{prefix}.{el.get('filename', xmlinput.DEFAULT_PROPERTIES)}"
+        if f.is_file():
+            trajectory.trim_properties(f, step)
+    for el in root.findall("output/trajectory"):
+        name = re.escape(f"{prefix}.{el.get('filename', xmlinput.DEFAULT_TRAJECTORY)}")
+        pattern = re.compile(rf"{name}(_\d+)?(\.[A-Za-z]+)?")
+        for f in sorted(folder.iterdir()):
+            if pattern.fullmatch(f.name) and f.suffix != ".nc" and f.is_file():
+                trajectory.trim_trajectory(f, step)
 
 
 # ------------------------------------------------------------------------------------------- set-up helpers
@@ -295,13 +545,16 @@ def initial_structure(spec: SystemSpec):
     return out
 
 
-def _client_argv_factory(system: Path, model, device: str, platform: str | None, verbose: bool) -> ClientArgv:
+def _client_argv_factory(system: Path, model, device: str, platform: str | None, verbose: bool,
+                         max_force: float | None = None) -> ClientArgv:
     devices = [d.strip() for d in device.split(",") if d.strip()] or ["cpu"]
     started = {"ml": 0}             # ML clients made so far: the next one gets the next device
 
     def argv(name: str, address: str) -> list[str]:
         cmd = [sys.executable, "-m", "driver.cli"] + (["-v"] if verbose else [])
         cmd += ["client", name, "--system", str(system), "--address", address]
+        if max_force is not None:
+            cmd += ["--max-force", repr(float(max_force))]
         if name == "ml":
             dev = devices[started["ml"] % len(devices)]
             started["ml"] += 1
@@ -312,14 +565,14 @@ def _client_argv_factory(system: Path, model, device: str, platform: str | None,
     return argv
 
 
-def _ipi_argv() -> list[str]:
+def _ipi_argv(input_name: str) -> list[str]:
     script = Path(sys.executable).parent / "i-pi"
     if not script.is_file():
         found = shutil.which("i-pi")
         if found is None:
             raise SetupError("i-PI's `i-pi` script is neither next to this Python nor on PATH; pip install ipi")
         script = Path(found)
-    return [sys.executable, str(script), "input.xml"]
+    return [sys.executable, str(script), input_name]
 
 
 # ------------------------------------------------------------------------------------------- processes
@@ -340,9 +593,10 @@ except OSError:
 class _Child:
     """One child process in its own process group, output to a log file."""
 
-    def __init__(self, name: str, argv: list[str], cwd: Path, logfile: Path, env: dict[str, str]):
+    def __init__(self, name: str, argv: list[str], cwd: Path, logfile: Path, env: dict[str, str],
+                 append: bool = False):
         self.name, self.log = name, logfile
-        with open(logfile, "wb") as fh:
+        with open(logfile, "ab" if append else "wb") as fh:
             self.proc = subprocess.Popen(argv, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, env=env, start_new_session=True,
                                          preexec_fn=_set_pdeathsig if _LIBC is not None else None)
@@ -407,6 +661,10 @@ def _last_lines(path: Path, n: int = 3, width: int = 400) -> str:
             lines = [ln.strip() for ln in fh.read().decode(errors="replace").splitlines() if ln.strip()]
     except OSError:
         return "(no log)"
+    errors = [ln for ln in lines if ln.startswith("mlmm: error: ")]
+    if errors:                          # a client's own one-line error says it all
+        text = errors[-1].removeprefix("mlmm: error: ")
+        return text if len(text) <= 3 * width else text[:3 * width] + "..."
     text = " | ".join(lines[-n:]) or "(empty log)"
     return text if len(text) <= width else "..." + text[-width:]
 
@@ -477,14 +735,18 @@ class _Supervisor:
     """Starts i-PI and the clients, watches them, and stops all of them whatever happens."""
 
     def __init__(self, folder: Path, ipi_argv: list[str], clients: dict[str, list[str]],
-                 endpoints: list[Path | int], properties: Path | None, total: int, progress: bool):
-        """``endpoints``: what i-PI must open before the clients start: unix socket paths and inet ports."""
+                 endpoints: list[Path | int], properties: Path | None, total: int, progress: bool,
+                 append: bool = False):
+        """``endpoints``: what i-PI must open before the clients start: unix socket paths and inet ports.
+        ``append``: add to the logs of an earlier attempt (a resumed run) instead of replacing them."""
         self.folder, self.ipi_argv, self.client_argv, self.endpoints = folder, ipi_argv, clients, endpoints
         self.tail = _PropertiesTail(properties)
         self.total, self.progress = total, progress
         self.ipi: _Child | None = None
         self.clients: dict[str, _Child] = {}
         self.interrupted = 0            # the signal number that stopped the run, 0 if none
+        self.crashed: _Child | None = None      # the client whose death stopped the run
+        self.append = append
         self.last_step = 0
         self.env = dict(os.environ, PYTHONUNBUFFERED="1",
                         PYTHONPATH=os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH"))
@@ -496,12 +758,13 @@ class _Supervisor:
         old_term = signal.signal(signal.SIGTERM, self._on_sigterm) if in_main else None
         bar = None
         try:
-            self.ipi = _Child("i-PI", self.ipi_argv, self.folder, self.folder / "ipi.log", self.env)
+            self.ipi = _Child("i-PI", self.ipi_argv, self.folder, self.folder / "ipi.log", self.env, self.append)
             failure = self._wait_for_sockets()
             if failure:
                 return failure
             for name, argv in self.client_argv.items():
-                self.clients[name] = _Child(name, argv, self.folder, self.folder / f"client_{name}.log", self.env)
+                self.clients[name] = _Child(name, argv, self.folder, self.folder / f"client_{name}.log", self.env,
+                                            self.append)
             log.info("i-PI and %d client(s) started in %s", len(self.clients), self.folder)
             bar = _Progress(self.total, self.progress)
             return self._watch(bar)
@@ -561,6 +824,7 @@ class _Supervisor:
                 if child.exited_at is None:
                     child.exited_at = now
                 if rc != 0 and self.ipi.rc is None:
+                    self.crashed = child
                     return (f"client '{child.name}' died ({child.describe_exit()}) near step {self.last_step}: "
                             f"{_last_lines(child.log)}; log: {child.log}")
                 if self.ipi.rc is None and now - child.exited_at > EARLY_EXIT_GRACE_S:
@@ -595,11 +859,7 @@ class _Supervisor:
 # ------------------------------------------------------------------------------------------- outputs
 def _steps_done(folder: Path) -> int | None:
     """The step i-PI reached, from the RESTART it writes on every exit (None if it wrote none)."""
-    try:
-        text = ET.parse(folder / "RESTART").getroot().findtext("step")
-    except (OSError, ET.ParseError):
-        return None
-    return int(float(text)) if text else None
+    return xmlinput.restart_step(folder / "RESTART")
 
 
 def _convert_trajectories(folder: Path, root: ET.Element, periodic: bool) -> list[Path]:

@@ -330,3 +330,80 @@ def write_properties_csv(src: str | Path, dst: str | Path, components: list[str]
         for i in range(n):
             w.writerow([f"{c[i]:.10g}" for c in columns])
     return n
+
+
+# --------------------------------------------------------------------------- resuming: cut outputs back
+_STEP_IN_COMMENT = re.compile(rb"Step:\s+(\d+)")
+
+
+def _truncate(path: Path, offset: int, what: str, step: int) -> None:
+    size = path.stat().st_size
+    if offset < size:
+        with open(path, "r+b") as fh:
+            fh.truncate(offset)
+        log.info("%s: removed %d bytes of %s after step %d (redone by the resumed run)", path.name, size - offset,
+                 what, step)
+
+
+def trim_properties(path: str | Path, step: int) -> int:
+    """Cut an i-PI properties file back to the rows of steps <= ``step``; returns the rows removed.
+
+    A resumed i-PI appends to its outputs from the step of its RESTART, which lags the last written row by up
+    to ``safe_stride`` steps (ipi.md §3.6): without this those steps would be written twice. A half-written
+    last row goes too. Rows are found by the ``step`` column; a file without one is left alone (warning)."""
+    path = Path(path)
+    col = None
+    cut, removed, offset = None, 0, 0
+    with open(path, "rb") as fh:
+        for raw in fh:
+            here, offset = offset, offset + len(raw)
+            if raw.startswith(b"#"):
+                parsed = parse_header_line(raw.decode(errors="replace"))
+                if parsed is not None and parsed[2] == "step":
+                    col = parsed[0]
+                continue
+            if not raw.strip():
+                continue
+            if col is None:
+                log.warning("%s has no 'step' column: cannot remove the rows a resumed run repeats", path)
+                return 0
+            try:
+                s = int(float(raw.split()[col])) if raw.endswith(b"\n") else None
+            except (ValueError, IndexError):
+                s = None
+            if cut is None and (s is None or s > step):
+                cut = here
+            if cut is not None:
+                removed += 1
+    if cut is not None:
+        _truncate(path, cut, f"{removed} row(s)", step)
+    return removed
+
+
+def trim_trajectory(path: str | Path, step: int) -> int:
+    """Cut an i-PI text trajectory (xyz, ase/extxyz, pdb, extras) back to the frames of steps <= ``step``, using
+    the ``Step: N`` i-PI writes in every frame's comment (or extras header); returns the frames removed. A
+    binary (``format='bin'``) trajectory has no step marks and is left alone (warning)."""
+    path = Path(path)
+    cut, removed, offset, prev, prev_line = None, 0, 0, 0, b""
+    marks = 0
+    with open(path, "rb") as fh:
+        for raw in fh:
+            here, offset = offset, offset + len(raw)
+            m = _STEP_IN_COMMENT.search(raw)
+            if m is not None:
+                marks += 1
+                if int(m.group(1)) > step:
+                    # xyz/extxyz: the frame starts with the atom-count line before the comment; extras and pdb
+                    # frames start with the marked line itself
+                    start = prev if prev_line.strip().isdigit() else here
+                    if cut is None:
+                        cut = start
+                    removed += 1
+            prev, prev_line = here, raw
+    if marks == 0 and path.stat().st_size:
+        log.warning("%s has no 'Step:' marks (binary?): cannot remove the frames a resumed run repeats", path)
+        return 0
+    if cut is not None:
+        _truncate(path, cut, f"{removed} frame(s)", step)
+    return removed

@@ -181,15 +181,16 @@ def _set_child(parent: ET.Element, tag: str, text: str, index: int | None = None
     return el
 
 
-def patch(root: ET.Element, *, init_file: str, sockets_prefix: str | None, steps: int | None = None,
+def patch(root: ET.Element, *, init_file: str | None, sockets_prefix: str | None, steps: int | None = None,
           seed: int | None = None) -> None:
     """Fill in the run-specific parts of the input, in place.
 
     Parameters
     ----------
-    init_file : str
+    init_file : str or None
         Extended-XYZ structure (Å, masses column) read by i-PI with ``<file mode='ase'>``; replaces any
-        ``<file>`` of every ``<system><initialize>``.
+        ``<file>`` of every ``<system><initialize>``. None leaves the systems alone (an i-PI RESTART file,
+        whose systems hold their full state).
     sockets_prefix : str or None
         Prefix of the unix socket paths (``<simulation sockets_prefix=...>``); each unix ``<ffsocket>`` gets
         ``<address>`` = its name and ``mode='unix'``. None leaves sockets untouched.
@@ -204,7 +205,7 @@ def patch(root: ET.Element, *, init_file: str, sockets_prefix: str | None, steps
             if el.get("mode", "unix") == "unix":
                 el.set("mode", "unix")
                 _set_child(el, "address", el.get("name", ""))
-    for system in root.findall("system"):
+    for system in (root.findall("system") if init_file is not None else ()):
         init = system.find("initialize")
         if init is None:
             init = ET.Element("initialize", nbeads="1")
@@ -291,6 +292,19 @@ def fit_batches(root: ET.Element, clients: dict[str, int]) -> dict[str, int]:
         bs.text = f" {size} "
         sizes[name] = size
     return sizes
+
+
+def restart_step(path: str | Path) -> int | None:
+    """The step an i-PI RESTART file (or checkpoint) holds the state of: ``<step>``, the number of MD steps done;
+    None if the file is missing or unreadable (i-PI was killed before writing it)."""
+    try:
+        text = ET.parse(path).getroot().findtext("step")
+    except (OSError, ET.ParseError):
+        return None
+    try:
+        return int(float(text)) if text and text.strip() else None
+    except ValueError:
+        return None
 
 
 def write(tree: ET.ElementTree, path: str | Path) -> None:
