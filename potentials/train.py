@@ -122,7 +122,7 @@ class TrainConfig:
                     name = "output"
                 if name not in names or name == "model":
                     raise SetupError(f"[{section}] {key}: unknown key; known: "
-                                     f"{sorted(n.removeprefix(prefix) for n in names if n.startswith(prefix))}")
+                                     f"{sorted(n.removeprefix(prefix) for n in names - {'model'} if n.startswith(prefix))}")
                 flat[name] = value
         for key, value in raw.items():          # top-level keys (seed = 0, ...) are accepted too
             if key not in names or key == "model":

@@ -111,7 +111,9 @@ def test_ml_charge_option_and_parity(tmp_path, capsys):
 
 
 def test_droplet(tmp_path):
-    assert prepare(ACETATE, "--ml", "resname ACT", "--solvate", 0.8, "--nonperiodic", "--out", tmp_path) == 0
+    # the carved droplet as Modeller left it (relaxing the solvent lets surface waters move out a little)
+    assert prepare(ACETATE, "--ml", "resname ACT", "--solvate", 0.8, "--nonperiodic", "--no-minimize",
+                   "--out", tmp_path) == 0
     spec = SystemSpec.load(tmp_path / "system.toml")
     assert not spec.structure.periodic and spec.structure.box_nm is None and spec.mm.nonbonded_method == "NoCutoff"
     assert "CRYST1" not in (tmp_path / "system.pdb").read_text()
@@ -241,3 +243,21 @@ def _molecule(spec: str) -> app.topology.Residue:
 ])
 def test_formal_charge_estimate(spec, charge):
     assert estimate_formal_charge(_molecule(spec)) == charge
+
+
+def test_solvent_relaxation_keeps_the_ml_zone_fixed(tmp_path):
+    """`prepare` relaxes solvent clashes with the ML zone held fixed: the solute geometry is untouched and the
+    energy of the MM atoms goes down."""
+    assert prepare(ACETATE, "--ml", "resname ACT", "--solvate", 0.8, "--nonperiodic", "--no-minimize",
+                   "--out", tmp_path / "raw") == 0
+    assert prepare(ACETATE, "--ml", "resname ACT", "--solvate", 0.8, "--nonperiodic", "--out", tmp_path / "min") == 0
+    raw, relaxed = (load_system(SystemSpec.load(tmp_path / k / "system.toml")) for k in ("raw", "min"))
+    ml = SystemSpec.load(tmp_path / "min" / "system.toml").ml.indices
+    np.testing.assert_allclose(relaxed[2][ml], raw[2][ml], atol=1e-6)           # PDB precision
+    assert np.abs(relaxed[2] - raw[2]).max() > 1e-3                              # the solvent did move
+
+    def energy(top, system, pos):
+        ctx = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+        ctx.setPositions(pos)
+        return ctx.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+    assert energy(*relaxed) < energy(*raw) - 100.0

@@ -4,7 +4,6 @@ Real parts only: the tiny labelled QM/MM dataset shipped in tests/data, the real
 """
 from __future__ import annotations
 
-import copy
 import math
 from pathlib import Path
 
