@@ -121,8 +121,8 @@ class TrainConfig:
                 if section == "output" and key == "model":
                     name = "output"
                 if name not in names or name == "model":
-                    raise SetupError(f"[{section}] {key}: unknown key; known: "
-                                     f"{sorted(n.removeprefix(prefix) for n in names - {'model'} if n.startswith(prefix))}")
+                    known = sorted(n.removeprefix(prefix) for n in names - {"model"} if n.startswith(prefix))
+                    raise SetupError(f"[{section}] {key}: unknown key; known: {known}")
                 flat[name] = value
         for key, value in raw.items():          # top-level keys (seed = 0, ...) are accepted too
             if key not in names or key == "model":
@@ -486,7 +486,8 @@ def train(cfg: TrainConfig, device: str = "cpu", resume: bool = False) -> Path:
         model.train()
         batches = _batches(len(splits["train"]), cfg.batch_size, cfg.seed, state.epoch, shuffle=True)
         running, t0 = 0.0, time.time()
-        bar = tqdm(batches, desc=f"epoch {state.epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and sys.stderr.isatty()),
+        bar = tqdm(batches, desc=f"epoch {state.epoch + 1}/{cfg.epochs}",
+                   disable=not (cfg.progress and sys.stderr.isatty()),
                    leave=False, mininterval=5.0)
         for idx in bar:
             b = collate([splits["train"][i] for i in idx], device, dtype)
