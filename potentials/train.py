@@ -468,7 +468,7 @@ def train(cfg: TrainConfig, device: str = "cpu", resume: bool = False) -> Path:
     state = TrainState()
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if resume and ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        ck = torch.load(ckpt_path, map_location=device, weights_only=True)   # plain tensors/containers only
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
