@@ -594,12 +594,12 @@ class _Child:
     """One child process in its own process group, output to a log file."""
 
     def __init__(self, name: str, argv: list[str], cwd: Path, logfile: Path, env: dict[str, str],
-                 append: bool = False):
+                 append: bool = False, umask: int = -1):
         self.name, self.log = name, logfile
         with open(logfile, "ab" if append else "wb") as fh:
             self.proc = subprocess.Popen(argv, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, env=env, start_new_session=True,
-                                         preexec_fn=_set_pdeathsig if _LIBC is not None else None)
+                                         preexec_fn=_set_pdeathsig if _LIBC is not None else None, umask=umask)
         self.exited_at: float | None = None
 
     @property
@@ -758,7 +758,9 @@ class _Supervisor:
         old_term = signal.signal(signal.SIGTERM, self._on_sigterm) if in_main else None
         bar = None
         try:
-            self.ipi = _Child("i-PI", self.ipi_argv, self.folder, self.folder / "ipi.log", self.env, self.append)
+            # umask 077: nobody else can use i-PI's socket files even before they are set to 0600 below
+            self.ipi = _Child("i-PI", self.ipi_argv, self.folder, self.folder / "ipi.log", self.env, self.append,
+                              umask=0o077)
             failure = self._wait_for_sockets()
             if failure:
                 return failure
@@ -799,6 +801,9 @@ class _Supervisor:
         while True:
             missing = [e for e in self.endpoints if not _listening(e)]
             if not missing:
+                for e in self.endpoints:          # owner read/write only, before any client connects
+                    if isinstance(e, Path):
+                        os.chmod(e, 0o600)
                 return None
             if self.ipi.rc is not None:
                 return (f"i-PI stopped ({self.ipi.describe_exit()}) before opening its sockets: "

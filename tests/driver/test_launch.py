@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -420,3 +421,21 @@ def test_inet_socket_as_named(water_cluster, dying_pes, tmp_path):
     assert seen == [f"127.0.0.1:{port}"] and result.steps_done == 40
     root = ET.parse(tmp_path / "run" / "input.xml").getroot()
     assert root.find("ffsocket").get("mode") == "inet" and root.findtext("ffsocket/port").strip() == str(port)
+
+
+def test_unix_socket_is_private(water_cluster, dying_pes, tmp_path):
+    """The socket folder is 0700 and i-PI's socket file in it 0600 (checked by the client before it connects)."""
+    modes = tmp_path / "modes.txt"
+
+    def argv(name: str, address: str) -> list[str]:
+        path = address.split(":", 1)[1]
+        inner = shlex.join(_py_driver(dying_pes, "after=100000000")(name, address))
+        # wait for the socket, record the modes of folder and file, then run the real client
+        return ["bash", "-c", f"for i in $(seq 200); do [ -S {path} ] && break; sleep 0.05; done; "
+                              f"stat -c %a $(dirname {path}) {path} > {modes}; exec {inner}"]
+
+    result = launch.run_simulation(TEMPLATES / "nvt_bussi_mm.xml", water_cluster, out=tmp_path / "run", steps=5,
+                                   seed=1, progress=False, client_argv=argv)
+    assert result.steps_done == 5
+    assert modes.read_text().split() == ["700", "600"]
+    _assert_clean(tmp_path / "run")
