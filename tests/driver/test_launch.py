@@ -22,6 +22,7 @@ from openmm import app, unit
 
 from driver import cli, launch
 from driver.errors import CalculationFailed
+from run_helpers import procs_in
 from driver.system import MMSpec, StructureSpec, SystemSpec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -99,23 +100,9 @@ def _error_lines(err: str) -> list[str]:
     return [ln for ln in err.splitlines() if ln.strip() and not ln[:8].replace(":", "").isdigit()]
 
 
-def _procs_in(folder: Path) -> dict[int, str]:
-    """Processes whose working directory is ``folder`` (i-PI and the clients run there): pid -> cmdline."""
-    out = {}
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit():
-            continue
-        try:
-            if os.readlink(p / "cwd") == str(folder):
-                out[int(p.name)] = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-    return out
-
-
 def _assert_clean(folder: Path) -> None:
     """Nothing left running in the run folder; the private socket folder is gone."""
-    assert _procs_in(folder) == {}
+    assert procs_in(folder) == {}
     prefix = ET.parse(folder / "input.xml").getroot().get("sockets_prefix")
     assert prefix and not Path(prefix).exists()
 
@@ -282,7 +269,7 @@ def test_client_killed_mid_run(water_box, tmp_path):
                  "--out", str(out), "--max-restarts", "0")      # automatic recovery: tests/driver/test_reliability.py
     try:
         _wait_rows(out, 3)
-        [pid] = [p for p, cmd in _procs_in(out).items() if " client mm " in cmd]
+        [pid] = [p for p, cmd in procs_in(out).items() if " client mm " in cmd]
         os.kill(pid, signal.SIGKILL)
         t0 = time.monotonic()
         rc, err = _finish(proc, timeout=60)
@@ -327,7 +314,7 @@ def test_ipi_killed(water_cluster, dying_pes, tmp_path):
 
     def kill_ipi():
         _wait_rows(out, 3)
-        for pid, cmd in _procs_in(out).items():
+        for pid, cmd in procs_in(out).items():
             if "i-pi input.xml" in cmd:
                 os.kill(pid, signal.SIGKILL)
 

@@ -22,6 +22,7 @@ from openmm import app, unit
 
 from driver import launch, trajectory, xmlinput
 from driver.errors import CalculationFailed, SetupError
+from run_helpers import procs_in
 from driver.system import MMSpec, StructureSpec, SystemSpec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -154,19 +155,6 @@ def test_resume_matches_uninterrupted(cluster, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ recovery
-def _procs_in(folder: Path) -> dict[int, str]:
-    """Processes whose working directory is ``folder`` (i-PI and the clients run there): pid -> cmdline."""
-    out = {}
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                if os.readlink(p / "cwd") == str(folder):
-                    out[int(p.name)] = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-    return out
-
-
 def _kill_when(folder: Path, rows: int, needle: str, killed: list[int], timeout: float = 120.0) -> None:
     """SIGKILL the process whose command line contains ``needle`` once i-PI's properties file has ``rows`` rows;
     ``killed`` gets the pid and the number of rows written at that moment."""
@@ -175,7 +163,7 @@ def _kill_when(folder: Path, rows: int, needle: str, killed: list[int], timeout:
         f = folder / "sim.out"
         n = sum(1 for ln in f.read_text().splitlines() if ln and not ln.startswith("#")) if f.is_file() else 0
         if n >= rows:
-            for pid, cmd in _procs_in(folder).items():
+            for pid, cmd in procs_in(folder).items():
                 if needle in cmd:
                     os.kill(pid, signal.SIGKILL)
                     killed += [pid, n]
@@ -206,7 +194,7 @@ def test_killed_ml_client_recovers(model, tmp_path, caplog):
         assert any("sim.out: removed" in r.getMessage() for r in caplog.records)
     log = (out / "client_ml.log").read_text()
     assert log.count("summary:") == 1           # the first client died without one; its log was kept, appended
-    assert (out / "resume.xml").is_file() and _procs_in(out) == {}
+    assert (out / "resume.xml").is_file() and procs_in(out) == {}
     launch.run_simulation(xml, EXAMPLE, out=ref, model=model, steps=40, seed=5, progress=False)
     _assert_same_run(ref, out, np.arange(0, 41, 2))
     assert len(_nc(out)[0]) == 5
@@ -406,4 +394,4 @@ def test_killed_mm_client_recovers_cli(cluster, tmp_path):
     np.testing.assert_array_equal(_props(out)["step"], np.arange(0, 1001, 5))
     t, _ = _nc(out)
     np.testing.assert_allclose(t, np.arange(0, 1001, 10) * 0.5e-3, atol=1e-6)
-    assert _procs_in(out) == {}
+    assert procs_in(out) == {}
