@@ -78,9 +78,10 @@ class Selection:
 
     atoms: (M,) indices of embedded MM atoms; group: (M,) local group id (0..G-1) of each;
     shift: (M,3) nm, constant offset (whole-residue + periodic image) added to those atoms' positions;
-    pair_ml, pair_group: ML-atom (0..n_ml-1) / local group pairs whose centre distance is below the cutoff.
+    pair_ml, pair_group: ML-atom (0..n_ml-1) / local group pairs whose centre distance is below the cutoff (+ skin).
     ml_shift: (n_ml,3) nm, constant offset that makes the ML zone whole in a periodic box (zeros otherwise);
     the network, the embedding and the virial all use ``positions[ml_indices] + ml_shift``.
+    skin: nm beyond the cutoff that the pair search covered (pairs out there have switch 0).
     """
 
     atoms: np.ndarray
@@ -90,6 +91,7 @@ class Selection:
     pair_group: np.ndarray
     n_groups: int
     ml_shift: np.ndarray | None = None
+    skin: float = 0.0
 
 
 def _min_image(d: np.ndarray, box: np.ndarray) -> np.ndarray:
@@ -116,8 +118,15 @@ def zone_shift(ml_positions: np.ndarray, box: np.ndarray | None) -> np.ndarray:
     return _min_image(d, np.asarray(box, dtype=np.float64)) - d
 
 
-def select_environment(env: MMEnvironment, positions: np.ndarray, box: np.ndarray | None) -> Selection:
-    """Choose the embedded MM residues for one frame. positions (n_atoms,3) nm; box rows nm or None."""
+def select_environment(env: MMEnvironment, positions: np.ndarray, box: np.ndarray | None,
+                       skin: float = 0.0) -> Selection:
+    """Choose the embedded MM residues for one frame. positions (n_atoms,3) nm; box rows nm or None.
+
+    ``skin`` (nm) widens the search to ``cutoff + skin``: the extra residues get scale 0 from the switch (so the
+    energy is unchanged) and the selection stays complete while no atom moves more than ``skin / 2`` (a Verlet
+    list, see :class:`NeighbourList`). In a box the skin is cut to what the minimum-image check allows
+    (``Selection.skin`` says what was used).
+    """
     positions = np.asarray(positions, dtype=np.float64)
     if not np.all(np.isfinite(positions)):
         raise SetupError("positions contain NaN or inf")
@@ -139,23 +148,61 @@ def select_environment(env: MMEnvironment, positions: np.ndarray, box: np.ndarra
     if box is not None:
         centroid = ml.mean(axis=0)
         radius = float(np.max(np.linalg.norm(ml - centroid, axis=1)))
-        if env.cutoff + radius >= _half_min_width(box):
+        half = _half_min_width(box)
+        # the image chosen now must stay the nearest one for every residue the list may hold
+        skin = min(skin, max(0.0, 0.999 * (half - env.cutoff - radius)))
+        if env.cutoff + radius >= half:
             raise SetupError(
                 f"box too small for the embedding: cutoff {env.cutoff:.3f} nm + ML-zone radius {radius:.3f} nm "
-                f">= half the shortest box width {_half_min_width(box):.3f} nm; enlarge the solvent padding or "
+                f">= half the shortest box width {half:.3f} nm; enlarge the solvent padding or "
                 "lower [coupling] cutoff_nm")
         d = centers - centroid
         image = _min_image(d, box) - d
         centers = centers + image
         shift = shift + image[mm_group]
-    pairs = cKDTree(ml).sparse_distance_matrix(cKDTree(centers), env.cutoff, output_type="coo_matrix")
+    pairs = cKDTree(ml).sparse_distance_matrix(cKDTree(centers), env.cutoff + skin, output_type="coo_matrix")
     used = np.unique(pairs.col)
     local = np.full(env.n_groups, -1)
     local[used] = np.arange(len(used))
     keep = local[mm_group] >= 0
     return Selection(atoms=mm_atoms[keep], group=local[mm_group[keep]], shift=shift[keep],
                      pair_ml=pairs.row.astype(np.int64), pair_group=local[pairs.col],
-                     n_groups=len(used), ml_shift=ml_shift)
+                     n_groups=len(used), ml_shift=ml_shift, skin=float(skin))
+
+
+class NeighbourList:
+    """A :class:`Selection` reused while it stays complete (Verlet list): rebuilt with :func:`select_environment`
+    only when an atom has moved more than half the skin since the last build, or the box changed.
+
+    The check is one vectorised pass over the positions; the KD-tree search, residue imaging and grouping are
+    paid only on rebuilds (every few tens of MD steps with the default 0.1 nm skin).
+    """
+
+    def __init__(self, env: MMEnvironment, skin: float = 0.1):
+        if skin < 0:
+            raise SetupError(f"neighbour-list skin {skin} nm must be >= 0")
+        self.env, self.skin = env, float(skin)
+        self.sel: Selection | None = None
+        self.builds = 0
+        self._ref = self._box = self._buf = None
+
+    def get(self, positions: np.ndarray, box: np.ndarray | None) -> Selection:
+        """The selection for ``positions`` (n_atoms,3) nm and ``box`` (rows, nm, or None)."""
+        if self.sel is None or not self._valid(positions, box):
+            self.sel = select_environment(self.env, positions, box, self.skin)
+            self._ref = np.array(positions, dtype=np.float64)
+            self._box = None if box is None else np.array(box, dtype=np.float64)
+            self._buf = np.empty_like(self._ref)
+            self.builds += 1
+        return self.sel
+
+    def _valid(self, positions: np.ndarray, box: np.ndarray | None) -> bool:
+        if self.sel.skin <= 0 or (box is None) != (self._box is None) or positions.shape != self._ref.shape:
+            return False
+        if box is not None and not np.array_equal(box, self._box):
+            return False
+        d = np.subtract(positions, self._ref, out=self._buf)
+        return float(np.einsum("ij,ij->i", d, d).max(initial=0.0)) < (0.5 * self.sel.skin) ** 2
 
 
 def switch(r: torch.Tensor, cutoff: float, width: float) -> torch.Tensor:

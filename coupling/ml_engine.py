@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from coupling.embedding import (MMEnvironment, embedded_charges_at, potential_and_field, select_environment,
-                                zone_shift)
+import time
+
+from coupling.embedding import MMEnvironment, NeighbourList, embedded_charges_at, potential_and_field, zone_shift
 from coupling.bookkeeping import ownership_table
 from coupling.mmsystem import MODES, mm_environment
 from driver.client import ForceResult
@@ -60,6 +61,8 @@ class MLEngine:
     periodic : bool
         False: boxes are ignored (clusters; i-PI always sends a cell).
     dtype : torch dtype of the network inputs; default: the model's. Embedding sums run in float64.
+    skin : nm; the embedded residues are searched within ``cutoff + skin`` and the list is reused until an atom
+        has moved ``skin / 2`` (:class:`coupling.embedding.NeighbourList`; 0: search on every call).
 
     Each :class:`driver.client.ForceResult` carries forces on the ML atoms and on the embedded MM atoms (zero
     elsewhere), the virial ``sum_i f_i (x) r_i`` over the positions the energy saw (ML zone made whole, MM
@@ -69,7 +72,7 @@ class MLEngine:
 
     def __init__(self, model: torch.nn.Module, numbers, charge: int, env: MMEnvironment, *,
                  mode: str = "electrostatic", device: str | torch.device = "cpu", periodic: bool = True,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, skin: float = 0.1):
         if mode not in MODES:
             raise SetupError(f"unknown embedding mode {mode!r}; choose one of {MODES}")
         numbers = np.asarray(numbers, dtype=np.int64).reshape(-1)
@@ -90,7 +93,17 @@ class MLEngine:
         self.charge = int(charge)
         self.natoms = len(env.charges)
         self._batch: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.skin = float(skin)
+        self._lists: dict[int, NeighbourList] = {}      # one per structure of a batch (beads move apart)
         self.calls = 0
+        # cumulative seconds, read by the client's summary line and tests/bench: selection + phi/E forward
+        # (coupling), network forward + the whole backward pass (network), forces/extras assembly (output)
+        self.timings = {"coupling": 0.0, "network": 0.0, "output": 0.0}
+
+    @property
+    def list_builds(self) -> int:
+        """Neighbour-list (re)builds so far, all batch slots together."""
+        return sum(nl.builds for nl in self._lists.values())
 
     # ------------------------------------------------------------------------------------------ building
     @classmethod
@@ -114,7 +127,7 @@ class MLEngine:
         # the network casts positions/phi/E to its weights' dtype for the features but keeps its charge
         # sums (Coulomb, q·phi, polarisation) in float64: hand it float64 inputs
         return cls(model, numbers, spec.ml.charge, env, mode=spec.coupling.embedding, device=device,
-                   periodic=spec.structure.periodic, dtype=torch.float64)
+                   periodic=spec.structure.periodic, dtype=torch.float64, skin=spec.coupling.skin_nm)
 
     def _batch_inputs(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """numbers, mol_idx and total charge for a batch of n structures (built once per n)."""
@@ -146,13 +159,16 @@ class MLEngine:
                                  "a cluster")
             boxes = np.broadcast_to(np.asarray(boxes, dtype=np.float64), (n, 3, 3))
         ml_idx, n_ml = self.env.ml_indices, len(self.env.ml_indices)
+        t0 = time.perf_counter()
         # per structure one small leaf tensor: the ML atoms, then the embedded MM atoms (raw positions, nm);
         # autograd then never touches (N, 3) arrays, which matters for 1e5-atom systems
         leaves, atoms, images, sels, ml_pos, phis, fields = [], [], [], [], [], [], []
         for b in range(n):
             box = boxes[b] if self.periodic else None
             if self.mode == "electrostatic":
-                sel = select_environment(self.env, pos[b], box)
+                if b not in self._lists:
+                    self._lists[b] = NeighbourList(self.env, self.skin)
+                sel = self._lists[b].get(pos[b], box)
                 idx = np.concatenate([ml_idx, sel.atoms])
                 shift = np.concatenate([sel.ml_shift, sel.shift])
             else:
@@ -173,12 +189,14 @@ class MLEngine:
             phis.append(phi)
             fields.append(field)
         numbers, mol_idx, charge = self._batch_inputs(n)
+        t1 = time.perf_counter()
         out = self.model(numbers, (torch.cat(ml_pos) * ANGSTROM_PER_NM).to(self.dtype), mol_idx, charge,
                          (torch.cat(phis) * PHI_V_PER_KJMOL_E).to(self.dtype),
                          (torch.cat(fields) * FIELD_V_A_PER_KJMOL_E_NM).to(self.dtype))
         energy = out["energy"].to(torch.float64) * KJMOL_PER_EV                    # [B] kJ/mol
         grads = torch.autograd.grad(energy.sum(), leaves, allow_unused=True, materialize_grads=True)
         energies = energy.detach().cpu().numpy()
+        t2 = time.perf_counter()
         charges = out["charges"].detach().to(torch.float64).reshape(n, -1).cpu().numpy() \
             if "charges" in out else None
         terms = {k: v.detach().to(torch.float64).cpu().numpy() * KJMOL_PER_EV for k, v in out.items()
@@ -198,6 +216,9 @@ class MLEngine:
                 extras["ml.charges"] = charges[b].tolist()
                 extras["ml.dipole"] = (charges[b] @ ((r_ml - r_ml.mean(axis=0)) * ANGSTROM_PER_NM)).tolist()
             results.append(ForceResult(float(energies[b]), forces, virial, extras))
+        t3 = time.perf_counter()
+        for key, dt in (("coupling", t1 - t0), ("network", t2 - t1), ("output", t3 - t2)):
+            self.timings[key] += dt
         return results
 
     def _check_finite(self, energy: float, forces: np.ndarray, b: int) -> None:

@@ -211,8 +211,10 @@ def _loop(engine: Engine, wire: codec.Wire, max_steps: int | None, guard: "Force
             break
     # one parseable line, read by tests/driver/test_pimd.py and tests/bench/bench_pimd.py: structures received
     # (i-PI's batch padding included), structures computed (padding skipped), time in the engine and on the wire
-    log.info("summary: requests=%d structures=%d computed=%d batch_size=%d compute_s=%.6f wire_s=%.6f wall_s=%.6f",
-             served, structures, computed, batch_size, t_compute, t_wire, time.perf_counter() - t_start)
+    # plus the engine's own split of compute_s if it keeps one (MLEngine.timings: coupling_s network_s output_s)
+    split = "".join(f" {k}_s={v:.6f}" for k, v in getattr(engine, "timings", {}).items())
+    log.info("summary: requests=%d structures=%d computed=%d batch_size=%d compute_s=%.6f wire_s=%.6f wall_s=%.6f%s",
+             served, structures, computed, batch_size, t_compute, t_wire, time.perf_counter() - t_start, split)
     return served
 
 

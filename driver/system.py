@@ -48,6 +48,7 @@ class CouplingSpec:
     embedding: str = "electrostatic"            # electrostatic | mechanical
     cutoff_nm: float = 1.2                      # MM residues within this distance of any ML atom are embedded
     switch_width_nm: float = 0.2                # smooth switch over [cutoff - width, cutoff]
+    skin_nm: float = 0.1                        # ML client's neighbour-list skin (0: search every step)
     mechanical_charges: str = "model"           # mechanical mode: "model" (network in vacuum) or "mm"
 
 

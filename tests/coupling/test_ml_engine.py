@@ -130,6 +130,33 @@ def test_periodic_images_wrapping_and_virial(water_box):
     assert np.allclose(ref.virial, ref.virial.T, atol=1e-6)            # rotation-invariant energy
 
 
+def test_neighbour_list_reuse_is_exact(water_box):
+    """With a skin the embedded residues are searched less often, yet every energy, force and virial equals the
+    search-every-call engine's; big moves (a molecule wrapped by a box vector, a water jumping) force a rebuild."""
+    pos, box = water_box.positions, water_box.box
+    reuse = make_engine(water_box, cutoff=1.2, width=0.2, skin=0.1)
+    fresh = make_engine(water_box, cutoff=1.2, width=0.2, skin=0.0)
+    rng = np.random.default_rng(7)
+    frames = [pos + np.cumsum(rng.normal(0, 0.002, (12, *pos.shape)), axis=0)[i] for i in range(12)]
+    far = frames[-1].copy()
+    far[-3:] += box[0]                                   # the last water wrapped by a box vector
+    frames.append(far)
+    jump = frames[-1].copy()
+    o = int(np.argmax(np.linalg.norm(pos - pos[water_box.ml].mean(0), axis=1)))   # the water farthest out ...
+    w = [a.index for a in list(water_box.topology.atoms())[o].residue.atoms()]
+    jump[w] += pos[water_box.ml].mean(0) - jump[w].mean(0) + np.array([0.35, 0, 0])   # ... moved into the zone
+    frames.append(jump)
+    for f in frames:
+        a, b = reuse.compute(f[None], box[None])[0], fresh.compute(f[None], box[None])[0]
+        assert a.energy == pytest.approx(b.energy, rel=1e-12, abs=1e-9)
+        assert np.allclose(a.forces, b.forces, rtol=1e-10, atol=1e-9)
+        assert np.allclose(a.virial, b.virial, rtol=1e-10, atol=1e-8)
+    assert fresh.list_builds == len(frames)
+    assert 2 < reuse.list_builds < len(frames) - 4       # reused while atoms stay within skin/2, rebuilt after
+    with pytest.raises(SetupError, match="skin"):
+        make_engine(water_box, skin=-0.1).compute(pos[None], box[None])
+
+
 def test_batch_equals_single_calls_and_translation_invariance(cluster):
     engine = make_engine(cluster)
     rng = np.random.default_rng(0)
