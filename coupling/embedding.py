@@ -267,3 +267,49 @@ def potential_and_field(ml_pos: torch.Tensor, mm_pos: torch.Tensor, mm_q: torch.
         phis.append(qr.sum(-1))
         fields.append(((qr * inv_r * inv_r)[..., None] * d).sum(1))
     return COULOMB_KJMOL_NM * torch.cat(phis), COULOMB_KJMOL_NM * torch.cat(fields)
+
+
+PAIRS_PER_CHUNK = 1 << 20          # (ML atom, MM atom) pairs per block of the fast kernel: a few MB of temporaries
+
+
+class _PotentialField(torch.autograd.Function):
+    """phi and E with a hand-written, chunked backward: nothing of size (n_ml, M) is kept between the passes,
+    and the backward is a handful of dense products instead of autograd's replay of every elementwise op.
+    First derivatives only (forces); training, which needs forces of forces, uses :func:`potential_and_field`."""
+
+    @staticmethod
+    def forward(ctx, ml_pos, mm_pos, mm_q, chunk):
+        ctx.save_for_backward(ml_pos, mm_pos, mm_q)
+        ctx.chunk = chunk
+        with torch.no_grad():
+            return potential_and_field(ml_pos, mm_pos, mm_q, chunk)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_phi, g_field):
+        r, x, q = ctx.saved_tensors
+        g_phi = torch.zeros_like(r[:, 0]) if g_phi is None else g_phi
+        g_field = torch.zeros_like(r) if g_field is None else g_field
+        g_r, g_x, g_q = torch.zeros_like(r), torch.zeros_like(x), torch.zeros_like(q)
+        for s in range(0, len(r), ctx.chunk):
+            d = r[s:s + ctx.chunk, None, :] - x[None, :, :]                     # [n, M, 3]
+            inv_r = torch.rsqrt((d * d).sum(-1))
+            inv_r3 = inv_r * inv_r * inv_r
+            ge, gp = g_field[s:s + ctx.chunk], g_phi[s:s + ctx.chunk, None]
+            dg = torch.einsum("nmk,nk->nm", d, ge)                              # d_ij . gE_i
+            # per pair, d(gp phi + gE.E)/dr_i = k q_j [a_ij gE_i + b_ij d_ij]  (and minus that for x_j)
+            a = q[None, :] * inv_r3
+            b = -3.0 * a * dg * inv_r * inv_r - gp * a
+            w = a.sum(1, keepdim=True) * ge + torch.einsum("nm,nmk->nk", b, d)
+            g_r[s:s + ctx.chunk] = w
+            g_x -= a.t() @ ge + torch.einsum("nm,nmk->mk", b, d)
+            g_q += (gp * inv_r + dg * inv_r3).sum(0)
+        return COULOMB_KJMOL_NM * g_r, COULOMB_KJMOL_NM * g_x, COULOMB_KJMOL_NM * g_q, None
+
+
+def potential_and_field_fast(ml_pos: torch.Tensor, mm_pos: torch.Tensor, mm_q: torch.Tensor
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`potential_and_field` for force evaluation (the ML client): same values, first derivatives by a
+    hand-written backward (2-4x faster and O(chunk) memory for large zones); not twice differentiable."""
+    chunk = max(1, PAIRS_PER_CHUNK // max(len(mm_pos), 1))
+    return _PotentialField.apply(ml_pos, mm_pos, mm_q, chunk)

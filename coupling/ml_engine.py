@@ -19,7 +19,8 @@ import torch
 
 import time
 
-from coupling.embedding import MMEnvironment, NeighbourList, embedded_charges_at, potential_and_field, zone_shift
+from coupling.embedding import (MMEnvironment, NeighbourList, embedded_charges_at, potential_and_field_fast,
+                                zone_shift)
 from coupling.bookkeeping import ownership_table
 from coupling.mmsystem import MODES, mm_environment
 from driver.client import ForceResult
@@ -178,7 +179,7 @@ class MLEngine:
             r = leaf[:n_ml] + torch.as_tensor(shift[:n_ml], device=self.device)
             if sel is not None:
                 q, mm_pos = embedded_charges_at(self.env, sel, leaf[:n_ml], leaf[n_ml:])
-                phi, field = potential_and_field(r, mm_pos, q)                   # kJ/mol/e, kJ/mol/e/nm
+                phi, field = potential_and_field_fast(r, mm_pos, q)                 # kJ/mol/e, kJ/mol/e/nm
             else:
                 phi, field = torch.zeros_like(r[:, 0]), torch.zeros_like(r)
             leaves.append(leaf)

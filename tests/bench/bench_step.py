@@ -1,0 +1,269 @@
+"""Benchmark: where an ML/MM MD step goes, and `mlmm run` vs the same model inside OpenMM (PythonForce).
+
+Cases (``--cases``):
+
+* ``example``   the shipped methanol-in-water example (2637 atoms, 6 ML atoms, PME)
+* ``dhfr-30``   DHFR in water, the JAC benchmark (23 558 atoms, PME): ML zone = the 10 waters nearest Asp27
+                (the active-site cleft), 30 atoms
+* ``dhfr-500``  the same with the 167 nearest waters, 501 ML atoms (embedding cutoff 1.0 nm: the zone's 2.0 nm
+                radius leaves no room for 1.2 nm in the 6.2 nm box)
+
+(Whole molecules only: link atoms are not implemented, so the protein's own residues cannot be ML atoms.)
+
+Route 1, ``mlmm run``: real i-PI + the ML client + the OpenMM client over unix sockets, NVT Langevin (i-PI
+``<thermostat mode='langevin'>``, tau 100 fs), 0.5 fs. The step time is i-PI's own ``t/step`` (median after
+``--skip`` steps); the breakdown comes from the clients' ``summary:`` lines: ML = coupling (embedding
+selection + potential/field forward) + network (forward + the whole backward pass) + output (force array,
+extras), MM = OpenMM, wire = reading positions + sending forces (both clients), i-PI = step −
+max(ML + its wire, MM + its wire). Driver overhead = step − max(ML, MM): what the sockets and i-PI add to the
+slower engine.
+
+Route 2, in-process: one OpenMM Context with the same MM system plus an ``openmm.PythonForce`` whose callback
+runs the same :class:`coupling.ml_engine.MLEngine` (electrostatic embedding included) — the openmm-ml way —
+with ``LangevinMiddleIntegrator`` (friction 10/ps = 1/tau), 0.5 fs. Step time = wall time of ``--steps`` steps.
+
+Threads: each route gets the whole machine. ``mlmm run``: ``--threads`` split between the two clients
+(ML client torch threads, MM client ``OPENMM_CPU_THREADS``; they run concurrently); in-process: OpenMM and
+torch each get all ``--threads`` (they run one after the other).
+
+    python tests/bench/bench_step.py [--cases example dhfr-30 dhfr-500] [--steps 40] [--model M]
+        [--device cpu|cuda] [--platform CPU|CUDA] [--threads 2] [--out tests/bench/results/step_cpu.md]
+
+Default model: the shipped ``inputs/models/small_b3lyp_svp.pt``. Not a test: nothing is asserted.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from driver import launch, xmlinput  # noqa: E402
+from driver.system import CouplingSpec, MLSpec, MMSpec, StructureSpec, SystemSpec  # noqa: E402
+
+# case -> (ML waters, embedding cutoff nm); None: the shipped example. The 167 waters around Asp27 span 2.0 nm from
+# their centroid, so in the 6.2 nm box the embedding cutoff must drop to 1.0 nm (cutoff + radius < half the box)
+CASES = {"example": None, "dhfr-30": (10, 1.2), "dhfr-500": (167, 1.0)}
+TAU_FS, DT_FS, T_K = 100.0, 0.5, 300.0
+
+
+# ---------------------------------------------------------------------------------------------- systems
+def dhfr_system(work: Path, n_waters: int, embedding_cutoff: float = 1.2) -> Path:
+    """system.toml for the JAC DHFR box with the ``n_waters`` waters nearest Asp27 CG as the ML zone."""
+    from openmm import app
+
+    pdb = work / "dhfr.pdb"
+    if not pdb.exists():
+        pdb.write_bytes(gzip.decompress((ROOT / "inputs/examples/dhfr/dhfr_jac.pdb.gz").read_bytes()))
+    structure = app.PDBFile(str(pdb))
+    pos = np.asarray(structure.getPositions(asNumpy=True)._value)
+    box = np.asarray([[v.x, v.y, v.z] for v in structure.topology.getPeriodicBoxVectors()])
+    centre = next(pos[a.index] for a in structure.topology.atoms()
+                  if a.residue.name == "ASP" and a.residue.id == "27" and a.name == "CG")
+    waters = [r for r in structure.topology.residues() if r.name == "HOH"]
+    d = np.array([pos[next(a.index for a in r.atoms() if a.element.symbol == "O")] for r in waters]) - centre
+    d -= np.round(d @ np.linalg.inv(box)) @ box
+    chosen = [waters[i] for i in np.argsort(np.linalg.norm(d, axis=1))[:n_waters]]
+    indices = sorted(a.index for r in chosen for a in r.atoms())
+    spec = SystemSpec(StructureSpec(file=pdb.name, box_nm=box.tolist()),
+                      MLSpec(selection="index " + " ".join(f"{a.index}-{a.index + 2}" for a in          # waters
+                                                           sorted((next(r.atoms()) for r in chosen),
+                                                                  key=lambda a: a.index)),
+                             indices=indices, charge=0),
+                      MMSpec(cutoff_nm=1.0), CouplingSpec(cutoff_nm=embedding_cutoff))
+    path = work / f"dhfr-{3 * n_waters}.toml"
+    spec.save(path)
+    return path
+
+
+def case_system(name: str, work: Path) -> Path:
+    n = CASES[name]
+    return ROOT / "inputs/examples/methanol/prepared/system.toml" if n is None else dhfr_system(work, *n)
+
+
+# ---------------------------------------------------------------------------------------------- route 1
+def langevin_input(dst: Path) -> Path:
+    """nvt_bussi.xml with a Langevin thermostat, t/step printed every step and no trajectory output."""
+    tree = xmlinput.load(ROOT / "inputs/templates/nvt_bussi.xml")
+    root = tree.getroot()
+    root.set("verbosity", "high")
+    out = root.find("output")
+    for el in list(out):
+        if el.tag in ("trajectory", "checkpoint"):
+            out.remove(el)
+    thermo = root.find(".//thermostat")
+    thermo.set("mode", "langevin")
+    thermo.find("tau").text = f" {TAU_FS:g} "
+    root.find(".//timestep").text = f" {DT_FS:g} "
+    xmlinput.write(tree, dst)
+    return dst
+
+
+def summary(log: Path) -> dict[str, float]:
+    found = re.findall(r"summary: (.*)", log.read_text())
+    return {k: float(v) for k, v in (kv.split("=") for kv in found[-1].split())} if found else {}
+
+
+def via_sockets(system: Path, model: Path, steps: int, skip: int, threads: tuple[int, int], device: str,
+                mm_platform: str | None, work: Path, tag: str) -> dict[str, float]:
+    ml_threads, mm_threads = threads
+    env = {"OMP_NUM_THREADS": str(ml_threads), "OPENMM_CPU_THREADS": str(mm_threads)}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)                                       # inherited by i-PI and the clients
+    try:
+        res = launch.run_simulation(langevin_input(work / "bench.xml"), system, out=work / tag, model=model,
+                                    steps=steps, seed=1, device=device, platform=mm_platform, progress=False)
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    tsteps = [float(x) for x in re.findall(r"t/step:\s*([0-9.eE+-]+)", (res.folder / "ipi.log").read_text())]
+    step = float(np.median(tsteps[skip:])) if len(tsteps) > skip else float("nan")
+    evals = steps + 1                                   # the initial force evaluation + one per step
+    ml, mm = summary(res.folder / "client_ml.log"), summary(res.folder / "client_mm.log")
+    per = {k: v / evals for k, v in ml.items() if k.endswith("_s")}
+    t_mm, w_mm = mm["compute_s"] / evals, mm["wire_s"] / evals
+    return {"step": step, "ml": per["compute_s"], "coupling": per.get("coupling_s", np.nan),
+            "network": per.get("network_s", np.nan), "output": per.get("output_s", np.nan), "mm": t_mm,
+            "wire": per["wire_s"] + w_mm, "ipi": step - max(per["compute_s"] + per["wire_s"], t_mm + w_mm),
+            "overhead": step - max(per["compute_s"], t_mm)}
+
+
+# ---------------------------------------------------------------------------------------------- route 2
+def in_process(system: Path, model: Path, steps: int, threads: int, device: str,
+               mm_platform: str | None) -> dict[str, float]:
+    """The same MM system + the ML engine as an openmm.PythonForce, LangevinMiddleIntegrator."""
+    import openmm
+    import torch
+    from openmm import unit
+
+    from coupling.mmsystem import mm_system_from_spec
+    from driver.client import build_ml_engine
+    from potentials.openmm_system import load_system
+
+    torch.set_num_threads(threads)
+    spec = SystemSpec.load(system)
+    topology, mm, positions = load_system(spec)
+    mm = mm_system_from_spec(spec, topology, mm, positions, model_path=str(model), device=device)
+    engine = build_ml_engine(spec, str(model), device)
+    calls = {"n": 0, "s": 0.0}
+
+    def ml_force(state):
+        t = time.perf_counter()
+        pos = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+        box = state.getPeriodicBoxVectors(asNumpy=True).value_in_unit(unit.nanometer) \
+            if spec.structure.periodic else None
+        r = engine.compute(np.asarray(pos)[None], None if box is None else np.asarray(box)[None])[0]
+        calls["n"], calls["s"] = calls["n"] + 1, calls["s"] + time.perf_counter() - t
+        return r.energy, r.forces
+
+    force = openmm.PythonForce(ml_force)
+    force.setUsesPeriodicBoundaryConditions(spec.structure.periodic)
+    mm.addForce(force)
+    integrator = openmm.LangevinMiddleIntegrator(T_K * unit.kelvin, 1000.0 / TAU_FS / unit.picosecond,
+                                                DT_FS * unit.femtosecond)
+    name = mm_platform or "CPU"
+    props = {"Threads": str(threads)} if name == "CPU" else {}
+    context = openmm.Context(mm, integrator, openmm.Platform.getPlatformByName(name), props)
+    context.setPositions(positions)
+    context.setVelocitiesToTemperature(T_K * unit.kelvin, 1)
+    integrator.step(3)                                           # warm-up (first calls build caches)
+    builds0, calls["n"], calls["s"] = engine.list_builds, 0, 0.0
+    t0 = time.perf_counter()
+    integrator.step(steps)
+    context.getState(getEnergy=True)                             # wait for the last step
+    wall = time.perf_counter() - t0
+    return {"step": wall / steps, "ml": calls["s"] / max(calls["n"], 1),
+            "mm": (wall - calls["s"]) / steps, "rebuilds": (engine.list_builds - builds0) / steps}
+
+
+# ---------------------------------------------------------------------------------------------- report
+def ns_per_day(step_s: float) -> float:
+    return DT_FS * 1e-6 * 86400.0 / step_s
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--model", type=Path, default=ROOT / "inputs/models/small_b3lyp_svp.pt")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--skip", type=int, default=5, help="first i-PI steps left out of the median")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="in-process: OpenMM and torch threads")
+    ap.add_argument("--splits", nargs="+", default=None, metavar="ML+MM",
+                    help="mlmm run: threads of the ML client + the MM client, one run each (default: half+half and "
+                         "all+all of --threads)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--platform", default=None, help="OpenMM platform (default CPU)")
+    ap.add_argument("--out", type=Path, default=ROOT / "tests/bench/results/step_cpu.md")
+    args = ap.parse_args()
+    half = max(1, args.threads // 2)
+    splits = [tuple(int(x) for x in sp.split("+")) for sp in args.splits] if args.splits else \
+        list(dict.fromkeys([(half, max(1, args.threads - half)), (args.threads, args.threads)]))
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_step_") as tmp:
+        work = Path(tmp)
+        for name in args.cases:
+            system = case_system(name, work)
+            spec = SystemSpec.load(system)
+            natoms = sum(1 for ln in open(spec.structure_path) if ln.startswith(("ATOM", "HETATM")))
+            t0 = time.monotonic()
+            p = in_process(system, args.model, args.steps, args.threads, args.device, args.platform)
+            print(f"{name:9s} in-process {1e3 * p['step']:7.1f} ms/step (ML {1e3 * p['ml']:.1f}, rest "
+                  f"{1e3 * p['mm']:.1f}, {p['rebuilds']:.2f} list builds/step)", flush=True)
+            for split in splits:
+                s = via_sockets(system, args.model, args.steps, args.skip, split, args.device, args.platform,
+                                work, f"{name}-{split[0]}-{split[1]}")
+                rows.append((name, natoms, len(spec.ml.indices), split, s, p))
+                print(f"{name:9s} mlmm run {split[0]}+{split[1]} {1e3 * s['step']:7.1f} ms/step (ML "
+                      f"{1e3 * s['ml']:.1f} = coupling {1e3 * s['coupling']:.1f} + network {1e3 * s['network']:.1f} "
+                      f"+ output {1e3 * s['output']:.1f}; MM {1e3 * s['mm']:.1f}; wire {1e3 * s['wire']:.2f}; i-PI "
+                      f"{1e3 * s['ipi']:.1f}) | {p['step'] / s['step']:.2f}x in-process  "
+                      f"({time.monotonic() - t0:.0f} s)", flush=True)
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    lines = [
+        "# ML/MM step: breakdown and `mlmm run` vs in-process OpenMM (`python tests/bench/bench_step.py`)", "",
+        f"Model `{args.model.relative_to(ROOT) if args.model.is_relative_to(ROOT) else args.model}`, device "
+        f"{args.device}, OpenMM platform {args.platform or 'CPU'}, NVT Langevin (tau {TAU_FS:g} fs), {DT_FS:g} fs, "
+        f"{args.steps} steps (i-PI: median t/step after {args.skip}). In-process: {args.threads} OpenMM + "
+        f"{args.threads} torch threads (sequential); mlmm run: ML client + MM client threads as in the column "
+        "(concurrent).",
+        f"Machine: {cpu}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}.", "",
+        "Per step, ms. ML = coupling (embedding selection + φ/E forward) + network (forward + whole backward) + "
+        "output; wire: both clients; i-PI = step − max(ML + wire, MM + wire); overhead = step − max(ML, MM). "
+        "In-process: ML = the PythonForce callback, rest = OpenMM (MM forces, integrator, state transfer).", "",
+        "| case | atoms | ML atoms | threads ML+MM | ML | coupling | network | output | MM | wire | i-PI | **step** "
+        "| overhead | in-process ML | in-process rest | **in-process step** | ns/day mlmm run | ns/day in-process "
+        "| speed-up |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, natoms, nml, split, s, p in rows:
+        ms = lambda x: f"{1e3 * x:.1f}"                                          # noqa: E731
+        lines.append(
+            f"| {name} | {natoms} | {nml} | {split[0]}+{split[1]} | {ms(s['ml'])} | {ms(s['coupling'])} | "
+            f"{ms(s['network'])} | {ms(s['output'])} | {ms(s['mm'])} | {1e3 * s['wire']:.2f} | {ms(s['ipi'])} | "
+            f"**{ms(s['step'])}** | {100 * s['overhead'] / s['step']:.0f}% | {ms(p['ml'])} | {ms(p['mm'])} | "
+            f"**{ms(p['step'])}** | {ns_per_day(s['step']):.2f} | {ns_per_day(p['step']):.2f} | "
+            f"{p['step'] / s['step']:.2f}× |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
