@@ -274,15 +274,27 @@ PAIRS_PER_CHUNK = 1 << 20          # (ML atom, MM atom) pairs per block of the f
 
 class _PotentialField(torch.autograd.Function):
     """phi and E with a hand-written, chunked backward: nothing of size (n_ml, M) is kept between the passes,
-    and the backward is a handful of dense products instead of autograd's replay of every elementwise op.
+    the pair arrays are 2-D per Cartesian component (contiguous, sums as matrix-vector products), and the
+    backward is a handful of dense products instead of autograd's replay of every elementwise op.
     First derivatives only (forces); training, which needs forces of forces, uses :func:`potential_and_field`."""
+
+    @staticmethod
+    def _pairs(r, x):
+        d = [r[:, k, None] - x[None, :, k] for k in range(3)]                     # 3 x [n, M]
+        inv_r = torch.rsqrt(d[0] * d[0] + d[1] * d[1] + d[2] * d[2])
+        return d, inv_r, inv_r * inv_r * inv_r
 
     @staticmethod
     def forward(ctx, ml_pos, mm_pos, mm_q, chunk):
         ctx.save_for_backward(ml_pos, mm_pos, mm_q)
         ctx.chunk = chunk
-        with torch.no_grad():
-            return potential_and_field(ml_pos, mm_pos, mm_q, chunk)
+        phi, field = torch.empty_like(ml_pos[:, 0]), torch.empty_like(ml_pos)
+        for s in range(0, len(ml_pos), chunk):
+            d, inv_r, inv_r3 = _PotentialField._pairs(ml_pos[s:s + chunk], mm_pos)
+            phi[s:s + chunk] = inv_r @ mm_q
+            for k in range(3):
+                field[s:s + chunk, k] = (inv_r3 * d[k]) @ mm_q
+        return COULOMB_KJMOL_NM * phi, COULOMB_KJMOL_NM * field
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -292,18 +304,18 @@ class _PotentialField(torch.autograd.Function):
         g_field = torch.zeros_like(r) if g_field is None else g_field
         g_r, g_x, g_q = torch.zeros_like(r), torch.zeros_like(x), torch.zeros_like(q)
         for s in range(0, len(r), ctx.chunk):
-            d = r[s:s + ctx.chunk, None, :] - x[None, :, :]                     # [n, M, 3]
-            inv_r = torch.rsqrt((d * d).sum(-1))
-            inv_r3 = inv_r * inv_r * inv_r
-            ge, gp = g_field[s:s + ctx.chunk], g_phi[s:s + ctx.chunk, None]
-            dg = torch.einsum("nmk,nk->nm", d, ge)                              # d_ij . gE_i
+            d, inv_r, inv_r3 = _PotentialField._pairs(r[s:s + ctx.chunk], x)
+            ge, gp = g_field[s:s + ctx.chunk], g_phi[s:s + ctx.chunk]
+            dg = d[0] * ge[:, 0, None] + d[1] * ge[:, 1, None] + d[2] * ge[:, 2, None]     # d_ij . gE_i
             # per pair, d(gp phi + gE.E)/dr_i = k q_j [a_ij gE_i + b_ij d_ij]  (and minus that for x_j)
             a = q[None, :] * inv_r3
-            b = -3.0 * a * dg * inv_r * inv_r - gp * a
-            w = a.sum(1, keepdim=True) * ge + torch.einsum("nm,nmk->nk", b, d)
-            g_r[s:s + ctx.chunk] = w
-            g_x -= a.t() @ ge + torch.einsum("nm,nmk->mk", b, d)
-            g_q += (gp * inv_r + dg * inv_r3).sum(0)
+            b = a * (-3.0 * dg * inv_r * inv_r - gp[:, None])
+            a_sum = a.sum(1)
+            for k in range(3):
+                bd = b * d[k]
+                g_r[s:s + ctx.chunk, k] = a_sum * ge[:, k] + bd.sum(1)
+                g_x[:, k] -= ge[:, k] @ a + bd.sum(0)
+            g_q += gp @ inv_r + (dg * inv_r3).sum(0)
         return COULOMB_KJMOL_NM * g_r, COULOMB_KJMOL_NM * g_x, COULOMB_KJMOL_NM * g_q, None
 
 

@@ -1,19 +1,30 @@
-"""Benchmark: one ML-client request (embedding selection + phi/E + network + forces) vs MM system size.
+"""Benchmark: the ML client's request vs MM-zone size and vs ML-zone size, split into field inputs and network.
 
-A small ML zone (a 21-atom water cluster, the tiny network preset with random weights, float32) sits in a
-periodic box of TIP3P-like water at liquid density with 3e3 .. 1e5 MM atoms; the embedding cutoff is 1.2 nm.
-Reports the time per request (best of ``reps`` after a warm-up) for B = 1 and B = 8 structures, and the
-number of embedded MM atoms. The cost should be nearly flat in the MM size: the neighbour search is a KD-tree
-over residue centres and only embedded atoms enter the Coulomb sums (the dense (N, 3) force array is the
-only O(N) part).
+Water boxes (TIP3P charges, liquid density, periodic) whose central waters are the ML zone; the network is
+a random-weight preset (``--preset``, default ``small`` = the shipped model's size; timing does not depend on
+the weights); embedding cutoff 1.2 nm, neighbour-list skin 0.1 nm. Each request moves every atom by a small
+random step (about one 0.5 fs MD step), so the neighbour list is reused and rebuilt as in a run.
 
-    python tests/bench/bench_ml_engine.py [--sizes 3000 10000 100000] [--device cpu|cuda] [--threads 2]
+* request: :meth:`MLEngine.compute` per structure (best-of-reps mean over ``--calls`` calls)
+* network: the same network forward + backward on the same inputs with phi/E given (no embedding)
+* field inputs = request − network − output: neighbour list (check, rebuilds), embedded charges, phi/E and
+  their backward, i.e. everything the electrostatic embedding adds
+* builds: neighbour-list rebuilds per request
+
+Table 1 (MM scaling): a 21-atom ML zone in 3e3 .. 1e5 atoms. Table 2 (ML scaling): 9 .. 3000 ML atoms
+(``--ml-sizes``; 1e4 runs too, given time and memory) in a box just large enough for the cutoff.
+
+    python tests/bench/bench_ml_engine.py [--mm-sizes 3000 10000 30000 100000] [--ml-sizes 9 99 999 3000]
+        [--device cpu|cuda] [--threads 1] [--out tests/bench/results/ml_engine_cpu.md]
 
 Not a test: nothing is asserted.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import platform
+import sys
 import time
 from pathlib import Path
 
@@ -21,61 +32,124 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
 OH = np.array([[0.0, 0.0, 0.0], [0.0957, 0.0, 0.0], [-0.024, 0.0927, 0.0]])      # nm
+DENSITY = 33.4                                                                    # waters / nm^3
+CUTOFF = 1.2
 
 
-def water_box(n_atoms: int, seed: int = 0):
-    """Waters on a jittered cubic lattice at 33.4 nm^-3; the first 7 waters form the ML zone."""
+def water_box(n_atoms: int, n_ml_waters: int = 7, seed: int = 0):
+    """Waters on a jittered cubic lattice; the ``n_ml_waters`` nearest the centre come first (the ML zone).
+    The box is at least 2 (cutoff + zone radius) + 0.4 nm wide. Returns pos, box, charges, residues, numbers."""
     rng = np.random.default_rng(seed)
-    side = max(int(round((n_atoms / 3) ** (1 / 3))), 11)        # >= 3.4 nm: room for the 1.2 nm cutoff
+    a = (1 / DENSITY) ** (1 / 3)
+    radius = (3 * n_ml_waters / (4 * np.pi * DENSITY)) ** (1 / 3) + 0.15
+    side = max(int(round((n_atoms / 3) ** (1 / 3))), int(np.ceil((2 * (CUTOFF + radius) + 0.4) / a)))
     n_w = side ** 3
-    a = (1 / 33.4) ** (1 / 3)
     grid = (np.stack(np.meshgrid(*[np.arange(side)] * 3, indexing="ij"), -1).reshape(-1, 3) + 0.5) * a
-    centre = grid.mean(0)
-    grid = grid[np.argsort(np.linalg.norm(grid - centre, axis=1))]          # ML waters first, at the centre
-    pos = []
-    for o in grid:
-        rot, _ = np.linalg.qr(rng.normal(size=(3, 3)))
-        pos.append(o + OH @ rot.T)
-    pos = np.concatenate(pos)
-    box = np.eye(3) * side * a
+    grid = grid[np.argsort(np.linalg.norm(grid - grid.mean(0), axis=1), kind="stable")]
+    rots = np.linalg.qr(rng.normal(size=(n_w, 3, 3)))[0]
+    pos = (grid[:, None, :] + np.einsum("jk,wlk->wjl", OH, rots)).reshape(-1, 3)
     q = np.tile([-0.834, 0.417, 0.417], n_w)
     res = np.repeat(np.arange(n_w), 3)
-    return pos, box, q, res, np.tile([8, 1, 1], 7)
+    return pos, np.eye(3) * side * a, q, res, np.tile([8, 1, 1], n_ml_waters)
+
+
+def measure(model, n_atoms: int, n_ml_waters: int, device: str, calls: int, reps: int) -> dict[str, float]:
+    from coupling.embedding import MMEnvironment
+    from coupling.ml_engine import MLEngine
+
+    pos, box, q, res, numbers = water_box(n_atoms, n_ml_waters)
+    n_ml = len(numbers)
+    env = MMEnvironment(q, res, np.arange(n_ml), cutoff=CUTOFF, switch_width=0.2)
+    engine = MLEngine(model, numbers, 0, env, device=device, dtype=torch.float64, skin=0.1)
+    rng = np.random.default_rng(1)
+    frames = pos + np.cumsum(rng.normal(0, 0.0015, (calls, *pos.shape)), axis=0)
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    engine.compute(frames[:1], box[None])
+    best = {"request": np.inf}
+    for _ in range(reps):
+        t0, b0, out0 = time.perf_counter(), engine.list_builds, engine.timings["output"]
+        for f in frames:
+            out = engine.compute(f[None], box[None])
+        sync()
+        t = (time.perf_counter() - t0) / calls
+        if t < best["request"]:
+            best = {"request": t, "builds": (engine.list_builds - b0) / calls,
+                    "output": (engine.timings["output"] - out0) / calls}
+    # the network alone on the last request's inputs: phi/E as given tensors, forces w.r.t. positions
+    dev, n_emb = torch.device(device), out[0].extras["ml.n_embedded"]
+    x = torch.tensor(frames[-1][:n_ml] * 10.0, device=dev, requires_grad=True)
+    args = (torch.as_tensor(numbers, device=dev), x, torch.zeros(n_ml, dtype=torch.long, device=dev),
+            torch.zeros(1, dtype=torch.float64, device=dev))
+    phi = torch.randn(n_ml, dtype=torch.float64, device=dev)
+    field = torch.randn(n_ml, 3, dtype=torch.float64, device=dev) * 0.1
+    net = np.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            e = model(*args, phi, field)["energy"]
+            torch.autograd.grad(e.sum(), x)
+        sync()
+        net = min(net, (time.perf_counter() - t0) / calls)
+    return {**best, "network": net, "field": best["request"] - net - best["output"], "atoms": len(pos),
+            "ml": n_ml, "embedded": n_emb}
+
+
+def table(title: str, rows: list[dict[str, float]]) -> list[str]:
+    lines = [f"### {title}", "",
+             "| atoms | ML atoms | embedded MM atoms | request ms | network ms | field inputs ms | output ms | "
+             "field / network | list builds / request |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['atoms']} | {r['ml']} | {r['embedded']} | {1e3 * r['request']:.2f} | "
+                     f"{1e3 * r['network']:.2f} | {1e3 * r['field']:.2f} | {1e3 * r['output']:.2f} | "
+                     f"{100 * r['field'] / r['network']:.0f}% | {r['builds']:.2f} |")
+    return lines + [""]
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--sizes", type=int, nargs="+", default=[3000, 10000, 100000])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--mm-sizes", type=int, nargs="*", default=[3000, 10000, 30000, 100000])
+    p.add_argument("--ml-sizes", type=int, nargs="*", default=[9, 99, 999, 3000])
+    p.add_argument("--preset", default="small", help="inputs/models/configs/PRESET.toml")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--calls", type=int, default=20)
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--out", type=Path, default=ROOT / "tests/bench/results/ml_engine_cpu.md")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    from coupling.embedding import MMEnvironment
-    from coupling.ml_engine import MLEngine
     from potentials.network import EmbeddedAIMNet2, ModelConfig
 
-    model = EmbeddedAIMNet2(ModelConfig.from_toml(ROOT / "inputs/models/configs/tiny.toml"))
-    print(f"| MM atoms | B | ms / request | ms / structure | embedded MM atoms |  device {args.device}")
-    print("|---:|---:|---:|---:|---:|")
-    for n in args.sizes:
-        pos, box, q, res, numbers = water_box(n)
-        env = MMEnvironment(q, res, np.arange(21), cutoff=1.2, switch_width=0.2)
-        engine = MLEngine(model, numbers, 0, env, device=args.device, dtype=torch.float64)
-        for b in (1, 8):
-            frames = pos[None] + np.random.default_rng(1).normal(0, 0.002, (b, *pos.shape))
-            boxes = np.broadcast_to(box, (b, 3, 3))
-            engine.compute(frames, boxes)
-            best = np.inf
-            for _ in range(args.reps):
-                if args.device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                t = time.perf_counter()
-                out = engine.compute(frames, boxes)
-                best = min(best, time.perf_counter() - t)
-            print(f"| {len(pos)} | {b} | {1e3 * best:.1f} | {1e3 * best / b:.1f} | {out[0].extras['ml.n_embedded']} |")
+    model = EmbeddedAIMNet2(ModelConfig.from_toml(ROOT / f"inputs/models/configs/{args.preset}.toml"))
+    model = model.to(args.device).eval()
+    for q in model.parameters():
+        q.requires_grad_(False)
+    mm_rows, ml_rows = [], []
+    for n in args.mm_sizes:
+        mm_rows.append(measure(model, n, 7, args.device, args.calls, args.reps))
+        print(mm_rows[-1], flush=True)
+    for n in args.ml_sizes:
+        ml_rows.append(measure(model, 3000, max(1, n // 3), args.device, max(3, args.calls // (1 + n // 300)),
+                               args.reps))
+        print(ml_rows[-1], flush=True)
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    lines = ["# ML client request: field inputs vs network (`python tests/bench/bench_ml_engine.py`)", "",
+             f"Network preset `{args.preset}` (random weights; float64 inputs as in the ML client), device {args.device}, {args.threads} torch "
+             f"thread(s), embedding cutoff {CUTOFF} nm, skin 0.1 nm, MD-like moves between requests.",
+             f"Machine: {cpu}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}.", ""]
+    if mm_rows:
+        lines += table("MM-zone scaling (21 ML atoms)", mm_rows)
+    if ml_rows:
+        lines += table("ML-zone scaling", ml_rows)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines))
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":
