@@ -240,7 +240,8 @@ def embedded_charges_at(env: MMEnvironment, sel: Selection, ml_positions: torch.
         ml_pos = ml_pos + torch.as_tensor(sel.ml_shift, device=dev, dtype=dt)
     pml = torch.as_tensor(sel.pair_ml, device=dev)
     pgr = torch.as_tensor(sel.pair_group, device=dev)
-    r = (ml_pos[pml] - centers[pgr]).norm(dim=-1)
+    # index_select, not [idx]: its backward is a fast index_add (advanced indexing's is a slow index_put)
+    r = (ml_pos.index_select(0, pml) - centers.index_select(0, pgr)).norm(dim=-1)
     s_pair = switch(r, env.cutoff, env.switch_width)
     inside = torch.zeros(sel.n_groups, dtype=torch.bool, device=dev).index_fill_(
         0, pgr[s_pair >= 1.0], True)
@@ -248,7 +249,7 @@ def embedded_charges_at(env: MMEnvironment, sel: Selection, ml_positions: torch.
     log_out = torch.log1p(-torch.where(s_pair < 1.0, s_pair, torch.zeros_like(s_pair)))
     log_prod = torch.zeros(sel.n_groups, device=dev, dtype=dt).index_add_(0, pgr, log_out)
     scale = torch.where(inside, torch.ones_like(log_prod), -torch.expm1(log_prod))
-    q = torch.as_tensor(env.charges[sel.atoms], device=dev, dtype=dt) * scale[group]
+    q = torch.as_tensor(env.charges[sel.atoms], device=dev, dtype=dt) * scale.index_select(0, group)
     return q, mm_pos
 
 
@@ -287,10 +288,12 @@ class _PotentialField(torch.autograd.Function):
     @staticmethod
     def forward(ctx, ml_pos, mm_pos, mm_q, chunk):
         ctx.save_for_backward(ml_pos, mm_pos, mm_q)
-        ctx.chunk = chunk
+        ctx.chunk, ctx.pairs = chunk, None
         phi, field = torch.empty_like(ml_pos[:, 0]), torch.empty_like(ml_pos)
         for s in range(0, len(ml_pos), chunk):
             d, inv_r, inv_r3 = _PotentialField._pairs(ml_pos[s:s + chunk], mm_pos)
+            if chunk >= len(ml_pos):                 # one block: keep it for the backward (small zones)
+                ctx.pairs = (d, inv_r, inv_r3)
             phi[s:s + chunk] = inv_r @ mm_q
             for k in range(3):
                 field[s:s + chunk, k] = (inv_r3 * d[k]) @ mm_q
@@ -304,7 +307,7 @@ class _PotentialField(torch.autograd.Function):
         g_field = torch.zeros_like(r) if g_field is None else g_field
         g_r, g_x, g_q = torch.zeros_like(r), torch.zeros_like(x), torch.zeros_like(q)
         for s in range(0, len(r), ctx.chunk):
-            d, inv_r, inv_r3 = _PotentialField._pairs(r[s:s + ctx.chunk], x)
+            d, inv_r, inv_r3 = ctx.pairs or _PotentialField._pairs(r[s:s + ctx.chunk], x)
             ge, gp = g_field[s:s + ctx.chunk], g_phi[s:s + ctx.chunk]
             dg = d[0] * ge[:, 0, None] + d[1] * ge[:, 1, None] + d[2] * ge[:, 2, None]     # d_ij . gE_i
             # per pair, d(gp phi + gE.E)/dr_i = k q_j [a_ij gE_i + b_ij d_ij]  (and minus that for x_j)

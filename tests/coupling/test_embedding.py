@@ -149,17 +149,20 @@ def test_fast_potential_and_field_has_the_same_values_and_gradients():
     q = torch.tensor(rng.normal(0, 0.5, 300))
     gp, ge = torch.tensor(rng.normal(size=9)), torch.tensor(rng.normal(size=(9, 3)))
     out = {}
-    for name, fn in (("plain", potential_and_field), ("fast", emb.potential_and_field_fast)):
+    for name, fn, pairs in (("plain", potential_and_field, emb.PAIRS_PER_CHUNK),
+                            ("fast", emb.potential_and_field_fast, 1000),               # 3 ML atoms per block
+                            ("one block", emb.potential_and_field_fast, emb.PAIRS_PER_CHUNK)):
         leaves = [t.clone().requires_grad_(True) for t in (r, x, q)]
-        old, emb.PAIRS_PER_CHUNK = emb.PAIRS_PER_CHUNK, 1000          # 3 ML atoms per block
+        old, emb.PAIRS_PER_CHUNK = emb.PAIRS_PER_CHUNK, pairs
         try:
             phi, field = fn(*leaves)
         finally:
             emb.PAIRS_PER_CHUNK = old
         loss = (phi * gp).sum() + (field * ge).sum()
         out[name] = [phi.detach(), field.detach(), *torch.autograd.grad(loss, leaves, create_graph=name == "plain")]
-    for a, b in zip(out["plain"], out["fast"]):
+    for a, b, c in zip(out["plain"], out["fast"], out["one block"]):
         assert torch.allclose(a.detach(), b, rtol=1e-12, atol=1e-12 * float(a.abs().max()))
+        assert torch.allclose(a.detach(), c, rtol=1e-12, atol=1e-12 * float(a.abs().max()))
     leaves = [t.clone().requires_grad_(True) for t in (r, x, q)]
     g = torch.autograd.grad(emb.potential_and_field_fast(*leaves)[0].sum(), leaves[0], create_graph=True)[0]
     with pytest.raises(RuntimeError):                   # forces of forces (training) must use the plain sums
