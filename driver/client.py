@@ -340,20 +340,28 @@ def main(args: argparse.Namespace) -> int:
     from .system import SystemSpec
 
     spec = SystemSpec.load(args.system)
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 1:
+        raise SetupError(f"--threads {threads}: must be >= 1")
     if args.kind == "mm":
-        engine = build_mm_engine(spec, args.platform, model=args.model, device=args.device)
+        engine = build_mm_engine(spec, args.platform, model=args.model, device=args.device, threads=threads)
     else:
-        engine = build_ml_engine(spec, args.model, args.device)
+        if threads:
+            import torch
+            torch.set_num_threads(threads)
+        engine = build_ml_engine(spec, args.model, args.device, compile=getattr(args, "compile", False))
     guard = ForceGuard(spec, getattr(args, "max_force", MAX_FORCE_KJMOL_NM))
     served = serve(engine, args.address, timeout=args.timeout, guard=guard)
     log.info("%s client done: %d requests served", args.kind, served)
     return 0
 
 
-def build_mm_engine(spec, platform: str | None = None, *, model: str | None = None, device: str = "cpu"):
+def build_mm_engine(spec, platform: str | None = None, *, model: str | None = None, device: str = "cpu",
+                    threads: int | None = None):
     """The MM client's engine: the full OpenMM system, or the ML/MM-split one if the spec has an ML zone.
 
-    ``model``/``device`` are only used by mechanical embedding with network charges on the ML atoms.
+    ``model``/``device`` are only used by mechanical embedding with network charges on the ML atoms;
+    ``threads``: OpenMM CPU threads (ignored on GPU platforms).
     """
     from potentials.openmm_engine import OpenMMEngine
     from potentials.openmm_system import load_system
@@ -362,11 +370,11 @@ def build_mm_engine(spec, platform: str | None = None, *, model: str | None = No
     if spec.ml.indices:
         from coupling.mmsystem import mm_system_from_spec
         system = mm_system_from_spec(spec, topology, system, positions, model_path=model, device=device)
-    return OpenMMEngine(system, platform=platform)
+    return OpenMMEngine(system, platform=platform, threads=threads)
 
 
-def build_ml_engine(spec, model: str | None, device: str = "cpu"):
-    """The ML client's engine (network + electrostatic embedding)."""
+def build_ml_engine(spec, model: str | None, device: str = "cpu", compile: bool = False):
+    """The ML client's engine (network + electrostatic embedding); ``compile``: torch.compile the network."""
     if not model:
         raise SetupError("`mlmm client ml` needs --model PATH (a model written by `mlmm train`)")
     if not spec.ml.indices:
@@ -374,4 +382,4 @@ def build_ml_engine(spec, model: str | None, device: str = "cpu"):
                          "compute (select one with `mlmm prepare --ml ...`)")
     from coupling.ml_engine import MLEngine
 
-    return MLEngine.from_spec(spec, model, device)
+    return MLEngine.from_spec(spec, model, device, compile=compile)

@@ -112,7 +112,9 @@ def main(args) -> int:
                                  "(they come from its RESTART and run.json); give only --steps and devices")
             result = resume_simulation(resume, steps=args.steps, device=args.device, platform=args.platform,
                                        progress=not args.no_progress, verbose=getattr(args, "verbose", False),
-                                       max_restarts=max_restarts, max_force=args.max_force)
+                                       max_restarts=max_restarts, max_force=args.max_force,
+                                       threads=getattr(args, "threads", None),
+                                       compile=getattr(args, "compile", False) or None)
         else:
             if args.xml is None or args.system is None:
                 raise SetupError("mlmm run needs an i-PI XML and --system TOML (or --resume RUN_DIR)")
@@ -121,7 +123,8 @@ def main(args) -> int:
                                     progress=not args.no_progress, verbose=getattr(args, "verbose", False),
                                     beads=getattr(args, "beads", None), ml_clients=getattr(args, "ml_clients", 1),
                                     remote_ml_clients=getattr(args, "remote_ml_clients", 0),
-                                    max_restarts=max_restarts, max_force=args.max_force)
+                                    max_restarts=max_restarts, max_force=args.max_force,
+                                    threads=getattr(args, "threads", None), compile=getattr(args, "compile", False))
     except RunInterrupted as exc:
         print(f"mlmm: interrupted: {exc}", file=sys.stderr)
         return 128 + exc.signum          # 130 for Ctrl-C, 143 for SIGTERM (shell convention)
@@ -137,7 +140,7 @@ def run_simulation(xml: str | Path, system: str | Path, *, out: str | Path | Non
                    device: str = "cpu", platform: str | None = None, progress: bool = True,
                    verbose: bool = False, client_argv: ClientArgv | None = None, beads: int | None = None,
                    ml_clients: int = 1, remote_ml_clients: int = 0, max_restarts: int = 3,
-                   max_force: float | None = None) -> RunResult:
+                   max_force: float | None = None, threads: str | None = None, compile: bool = False) -> RunResult:
     """Run i-PI with the input ``xml`` on ``system`` and one client per `<ffsocket>`; block until done.
 
     Parameters
@@ -147,6 +150,8 @@ def run_simulation(xml: str | Path, system: str | Path, *, out: str | Path | Non
     out : run folder (created; must be new or empty). Default: ``runs/run-<timestamp>`` in the current directory.
     model : network file for the ``ml`` client (required if the XML has an ``ml`` socket).
     steps, seed : override ``<total_steps>`` and ``<prng><seed>``.
+    threads : ``"ML+MM"``, CPU threads of each local ML client and of the MM client (see :func:`client_threads`).
+    compile : torch.compile the network in the ML clients.
     device, platform : passed to the ML (torch device) and MM (OpenMM platform) clients. ``device`` may list
         several devices, comma-separated (``cuda:0,cuda:1``): ML client k gets device k modulo their number.
     progress : show a tqdm bar (steps, temperature, ns/day).
@@ -230,8 +235,10 @@ def run_simulation(xml: str | Path, system: str | Path, *, out: str | Path | Non
         "xml": str(Path(xml).resolve()), "system": str(Path(system).resolve()),
         "model": str(Path(model).resolve()) if model else None, "steps": steps, "seed": seed,
         "device": device, "platform": platform, "ml_clients": ml_clients,
-        "remote_ml_clients": remote_ml_clients, "max_force": max_force}, indent=1) + "\n")
-    argv = client_argv or _client_argv_factory(Path(system).resolve(), model, device, platform, verbose, max_force)
+        "remote_ml_clients": remote_ml_clients, "max_force": max_force, "threads": threads,
+        "compile": compile}, indent=1) + "\n")
+    argv = client_argv or _client_argv_factory(Path(system).resolve(), model, device, platform, verbose, max_force,
+                                               client_threads(threads, device, ml_clients), compile)
     run = _Run(folder, socks, n_clients, argv, total, progress, bool(start.pbc.all()), components, spec)
     return run.drive(tree, "input.xml", max_restarts=_no_restarts_with_remote(max_restarts, remote_ml_clients),
                      append=False)
@@ -249,7 +256,8 @@ def _no_restarts_with_remote(max_restarts: int, remote: int) -> int:
 def resume_simulation(run_dir: str | Path, *, steps: int | None = None, device: str | None = None,
                       platform: str | None = None, progress: bool = True, verbose: bool = False,
                       client_argv: ClientArgv | None = None, max_restarts: int = 3,
-                      max_force: float | None = None) -> RunResult:
+                      max_force: float | None = None, threads: str | None = None,
+                      compile: bool | None = None) -> RunResult:
     """Continue the run in ``run_dir`` from i-PI's ``RESTART`` (``mlmm run --resume RUN_DIR``).
 
     The outputs i-PI appends to are first cut back to the RESTART's step (it may lag the last written step by
@@ -261,7 +269,8 @@ def resume_simulation(run_dir: str | Path, *, steps: int | None = None, device: 
     ----------
     run_dir : a run folder written by `run_simulation` (``run.json``, ``RESTART``).
     steps : new ``total_steps`` (must exceed the RESTART's step); default: the run's own total.
-    device, platform, max_force : as in `run_simulation`; default: what the run was started with (``run.json``).
+    device, platform, max_force, threads, compile : as in `run_simulation`; default: what the run was started
+        with (``run.json``).
     Other parameters as in `run_simulation`.
     """
     folder = Path(run_dir).resolve()
@@ -290,9 +299,11 @@ def resume_simulation(run_dir: str | Path, *, steps: int | None = None, device: 
     n_clients = {s.name: (ml_clients if s.name == "ml" else 1) for s in socks}
     _check_socket_paths(socks)
     _check_ports(socks)
-    argv = client_argv or _client_argv_factory(Path(system), model, device or info.get("device") or "cpu",
-                                               platform or info.get("platform"), verbose,
-                                               max_force or info.get("max_force"))
+    device = device or info.get("device") or "cpu"
+    argv = client_argv or _client_argv_factory(
+        Path(system), model, device, platform or info.get("platform"), verbose, max_force or info.get("max_force"),
+        client_threads(threads or info.get("threads"), device, ml_clients),
+        bool(info.get("compile")) if compile is None else compile)
     run = _Run(folder, socks, n_clients, argv, total, progress, bool(spec.structure.periodic), components, spec)
     return run.drive(run.resume_input(), "resume.xml", append=True,
                      max_restarts=_no_restarts_with_remote(max_restarts, int(info.get("remote_ml_clients") or 0)))
@@ -545,8 +556,34 @@ def initial_structure(spec: SystemSpec):
     return out
 
 
+def client_threads(threads: str | None, device: str, ml_clients: int) -> tuple[int, int]:
+    """CPU threads of each local ML client and of the MM client from ``"ML+MM"`` (either may be empty: auto).
+
+    Auto: the cores this process may use are split between the clients that compute on the CPU, since i-PI
+    runs them at the same time. Letting torch and OpenMM each take every core makes them fight: 1.6x slower
+    steps for the example on 2 cores (tests/bench/results/step_cpu.md). An ML client on a GPU gets 1 thread.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    ml, mm = None, None
+    if threads:
+        parts = str(threads).split("+")
+        try:
+            ml, mm = (int(x) if x.strip() else None for x in parts) if len(parts) == 2 else (None, None)
+        except ValueError:
+            ml = mm = -1
+        if len(parts) != 2 or (ml is not None and ml < 1) or (mm is not None and mm < 1):
+            raise SetupError(f"--threads {threads!r}: expected ML+MM thread counts such as 1+1, 2+6 or +4")
+    local_cpu_ml = max(ml_clients, 0) if any(d.strip().startswith("cpu") for d in device.split(",")) else 0
+    if ml is None:
+        ml = max(1, (cores // 2) // local_cpu_ml) if local_cpu_ml else 1
+    if mm is None:
+        mm = max(1, cores - ml * local_cpu_ml)
+    return ml, mm
+
+
 def _client_argv_factory(system: Path, model, device: str, platform: str | None, verbose: bool,
-                         max_force: float | None = None) -> ClientArgv:
+                         max_force: float | None = None, threads: tuple[int, int] | None = None,
+                         compile: bool = False) -> ClientArgv:
     devices = [d.strip() for d in device.split(",") if d.strip()] or ["cpu"]
     started = {"ml": 0}             # ML clients made so far: the next one gets the next device
 
@@ -555,10 +592,12 @@ def _client_argv_factory(system: Path, model, device: str, platform: str | None,
         cmd += ["client", name, "--system", str(system), "--address", address]
         if max_force is not None:
             cmd += ["--max-force", repr(float(max_force))]
+        if threads is not None:
+            cmd += ["--threads", str(threads[0] if name == "ml" else threads[1])]
         if name == "ml":
             dev = devices[started["ml"] % len(devices)]
             started["ml"] += 1
-            cmd += ["--model", str(Path(model).resolve()), "--device", dev]
+            cmd += ["--model", str(Path(model).resolve()), "--device", dev] + (["--compile"] if compile else [])
         elif platform:
             cmd += ["--platform", platform]
         return cmd

@@ -46,9 +46,13 @@ class OpenMMEngine:
         else CPU. CPU and CUDA run in mixed precision; Reference is double precision.
     properties : dict of str, optional
         Platform properties, e.g. ``{"Threads": "2"}`` (CPU) or ``{"DeviceIndex": "1"}`` (CUDA).
+    threads : int, optional
+        CPU threads, applied only if the context ends up on the CPU platform (default: OpenMM's, i.e.
+        ``OPENMM_CPU_THREADS`` or all cores).
     """
 
-    def __init__(self, system: openmm.System, platform: str | None = None, properties: dict | None = None):
+    def __init__(self, system: openmm.System, platform: str | None = None, properties: dict | None = None,
+                 threads: int | None = None):
         if system.getNumConstraints():
             raise SetupError(
                 f"OpenMM system has {system.getNumConstraints()} constraints, but i-PI integrates without "
@@ -63,6 +67,7 @@ class OpenMMEngine:
                                       for v in system.getDefaultPeriodicBoxVectors()])
         self._box: np.ndarray | None = None          # box currently set in the context (nm rows, unreduced)
         self._integrator = openmm.VerletIntegrator(0.001)   # a Context needs one; it is never stepped
+        self.threads = threads
         self.context = self._make_context(system, platform, dict(properties or {}))
         self.platform: str = self.context.getPlatform().getName()
         log.info("OpenMM engine: %d atoms, %s, platform %s", self.natoms,
@@ -77,9 +82,11 @@ class OpenMMEngine:
         else:
             candidates = [p for p in ("CUDA", "CPU", "Reference") if p in names]
         for i, name in enumerate(candidates):
+            props = properties if platform is not None or name != "Reference" else {}
+            if name == "CPU" and self.threads:
+                props = {**props, "Threads": str(self.threads)}
             try:
-                return openmm.Context(system, self._integrator, openmm.Platform.getPlatformByName(name),
-                                      properties if platform is not None or name != "Reference" else {})
+                return openmm.Context(system, self._integrator, openmm.Platform.getPlatformByName(name), props)
             except openmm.OpenMMException as exc:
                 if platform is not None or i == len(candidates) - 1:
                     raise SetupError(f"OpenMM cannot create a context on platform {name} "

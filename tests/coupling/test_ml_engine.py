@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from openmm import unit
 
 from coupling.embedding import MMEnvironment, embedded_charges, select_environment
 from coupling.ml_engine import MLEngine, check_model, model_dtype, vacuum_charges
@@ -315,3 +316,38 @@ def test_from_spec_builds_a_consistent_pair(tmp_path, tiny_network):
     check_split(mm, spec.ml.indices, "mechanical", full_system=system, ml_charges=q)
     with pytest.raises(SetupError, match="does not know element"):
         check_model(tiny_network, [1, 6, 8, 17], 0)                    # Cl is not in the tiny model
+
+
+def test_compiled_network_gives_the_same_forces(cluster, tiny_network):
+    """torch.compile (--compile) changes speed, not physics: the shipped model on the example gives the eager
+    energy and forces (ML and MM atoms; float32 weights, inductor may reorder float32 sums), also on a second
+    call; a graph inductor cannot build (float64 scatter in torch 2.13) falls back to eager, results unchanged."""
+    from driver.system import SystemSpec
+    from potentials.openmm_system import load_system
+
+    spec = SystemSpec.load(ROOT / "inputs/examples/methanol/prepared/system.toml")
+    _, system, pos = load_system(spec)
+    box = np.array([v.value_in_unit(unit.nanometer) for v in system.getDefaultPeriodicBoxVectors()])
+    model = ROOT / "inputs/models/small_b3lyp_svp.pt"
+    eager, compiled = MLEngine.from_spec(spec, model), MLEngine.from_spec(spec, model, compile=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)            # torch 2.13's inductor fails on multi-threaded float64 scatters
+    try:
+        _compare_compiled(eager, compiled, np.asarray(pos), box)
+    finally:
+        torch.set_num_threads(threads)
+    fallback = make_engine(cluster, model=tiny_network, compile=True)
+    res, ref = fallback.compute(cluster.positions[None])[0], make_engine(cluster, model=tiny_network).compute(
+        cluster.positions[None])[0]
+    assert not fallback.compiled
+    assert res.energy == pytest.approx(ref.energy, rel=1e-12) and np.allclose(res.forces, ref.forces, atol=1e-9)
+
+
+def _compare_compiled(eager, compiled, pos, box):
+    for shift in (0.0, 0.002):
+        x = pos[None] + shift * np.sin(np.arange(3 * len(pos))).reshape(1, -1, 3)
+        ref, res = eager.compute(x, box[None])[0], compiled.compute(x, box[None])[0]
+        assert compiled.compiled
+        assert res.energy == pytest.approx(ref.energy, abs=1e-3)
+        assert np.abs(res.forces - ref.forces).max() < 1e-4 * np.abs(ref.forces).max()
+        assert np.count_nonzero(np.abs(ref.forces).sum(1)) > 100              # MM atoms have forces too

@@ -21,7 +21,7 @@ import pytest
 from openmm import app, unit
 
 from driver import cli, launch
-from driver.errors import CalculationFailed
+from driver.errors import CalculationFailed, SetupError
 from run_helpers import procs_in
 from driver.system import MMSpec, StructureSpec, SystemSpec
 
@@ -426,3 +426,22 @@ def test_unix_socket_is_private(water_cluster, dying_pes, tmp_path):
     assert result.steps_done == 5
     assert modes.read_text().split() == ["700", "600"]
     _assert_clean(tmp_path / "run")
+
+
+def test_client_threads_split_the_cores(monkeypatch):
+    """Auto: ML and MM clients computing on the CPU share the cores (they run at once); explicit ML+MM wins."""
+    monkeypatch.setattr(launch.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert launch.client_threads(None, "cpu", 1) == (4, 4)
+    assert launch.client_threads(None, "cpu", 2) == (2, 4)
+    assert launch.client_threads(None, "cuda:0", 1) == (1, 8)            # the network is on the GPU
+    assert launch.client_threads(None, "cpu", 0) == (1, 8)               # remote ML clients only
+    assert launch.client_threads("1+1", "cpu", 1) == (1, 1)
+    assert launch.client_threads("+6", "cpu", 1) == (4, 6)
+    assert launch.client_threads("2+", "cpu", 2) == (2, 4)
+    for bad in ("x", "0+1", "1+1+1", "2", "a+b"):
+        with pytest.raises(SetupError, match="--threads"):
+            launch.client_threads(bad, "cpu", 1)
+    argv = launch._client_argv_factory(Path("s.toml"), Path("m.pt"), "cpu", None, False, None, (3, 5), True)
+    ml, mm = argv("ml", "unix:a"), argv("mm", "unix:b")
+    assert ml[ml.index("--threads") + 1] == "3" and "--compile" in ml
+    assert mm[mm.index("--threads") + 1] == "5" and "--compile" not in mm

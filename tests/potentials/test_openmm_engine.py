@@ -166,3 +166,18 @@ def test_default_platform_agrees_with_reference(box_system):
     ref = OpenMMEngine(system, platform="Reference").compute(pos, BOX)[0]
     assert fast.energy == pytest.approx(ref.energy, rel=1e-4)
     np.testing.assert_allclose(fast.forces, ref.forces, rtol=0, atol=1e-3 * np.abs(ref.forces).max())
+
+
+def test_cpu_threads_apply_to_the_cpu_platform_only(cluster_system):
+    """--threads reaches OpenMM's CPU platform and changes nothing in the result; Reference ignores it."""
+    system, pos = cluster_system
+    if "CPU" not in available_platforms():
+        pytest.skip("no OpenMM CPU platform")
+    one = OpenMMEngine(system, platform="CPU", threads=1)
+    assert one.context.getPlatform().getPropertyValue(one.context, "Threads") == "1"
+    two = OpenMMEngine(system, platform="CPU", threads=2)
+    assert two.context.getPlatform().getPropertyValue(two.context, "Threads") == "2"
+    a, b = one.compute(pos)[0], two.compute(pos)[0]
+    assert a.energy == pytest.approx(b.energy, rel=1e-6) and np.allclose(a.forces, b.forces, atol=1e-3)
+    assert OpenMMEngine(system, platform="Reference", threads=3).compute(pos)[0].energy == \
+        pytest.approx(a.energy, rel=1e-5)
