@@ -78,10 +78,12 @@ class Selection:
 
     atoms: (M,) indices of embedded MM atoms; group: (M,) local group id (0..G-1) of each;
     shift: (M,3) nm, constant offset (whole-residue + periodic image) added to those atoms' positions;
-    pair_ml, pair_group: ML-atom (0..n_ml-1) / local group pairs whose centre distance is below the cutoff (+ skin).
+    pair_ml, pair_group: ML-atom (0..n_ml-1) / local group pairs whose centre distance is below the cutoff (+ skin), except those of ``inner`` groups.
     ml_shift: (n_ml,3) nm, constant offset that makes the ML zone whole in a periodic box (zeros otherwise);
     the network, the embedding and the virial all use ``positions[ml_indices] + ml_shift``.
     skin: nm beyond the cutoff that the pair search covered (pairs out there have switch 0).
+    inner: (G,) bool, groups closer than ``cutoff - switch_width - skin`` to an ML atom: scale 1 for the whole
+    life of the selection; their pairs are left out of ``pair_ml``/``pair_group``.
     """
 
     atoms: np.ndarray
@@ -92,6 +94,7 @@ class Selection:
     n_groups: int
     ml_shift: np.ndarray | None = None
     skin: float = 0.0
+    inner: np.ndarray | None = None
 
 
 def _min_image(d: np.ndarray, box: np.ndarray) -> np.ndarray:
@@ -165,9 +168,14 @@ def select_environment(env: MMEnvironment, positions: np.ndarray, box: np.ndarra
     local = np.full(env.n_groups, -1)
     local[used] = np.arange(len(used))
     keep = local[mm_group] >= 0
+    # residues this deep inside stay at switch 1 while nothing moves more than skin/2: scale 1, no pairs needed
+    # (for big ML zones most pairs are of such residues)
+    inner = np.zeros(len(used), bool)
+    inner[local[pairs.col[pairs.data < env.cutoff - env.switch_width - skin]]] = True
+    shell = ~inner[local[pairs.col]]
     return Selection(atoms=mm_atoms[keep], group=local[mm_group[keep]], shift=shift[keep],
-                     pair_ml=pairs.row.astype(np.int64), pair_group=local[pairs.col],
-                     n_groups=len(used), ml_shift=ml_shift, skin=float(skin))
+                     pair_ml=pairs.row[shell].astype(np.int64), pair_group=local[pairs.col[shell]],
+                     n_groups=len(used), ml_shift=ml_shift, skin=float(skin), inner=inner)
 
 
 class NeighbourList:
@@ -243,8 +251,9 @@ def embedded_charges_at(env: MMEnvironment, sel: Selection, ml_positions: torch.
     # index_select, not [idx]: its backward is a fast index_add (advanced indexing's is a slow index_put)
     r = (ml_pos.index_select(0, pml) - centers.index_select(0, pgr)).norm(dim=-1)
     s_pair = switch(r, env.cutoff, env.switch_width)
-    inside = torch.zeros(sel.n_groups, dtype=torch.bool, device=dev).index_fill_(
-        0, pgr[s_pair >= 1.0], True)
+    inside = torch.zeros(sel.n_groups, dtype=torch.bool, device=dev) if sel.inner is None else \
+        torch.as_tensor(sel.inner, device=dev).clone()
+    inside.index_fill_(0, pgr[s_pair >= 1.0], True)
     # log prod (1 - S) over pairs; pairs with S == 1 would give log(0): their group is fully inside anyway
     log_out = torch.log1p(-torch.where(s_pair < 1.0, s_pair, torch.zeros_like(s_pair)))
     log_prod = torch.zeros(sel.n_groups, device=dev, dtype=dt).index_add_(0, pgr, log_out)

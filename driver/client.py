@@ -170,7 +170,7 @@ def _close_gently(sock: socket.socket, wait: float = 2.0) -> None:
 def _loop(engine: Engine, wire: codec.Wire, max_steps: int | None, guard: "ForceGuard | None" = None) -> int:
     initialised, batch_size = False, 1
     reply: bytes | None = None          # FORCEREADY computed at POSDATA, sent at GETFORCE
-    served, t_compute, t_start = 0, 0.0, time.perf_counter()
+    served, t_compute, t_first, t_start = 0, 0.0, 0.0, time.perf_counter()
     structures, computed, t_wire = 0, 0, 0.0     # for the summary line at the end (benchmarks, tests)
     while max_steps is None or served < max_steps:
         header = wire.recv_header()
@@ -194,6 +194,7 @@ def _loop(engine: Engine, wire: codec.Wire, max_steps: int | None, guard: "Force
             reply = evaluate(engine, positions, boxes, batched=batch_size > 1, n_compute=n_real, guard=guard,
                              request=served + 1)
             t_wire, t_compute = t_wire + t1 - t0, t_compute + time.perf_counter() - t1
+            t_first = t_compute if served == 0 else t_first        # warm-up (compilation, caches) in request 1
             structures, computed = structures + len(positions), computed + n_real
         elif header == codec.GETFORCE:
             if reply is None:
@@ -210,11 +211,13 @@ def _loop(engine: Engine, wire: codec.Wire, max_steps: int | None, guard: "Force
             log.info("i-PI sent EXIT after %d requests", served)
             break
     # one parseable line, read by tests/driver/test_pimd.py and tests/bench/bench_pimd.py: structures received
-    # (i-PI's batch padding included), structures computed (padding skipped), time in the engine and on the wire
+    # (i-PI's batch padding included), structures computed (padding skipped), time in the engine (first_s: of
+    # it, the first request's: compilation, caches) and on the wire
     # plus the engine's own split of compute_s if it keeps one (MLEngine.timings: coupling_s network_s output_s)
     split = "".join(f" {k}_s={v:.6f}" for k, v in getattr(engine, "timings", {}).items())
-    log.info("summary: requests=%d structures=%d computed=%d batch_size=%d compute_s=%.6f wire_s=%.6f wall_s=%.6f%s",
-             served, structures, computed, batch_size, t_compute, t_wire, time.perf_counter() - t_start, split)
+    log.info("summary: requests=%d structures=%d computed=%d batch_size=%d compute_s=%.6f first_s=%.6f wire_s=%.6f "
+             "wall_s=%.6f%s", served, structures, computed, batch_size, t_compute, t_first, t_wire,
+             time.perf_counter() - t_start, split)
     return served
 
 

@@ -22,12 +22,13 @@ Route 2, in-process: one OpenMM Context with the same MM system plus an ``openmm
 runs the same :class:`coupling.ml_engine.MLEngine` (electrostatic embedding included) — the openmm-ml way —
 with ``LangevinMiddleIntegrator`` (friction 10/ps = 1/tau), 0.5 fs. Step time = wall time of ``--steps`` steps.
 
-Threads: each route gets the whole machine. ``mlmm run``: ``--threads`` split between the two clients
-(ML client torch threads, MM client ``OPENMM_CPU_THREADS``; they run concurrently); in-process: OpenMM and
-torch each get all ``--threads`` (they run one after the other).
+Threads: each route gets the whole machine. ``mlmm run --threads ML+MM`` for each split in ``--splits``
+(default: half+half, all+all, 1+all; the clients run concurrently), ``--compile`` adds a run with the network
+compiled; in-process: OpenMM and torch each get all ``--threads`` (they run one after the other).
 
-    python tests/bench/bench_step.py [--cases example dhfr-30 dhfr-500] [--steps 40] [--model M]
-        [--device cpu|cuda] [--platform CPU|CUDA] [--threads 2] [--out tests/bench/results/step_cpu.md]
+    python tests/bench/bench_step.py [--cases example dhfr-30 dhfr-500] [--steps 40] [--model M] [--compile]
+        [--splits 1+1 2+2] [--device cpu|cuda] [--platform CPU|CUDA] [--threads 2]
+        [--out tests/bench/results/step_cpu.md]
 
 Default model: the shipped ``inputs/models/small_b3lyp_svp.pt``. Not a test: nothing is asserted.
 """
@@ -115,24 +116,19 @@ def summary(log: Path) -> dict[str, float]:
     return {k: float(v) for k, v in (kv.split("=") for kv in found[-1].split())} if found else {}
 
 
-def via_sockets(system: Path, model: Path, steps: int, skip: int, threads: tuple[int, int], device: str,
-                mm_platform: str | None, work: Path, tag: str) -> dict[str, float]:
-    ml_threads, mm_threads = threads
-    env = {"OMP_NUM_THREADS": str(ml_threads), "OPENMM_CPU_THREADS": str(mm_threads)}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)                                       # inherited by i-PI and the clients
-    try:
-        res = launch.run_simulation(langevin_input(work / "bench.xml"), system, out=work / tag, model=model,
-                                    steps=steps, seed=1, device=device, platform=mm_platform, progress=False)
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+def via_sockets(system: Path, model: Path, steps: int, skip: int, threads: tuple[int, int], compile: bool,
+                device: str, mm_platform: str | None, work: Path, tag: str) -> dict[str, float]:
+    res = launch.run_simulation(langevin_input(work / "bench.xml"), system, out=work / tag, model=model,
+                                steps=steps, seed=1, device=device, platform=mm_platform, progress=False,
+                                threads=f"{threads[0]}+{threads[1]}", compile=compile)
     tsteps = [float(x) for x in re.findall(r"t/step:\s*([0-9.eE+-]+)", (res.folder / "ipi.log").read_text())]
     step = float(np.median(tsteps[skip:])) if len(tsteps) > skip else float("nan")
-    evals = steps + 1                                   # the initial force evaluation + one per step
+    # per step: the initial force evaluation is left out (compilation, caches; its wire time is kept)
     ml, mm = summary(res.folder / "client_ml.log"), summary(res.folder / "client_mm.log")
-    per = {k: v / evals for k, v in ml.items() if k.endswith("_s")}
-    t_mm, w_mm = mm["compute_s"] / evals, mm["wire_s"] / evals
+    per = {k: v / steps for k, v in ml.items() if k.endswith("_s")}
+    per["compute_s"] -= ml["first_s"] / steps
+    per["network_s"] = per.get("network_s", np.nan) - ml["first_s"] / steps      # compilation happens there
+    t_mm, w_mm = (mm["compute_s"] - mm["first_s"]) / steps, mm["wire_s"] / steps
     return {"step": step, "ml": per["compute_s"], "coupling": per.get("coupling_s", np.nan),
             "network": per.get("network_s", np.nan), "output": per.get("output_s", np.nan), "mm": t_mm,
             "wire": per["wire_s"] + w_mm, "ipi": step - max(per["compute_s"] + per["wire_s"], t_mm + w_mm),
@@ -202,13 +198,18 @@ def main() -> None:
     ap.add_argument("--splits", nargs="+", default=None, metavar="ML+MM",
                     help="mlmm run: threads of the ML client + the MM client, one run each (default: half+half and "
                          "all+all of --threads)")
+    ap.add_argument("--compile", action="store_true", help="mlmm run: one more run with the network compiled "
+                    "(torch.compile, 1 ML thread)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--platform", default=None, help="OpenMM platform (default CPU)")
     ap.add_argument("--out", type=Path, default=ROOT / "tests/bench/results/step_cpu.md")
     args = ap.parse_args()
     half = max(1, args.threads // 2)
-    splits = [tuple(int(x) for x in sp.split("+")) for sp in args.splits] if args.splits else \
-        list(dict.fromkeys([(half, max(1, args.threads - half)), (args.threads, args.threads)]))
+    splits = [(tuple(int(x) for x in sp.split("+")), False) for sp in args.splits] if args.splits else \
+        [(sp, False) for sp in dict.fromkeys([(half, max(1, args.threads - half)), (args.threads, args.threads),
+                                              (1, args.threads)])]
+    if args.compile:
+        splits.append(((1, max(1, args.threads - 1)), True))
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_step_") as tmp:
@@ -221,11 +222,12 @@ def main() -> None:
             p = in_process(system, args.model, args.steps, args.threads, args.device, args.platform)
             print(f"{name:9s} in-process {1e3 * p['step']:7.1f} ms/step (ML {1e3 * p['ml']:.1f}, rest "
                   f"{1e3 * p['mm']:.1f}, {p['rebuilds']:.2f} list builds/step)", flush=True)
-            for split in splits:
-                s = via_sockets(system, args.model, args.steps, args.skip, split, args.device, args.platform,
-                                work, f"{name}-{split[0]}-{split[1]}")
-                rows.append((name, natoms, len(spec.ml.indices), split, s, p))
-                print(f"{name:9s} mlmm run {split[0]}+{split[1]} {1e3 * s['step']:7.1f} ms/step (ML "
+            for split, compile in splits:
+                s = via_sockets(system, args.model, args.steps, args.skip, split, compile, args.device,
+                                args.platform, work, f"{name}-{split[0]}-{split[1]}{'-c' * compile}")
+                label = f"{split[0]}+{split[1]}{' compiled' if compile else ''}"
+                rows.append((name, natoms, len(spec.ml.indices), label, s, p))
+                print(f"{name:9s} mlmm run {label} {1e3 * s['step']:7.1f} ms/step (ML "
                       f"{1e3 * s['ml']:.1f} = coupling {1e3 * s['coupling']:.1f} + network {1e3 * s['network']:.1f} "
                       f"+ output {1e3 * s['output']:.1f}; MM {1e3 * s['mm']:.1f}; wire {1e3 * s['wire']:.2f}; i-PI "
                       f"{1e3 * s['ipi']:.1f}) | {p['step'] / s['step']:.2f}x in-process  "
@@ -255,7 +257,7 @@ def main() -> None:
     for name, natoms, nml, split, s, p in rows:
         ms = lambda x: f"{1e3 * x:.1f}"                                          # noqa: E731
         lines.append(
-            f"| {name} | {natoms} | {nml} | {split[0]}+{split[1]} | {ms(s['ml'])} | {ms(s['coupling'])} | "
+            f"| {name} | {natoms} | {nml} | {split} | {ms(s['ml'])} | {ms(s['coupling'])} | "
             f"{ms(s['network'])} | {ms(s['output'])} | {ms(s['mm'])} | {1e3 * s['wire']:.2f} | {ms(s['ipi'])} | "
             f"**{ms(s['step'])}** | {100 * s['overhead'] / s['step']:.0f}% | {ms(p['ml'])} | {ms(p['mm'])} | "
             f"**{ms(p['step'])}** | {ns_per_day(s['step']):.2f} | {ns_per_day(p['step']):.2f} | "

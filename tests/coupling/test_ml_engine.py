@@ -167,7 +167,12 @@ def test_batch_equals_single_calls_and_translation_invariance(cluster):
         single = engine.compute(frame[None], None)[0]
         assert r.energy == pytest.approx(single.energy, rel=1e-12)
         assert np.allclose(r.forces, single.forces, atol=1e-9)
-        assert r.extras == single.extras
+        assert r.extras.keys() == single.extras.keys()          # same values up to summation order (the
+        for key, value in r.extras.items():                     # neighbour lists of the two calls differ)
+            if key == "ml.energy":
+                assert value == pytest.approx(single.extras[key], rel=1e-12)
+            else:
+                assert np.allclose(value, single.extras[key], rtol=1e-12, atol=1e-12)
     moved = engine.compute(frames[:1] + np.array([1.3, -7.0, 2.2]), None)[0]
     assert moved.energy == pytest.approx(batch[0].energy, rel=1e-10)
     assert np.allclose(moved.forces, batch[0].forces, atol=1e-7)
