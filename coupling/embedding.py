@@ -279,7 +279,7 @@ def potential_and_field(ml_pos: torch.Tensor, mm_pos: torch.Tensor, mm_q: torch.
     return COULOMB_KJMOL_NM * torch.cat(phis), COULOMB_KJMOL_NM * torch.cat(fields)
 
 
-PAIRS_PER_CHUNK = 1 << 20          # (ML atom, MM atom) pairs per block of the fast kernel: a few MB of temporaries
+PAIRS_PER_CHUNK = 1 << 16          # (ML atom, MM atom) pairs per block of the fast kernel: its arrays stay in cache (2x faster than 1 << 20 at 1000 x 6400 pairs)
 
 
 class _PotentialField(torch.autograd.Function):

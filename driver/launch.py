@@ -790,6 +790,11 @@ class _Supervisor:
         self.env = dict(os.environ, PYTHONUNBUFFERED="1",
                         PYTHONPATH=os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH"))
                                                    if p))
+        # i-PI's numpy and the clients' BLAS/OpenMP pools would each start one thread per core and spin next to
+        # the clients' real work (a 2-thread OpenMM client ran 1.5x slower so on the DHFR benchmark); the
+        # clients set their compute threads themselves (--threads). A user's explicit setting is kept.
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            self.env.setdefault(var, "1")
 
     def run(self) -> str | None:
         """Run to the end; returns None if nothing failed, else the one-line reason."""
