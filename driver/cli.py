@@ -75,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--remote-ml-clients", type=int, default=0, help="ML clients that connect from other nodes "
                    "(`mlmm client ml --address HOST:PORT`); needs an inet 'ml' socket; sizes the batches")
     s.add_argument("--threads", default=None, metavar="ML+MM", help="CPU threads of each local ML client and of "
-                   "the MM client, e.g. 1+1 (default: the cores split between the clients computing on the CPU; "
-                   "they run at the same time)")
+                   "the MM client, e.g. 1+2 (default: half the cores for the ML clients on the CPU, all of them for "
+                   "OpenMM; the clients run at the same time)")
     s.add_argument("--compile", action="store_true", help="torch.compile the network in the ML clients (the first "
                    "step takes about a minute; small ML zones then run 2-3x faster on CPU, where it needs 1 ML "
                    "thread, e.g. --threads 1+1)")

@@ -559,9 +559,11 @@ def initial_structure(spec: SystemSpec):
 def client_threads(threads: str | None, device: str, ml_clients: int) -> tuple[int, int]:
     """CPU threads of each local ML client and of the MM client from ``"ML+MM"`` (either may be empty: auto).
 
-    Auto: the cores this process may use are split between the clients that compute on the CPU, since i-PI
-    runs them at the same time. Letting torch and OpenMM each take every core makes them fight: 1.6x slower
-    steps for the example on 2 cores (tests/bench/results/step_cpu.md). An ML client on a GPU gets 1 thread.
+    Auto: half the cores this process may use go to the local CPU ML clients (shared), all of them to the MM
+    client. i-PI runs the clients at the same time; torch's OpenMP threads spin while they wait, so giving the
+    ML client every core too makes the two fight (1.3-1.5x slower steps on 2 cores), whereas OpenMM's threads
+    sleep and reuse the cores whenever the ML client is idle (fastest split on every benchmark case,
+    tests/bench/results/step_cpu.md). An ML client on a GPU gets 1 thread.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     ml, mm = None, None
@@ -577,7 +579,7 @@ def client_threads(threads: str | None, device: str, ml_clients: int) -> tuple[i
     if ml is None:
         ml = max(1, (cores // 2) // local_cpu_ml) if local_cpu_ml else 1
     if mm is None:
-        mm = max(1, cores - ml * local_cpu_ml)
+        mm = cores
     return ml, mm
 
 

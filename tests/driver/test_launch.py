@@ -429,15 +429,15 @@ def test_unix_socket_is_private(water_cluster, dying_pes, tmp_path):
 
 
 def test_client_threads_split_the_cores(monkeypatch):
-    """Auto: ML and MM clients computing on the CPU share the cores (they run at once); explicit ML+MM wins."""
+    """Auto: half the cores for the CPU ML clients, all for OpenMM (its threads sleep when idle); explicit wins."""
     monkeypatch.setattr(launch.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
-    assert launch.client_threads(None, "cpu", 1) == (4, 4)
-    assert launch.client_threads(None, "cpu", 2) == (2, 4)
+    assert launch.client_threads(None, "cpu", 1) == (4, 8)               # OpenMM's idle threads sleep
+    assert launch.client_threads(None, "cpu", 2) == (2, 8)
     assert launch.client_threads(None, "cuda:0", 1) == (1, 8)            # the network is on the GPU
     assert launch.client_threads(None, "cpu", 0) == (1, 8)               # remote ML clients only
     assert launch.client_threads("1+1", "cpu", 1) == (1, 1)
     assert launch.client_threads("+6", "cpu", 1) == (4, 6)
-    assert launch.client_threads("2+", "cpu", 2) == (2, 4)
+    assert launch.client_threads("2+", "cpu", 2) == (2, 8)
     for bad in ("x", "0+1", "1+1+1", "2", "a+b"):
         with pytest.raises(SetupError, match="--threads"):
             launch.client_threads(bad, "cpu", 1)
