@@ -19,7 +19,7 @@ TARGETS = {
     "client": "driver.client:main",
     "label": "potentials.qmmm_reference:main",
     "train": "potentials.train:main",
-    "evaluate": "potentials.train:evaluate_main",
+    "evaluate": "potentials.evaluate:evaluate_main",
     "analyze": "driver.analyze:main",
     "optimize": "driver.optimize:main",
 }
@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", default=None, help="TOML with solutes, frame counts, temperatures, seeds")
     s.add_argument("--frames", type=int, default=None, help="stop after this many new frames")
 
-    # --- train / evaluate (potentials/train.py)
+    # --- train / evaluate (potentials/train.py, potentials/evaluate.py)
     s = sub.add_parser("train", help="train the embedding-aware network from a TOML config")
     s.add_argument("config", help="training config (TOML)")
     s.add_argument("--device", default="cpu")

@@ -1,4 +1,4 @@
-"""Training and evaluation of the embedding-aware network: ``mlmm train CONFIG`` and ``mlmm evaluate``.
+"""Training of the embedding-aware network: ``mlmm train CONFIG`` (evaluation: :mod:`potentials.evaluate`).
 
 Data come from the QM/MM reference dataset (:mod:`potentials.dataset`, Å / eV / e). For every frame the MM
 point charges are stored already scaled by the embedding switch, so the network's field inputs are
@@ -17,9 +17,6 @@ the batch order depends only on seed and epoch); the best validation state is sa
 The mechanical-embedding baseline (:func:`predict` with ``mode="mechanical"``) evaluates the SAME model in
 vacuum (φ = E = 0) and adds the Coulomb energy of its vacuum charges, held fixed, with the MM charges: what
 the coupling layer's mechanical mode computes in a simulation.
-
-``python -m potentials.train SRC DST [--per-solute N]`` writes a held-out set with paired vacuum QM energies,
-so that ``mlmm evaluate`` can report the ML–MM interaction energy error (E_int column).
 """
 from __future__ import annotations
 
@@ -577,194 +574,9 @@ def plot_curve(history: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-# --------------------------------------------------------------------------------------------- evaluation
-METRICS = ("energy", "forces", "mm_forces", "dipole", "e_int")
-
-
-def evaluate(model: torch.nn.Module, frames: list[dict], device="cpu", batch_size: int = 16,
-             gas_energy: dict[int, float] | None = None) -> dict[str, dict[str, dict[str, float]]]:
-    """Errors per solute (and "all") for electrostatic and mechanical embedding.
-
-    Returns ``{mode: {solute: {"n", "energy", "forces", "mm_forces", "dipole"[, "e_int"]}}}`` with MAEs in
-    kcal/mol, kcal/mol/Å (per Cartesian component) and e·Å (per component). ``e_int`` is the MAE of the ML–MM
-    interaction energy E(embedded) − E(vacuum, same geometry) when ``gas_energy`` gives the reference vacuum
-    energy (eV) of a frame by its dataset index; gas-phase frames are left out of it.
-    """
-    dtype = next(model.parameters()).dtype
-    model.eval()
-    acc: dict = {}
-    for idx in _batches(len(frames), batch_size, 0, 0, shuffle=False):
-        sub = [frames[i] for i in idx]
-        b = collate(sub, device, dtype)
-        gas = predict(model, b, "gas")["energy"].detach()
-        for mode in ("electrostatic", "mechanical"):
-            p = predict(model, b, mode)
-            e_int = (p["energy"].detach() - gas)
-            for k, f in enumerate(sub):
-                a0, a1, m0, m1 = b.ml_off[k], b.ml_off[k + 1], b.mm_off[k], b.mm_off[k + 1]
-                row = {
-                    "energy": abs(float(p["energy"][k].detach()) - float(f["energy"])) * KCALMOL_PER_EV,
-                    "forces": (p["forces"][a0:a1] - b.forces[a0:a1]).abs().detach().cpu().numpy().ravel(),
-                    "mm_forces": (p["mm_forces"][m0:m1] - b.mm_forces[m0:m1]).abs().detach().cpu().numpy().ravel(),
-                    "dipole": (p["dipole"][k] - b.dipole[k]).abs().detach().cpu().numpy(),
-                }
-                if gas_energy is not None and f["index"] in gas_energy and m1 > m0:
-                    ref = float(f["energy"]) - gas_energy[f["index"]]
-                    row["e_int"] = abs(float(e_int[k]) - ref) * KCALMOL_PER_EV
-                for key in (f.get("solute", "?"), "all"):
-                    slot = acc.setdefault(mode, {}).setdefault(key, {m: [] for m in METRICS})
-                    slot.setdefault("n", 0)
-                    slot["n"] += 1
-                    for m, v in row.items():
-                        slot[m].append(np.atleast_1d(v))
-    out: dict = {}
-    for mode, per in acc.items():
-        out[mode] = {}
-        for solute, slot in per.items():
-            r = {"n": slot["n"]}
-            for m in METRICS:
-                v = np.concatenate(slot[m]) if slot[m] else np.zeros(0)
-                if v.size:                   # e.g. no MM forces in a gas-phase-only subset
-                    scale = 1.0 if m in ("energy", "e_int", "dipole") else KCALMOL_PER_EV
-                    r[m] = float(v.mean()) * scale
-            out[mode][solute] = r
-    return out
-
-
-def format_table(res: dict) -> str:
-    """Markdown table: one row per solute and embedding mode."""
-    head = ("| solute | embedding | frames | energy MAE (kcal/mol) | ML force MAE (kcal/mol/Å) | "
-            "MM force MAE (kcal/mol/Å) | dipole MAE (e·Å) | E_int MAE (kcal/mol) |")
-    lines = [head, "|" + "---|" * 8]
-    solutes = sorted(k for k in res["electrostatic"] if k != "all") + ["all"]
-    for s in solutes:
-        for mode in ("electrostatic", "mechanical"):
-            r = res[mode][s]
-            cells = [f"{r[m]:.3f}" if m in r else "–" for m in METRICS]
-            lines.append(f"| {s} | {mode} | {r['n']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def read_gas_energies(path: str | Path) -> dict[int, float] | None:
-    """Optional paired vacuum energies: a variable ``gas_energy`` (eV, NaN where absent) in the dataset."""
-    import netCDF4
-
-    with netCDF4.Dataset(str(path)) as nc:
-        if "gas_energy" not in nc.variables:
-            return None
-        e = np.ma.filled(nc.variables["gas_energy"][:].astype(float), np.nan)
-    return {i: float(v) for i, v in enumerate(e) if np.isfinite(v)}
-
-
-def label_gas_energies(frames: list[dict], attrs: dict | None = None) -> dict[int, float]:
-    """QM vacuum energy (eV) of each frame's ML geometry, at the dataset's level of theory (PySCF).
-
-    The reference ML–MM interaction energy of a frame is then E_QM/MM − E_QM(vacuum, same geometry).
-    Gas-phase frames are their own vacuum energy.
-    """
-    from tqdm import tqdm
-
-    from potentials.qmmm_reference import LevelOfTheory, label_frame
-
-    attrs = attrs or {}
-    level = LevelOfTheory(**{k: type(getattr(LevelOfTheory(), k))(attrs[f"qm_{k}"])
-                             for k in ("xc", "basis", "auxbasis", "grid_level") if f"qm_{k}" in attrs})
-    out = {}
-    for f in tqdm(frames, desc="vacuum labels", mininterval=10.0):
-        if len(f["mm_charges"]) == 0:
-            out[f["index"]] = float(f["energy"])
-        else:
-            out[f["index"]] = label_frame(f["numbers"], f["positions"], int(f["total_charge"]), level=level).energy
-    return out
-
-
-def write_subset(src: str | Path, dst: str | Path, indices: list[int],
-                 gas_energy: dict[int, float] | None = None) -> None:
-    """Copy frames ``indices`` of dataset ``src`` into a new compressed dataset ``dst`` (same layout), adding
-    the variable ``gas_energy`` (eV, NaN where unknown) from ``gas_energy`` keyed by the index in ``src``."""
-    import netCDF4
-
-    from potentials.dataset import Dataset, DatasetWriter, compact
-
-    dst = Path(dst)
-    tmp = dst.with_suffix(".tmp.nc")
-    tmp.unlink(missing_ok=True)
-    with Dataset.open(src) as ds:
-        writer = DatasetWriter(tmp, {k: v for k, v in ds.attrs.items() if k != "Conventions"})
-        for i in indices:
-            writer.append(ds.frame(int(i)))
-    compact(tmp, dst)
-    tmp.unlink()
-    if gas_energy is not None:
-        with netCDF4.Dataset(dst, "a") as nc:
-            v = nc.createVariable("gas_energy", "f8", ("frame",), fill_value=np.nan)
-            v.units = "eV"
-            v.description = ("QM energy of the same ML geometry in vacuum (same level of theory); "
-                             "energy - gas_energy is the reference ML-MM interaction energy")
-            v[:] = np.array([gas_energy.get(int(i), np.nan) for i in indices])
-
-
-def make_test_set(src: str | Path, dst: str | Path, split: str = "test", per_solute: int | None = None,
-                  seed: int = 0) -> None:
-    """Frames of ``split`` (all, or ``per_solute`` picked at random per solute and frame kind, balanced)
-    with their vacuum QM energies, written to ``dst`` for :func:`evaluate` (E_int column)."""
-    from potentials.dataset import Dataset
-
-    with Dataset.open(src) as ds:
-        idx = ds.indices(split)
-        attrs = dict(ds.attrs)
-        if per_solute is not None:
-            rng = np.random.default_rng(seed)
-            chosen = []
-            for s in sorted(set(ds.meta["solute"][idx])):
-                mine = idx[ds.meta["solute"][idx] == s]
-                kinds = ds.meta["kind"][mine]
-                # round-robin over frame kinds so each solute's slice covers periodic/droplet/displaced/gas
-                pools = [list(rng.permutation(mine[kinds == k])) for k in sorted(set(kinds))]
-                picked = []
-                while len(picked) < per_solute and any(pools):
-                    for p in pools:
-                        if p and len(picked) < per_solute:
-                            picked.append(p.pop())
-                chosen += sorted(picked)
-            idx = np.array(sorted(chosen))
-    frames = load_frames(src, indices=[int(i) for i in idx])
-    gas = read_gas_energies(src) or {}                    # reuse vacuum labels src already has
-    gas.update(label_gas_energies([f for f in frames if f["index"] not in gas], attrs))
-    write_subset(src, dst, [int(i) for i in idx], gas)
-
-
 # --------------------------------------------------------------------------------------------- CLI
 def main(args: argparse.Namespace) -> int:
     """``mlmm train CONFIG [--device D] [--resume]``."""
     cfg = TrainConfig.from_toml(args.config)
     train(cfg, device=args.device, resume=args.resume)
     return 0
-
-
-def evaluate_main(args: argparse.Namespace) -> int:
-    """``mlmm evaluate MODEL DATASET [--split test]``: print the error table per solute."""
-    from potentials.model_io import load_model
-
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    model = load_model(args.model, device=args.device)
-    frames = load_frames(args.dataset, args.split)
-    if not frames:
-        raise SetupError(f"{args.dataset}: no frames in split {args.split!r}")
-    res = evaluate(model, frames, args.device, gas_energy=read_gas_energies(args.dataset))
-    print(f"{args.model} on {args.dataset} (split {args.split}, {len(frames)} frames)\n")
-    print(format_table(res))
-    return 0
-
-
-if __name__ == "__main__":          # maintenance helper, not part of the `mlmm` CLI
-    p = argparse.ArgumentParser(prog="python -m potentials.train",
-                                description="write a held-out set with paired vacuum QM energies (E_int column)")
-    p.add_argument("src")
-    p.add_argument("dst")
-    p.add_argument("--split", default="test")
-    p.add_argument("--per-solute", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args()
-    logging.basicConfig(level=logging.INFO)
-    make_test_set(a.src, a.dst, a.split, a.per_solute, a.seed)

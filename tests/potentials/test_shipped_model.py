@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from potentials import evaluate as EV
 from potentials import train as T
 from potentials.model_io import load_model
 
@@ -30,10 +31,10 @@ def card_slice_table(card: Path) -> dict[tuple[str, str], dict[str, float]]:
     text = card.read_text()
     assert SLICE_HEADING in text, f"{card} has no section '{SLICE_HEADING}'"
     rows = {}
-    names = ["n", *T.METRICS]
+    names = ["n", *EV.METRICS]
     for line in text.split(SLICE_HEADING, 1)[1].splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 3 + len(T.METRICS) and cells[1] in ("electrostatic", "mechanical"):
+        if len(cells) == 3 + len(EV.METRICS) and cells[1] in ("electrostatic", "mechanical"):
             rows[(cells[0], cells[1])] = {k: float(v) for k, v in zip(names, cells[2:]) if v not in ("–", "-")}
         elif rows and not line.strip().startswith("|"):
             break
@@ -55,7 +56,7 @@ def test_shipped_model_matches_its_card_on_the_shipped_slice():
     model_path, card = _shipped()
     expected = card_slice_table(card)
     frames = T.load_frames(SLICE, "all")
-    res = T.evaluate(load_model(model_path), frames, gas_energy=T.read_gas_energies(SLICE))
+    res = EV.evaluate(load_model(model_path), frames, gas_energy=EV.read_gas_energies(SLICE))
     for (solute, mode), row in expected.items():
         got = res[mode][solute]
         assert got["n"] == row["n"], (solute, mode)

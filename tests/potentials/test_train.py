@@ -13,6 +13,7 @@ import torch
 
 from driver.errors import SetupError
 from driver.units import COULOMB_EV_ANGSTROM
+from potentials import evaluate as EV
 from potentials import train as T
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -132,14 +133,14 @@ def test_mechanical_baseline_is_coulomb_of_vacuum_charges(tmp_path, frames):
 def test_evaluate_table_has_every_solute_and_modes_agree_in_gas_phase(tmp_path, frames):
     torch.manual_seed(2)
     model = T.build_model(_cfg(tmp_path), "cpu")
-    res = T.evaluate(model, frames, batch_size=5)
+    res = EV.evaluate(model, frames, batch_size=5)
     solutes = {str(f["solute"]) for f in frames}
     assert solutes <= set(res["electrostatic"]) and "all" in res["mechanical"]
     assert res["electrostatic"]["all"]["n"] == len(frames)
-    table = T.format_table(res)
+    table = EV.format_table(res)
     for s in solutes:
         assert f"| {s} | electrostatic |" in table and f"| {s} | mechanical |" in table
     gas = [f for f in frames if len(f["mm_charges"]) == 0]
     if gas:
-        g = T.evaluate(model, gas)
+        g = EV.evaluate(model, gas)
         assert g["electrostatic"]["all"]["energy"] == pytest.approx(g["mechanical"]["all"]["energy"], abs=1e-9)
