@@ -12,12 +12,11 @@ Coulomb term with fixed ML charges (:func:`vacuum_charges` gives the network's o
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
-
-import time
 
 from coupling.embedding import (MMEnvironment, NeighbourList, embedded_charges_at, potential_and_field_fast,
                                 zone_shift)
