@@ -25,28 +25,16 @@ from driver.cli import main as cli
 from driver.errors import SetupError
 
 ROOT = Path(__file__).resolve().parents[2]
-METHANOL = ROOT / "inputs" / "examples" / "methanol" / "input.pdb"
 PLATFORM = "Reference"          # double precision: the in-process and socket evaluations agree to ~1e-10
 
 pytestmark = pytest.mark.timeout(240)
 
 
 @pytest.fixture(scope="module")
-def methanol_box(tmp_path_factory) -> tuple[Path, Path]:
-    """(system.toml, model file): methanol in 117 TIP3P waters, PME, embedding cutoff 0.5 nm; tiny network."""
-    import torch
-
-    from potentials.model_io import save_model
-    from potentials.network import EmbeddedAIMNet2, ModelConfig
-
-    folder = tmp_path_factory.mktemp("methanol_box")
-    assert cli(["prepare", str(METHANOL), "--ml", "resname MOL", "--solvate", "0.8", "--embedding-cutoff", "0.5",
-                "--mm-cutoff", "0.7", "--out", str(folder / "prep")]) == 0
-    torch.manual_seed(0)
-    model = EmbeddedAIMNet2(ModelConfig.from_toml(ROOT / "inputs/models/configs/tiny.toml", elements=[1, 6, 7, 8]),
-                            seed=5).double()      # float64 weights: finite differences at 1e-4 Å
-    save_model(folder / "tiny.pt", model)
-    return folder / "prep" / "system.toml", folder / "tiny.pt"
+def methanol_box(methanol_box_factory) -> tuple[Path, Path]:
+    """(system.toml, model file): methanol in 117 TIP3P waters, PME, embedding cutoff 0.5 nm; tiny network,
+    float64 weights (finite differences at 1e-4 Å)."""
+    return methanol_box_factory("methanol_box", seed=5, double=True)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ from driver.analyze import read_extras
 from driver.cli import main as cli
 
 ROOT = Path(__file__).resolve().parents[2]
-METHANOL = ROOT / "inputs" / "examples" / "methanol" / "input.pdb"
 TEMPLATES = ROOT / "inputs" / "templates"
 STEPS = 40
 
@@ -27,18 +26,9 @@ pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> tuple[Path, Path]:
+def prepared(methanol_box_factory) -> tuple[Path, Path]:
     """(system.toml, model): methanol in 117 waters (357 atoms), PME; tiny network with random weights."""
-    from potentials.model_io import save_model
-    from potentials.network import EmbeddedAIMNet2, ModelConfig
-
-    folder = tmp_path_factory.mktemp("analyze")
-    assert cli(["prepare", str(METHANOL), "--ml", "resname MOL", "--solvate", "0.8", "--embedding-cutoff", "0.5",
-                "--mm-cutoff", "0.7", "--out", str(folder / "prep")]) == 0
-    model = EmbeddedAIMNet2(ModelConfig.from_toml(ROOT / "inputs/models/configs/tiny.toml", elements=[1, 6, 7, 8]),
-                            seed=11)
-    save_model(folder / "tiny.pt", model)
-    return folder / "prep" / "system.toml", folder / "tiny.pt"
+    return methanol_box_factory("analyze", seed=11)
 
 
 @pytest.fixture(scope="module")

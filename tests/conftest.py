@@ -1,0 +1,30 @@
+"""Fixtures shared by the test folders."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def methanol_box_factory(tmp_path_factory):
+    """make(name, seed, double) -> (system.toml, model file): the methanol example prepared in 117 TIP3P waters
+    (357 atoms, PME, MM cutoff 0.7 nm, embedding cutoff 0.5 nm) and a tiny network with random weights
+    (float64 if ``double``, e.g. for finite differences)."""
+    from driver.cli import main as cli
+    from potentials.model_io import save_model
+    from potentials.network import EmbeddedAIMNet2, ModelConfig
+
+    def make(name: str, seed: int, double: bool = False) -> tuple[Path, Path]:
+        folder = tmp_path_factory.mktemp(name)
+        assert cli(["prepare", str(ROOT / "inputs/examples/methanol/input.pdb"), "--ml", "resname MOL",
+                    "--solvate", "0.8", "--embedding-cutoff", "0.5", "--mm-cutoff", "0.7",
+                    "--out", str(folder / "prep")]) == 0
+        model = EmbeddedAIMNet2(ModelConfig.from_toml(ROOT / "inputs/models/configs/tiny.toml",
+                                                      elements=[1, 6, 7, 8]), seed=seed)
+        save_model(folder / "tiny.pt", model.double() if double else model)
+        return folder / "prep" / "system.toml", folder / "tiny.pt"
+
+    return make
