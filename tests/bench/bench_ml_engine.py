@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+
+from common import cpu_name  # noqa: E402
 OH = np.array([[0.0, 0.0, 0.0], [0.0957, 0.0, 0.0], [-0.024, 0.0927, 0.0]])      # nm
 DENSITY = 33.4                                                                    # waters / nm^3
 CUTOFF = 1.2
@@ -145,11 +146,7 @@ def main() -> None:
         ml_rows.append(measure(model, 3000, max(1, n // 3), args.device, max(3, args.calls // (1 + n // 300)),
                                args.reps))
         print(ml_rows[-1], flush=True)
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     lines = ["# ML client request: field inputs vs network (`python tests/bench/bench_ml_engine.py`)", "",
              f"Network preset `{args.preset}` (random weights; float64 inputs as in the ML client), device {args.device}, {args.threads} torch "
              f"thread(s), embedding cutoff {CUTOFF} nm, skin 0.1 nm, MD-like moves between requests.",

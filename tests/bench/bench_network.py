@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -28,6 +27,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import cpu_name  # noqa: E402
+
 CONFIG = ROOT / "inputs" / "models" / "configs" / "aimnet2.toml"
 
 
@@ -108,14 +111,7 @@ def worker(impl: str, n: int, device: str, reps: int, threads: int) -> dict:
 
 def machine(device: str, threads: int) -> str:
     import torch
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     s = f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, {threads} torch threads"
     if device.startswith("cuda"):
         s += f", GPU {torch.cuda.get_device_name(device)}"

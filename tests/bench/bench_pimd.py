@@ -24,19 +24,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import re
 import sys
 import tempfile
 import time
-import xml.etree.ElementTree as ET
 from pathlib import Path
-
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from common import client_summary, cpu_name, ipi_step_time  # noqa: E402
 from driver import launch, xmlinput  # noqa: E402
 
 MODES = ("unbatched", "batched", "rpc-ml", "rpc-mm")
@@ -59,21 +55,15 @@ def variant(dst: Path, mode: str, beads: int, contract: int) -> Path:
     return dst
 
 
-def summary(log: Path) -> dict[str, float]:
-    found = re.findall(r"summary: (.*)", log.read_text())
-    return {k: float(v) for k, v in (kv.split("=") for kv in found[-1].split())} if found else {}
-
-
 def measure(system: Path, model: Path, mode: str, beads: int, steps: int, skip: int, contract: int,
             device: str, work: Path) -> dict[str, float]:
     tag = f"{mode}-{beads}"
     xml = variant(work / f"{tag}.xml", mode, beads, contract)
     res = launch.run_simulation(xml, system, out=work / tag, model=model, steps=steps, seed=1, beads=beads,
                                 device=device, progress=False)
-    tsteps = [float(x) for x in re.findall(r"t/step:\s*([0-9.eE+-]+)", (res.folder / "ipi.log").read_text())]
-    step = float(np.median(tsteps[skip:])) if len(tsteps) > skip else float("nan")
+    step = ipi_step_time(res.folder, skip)
     # per step; the initial force evaluation (warm-up: caches, neighbour lists) is left out of the compute times
-    ml, mm = summary(res.folder / "client_ml.log"), summary(res.folder / "client_mm.log")
+    ml, mm = client_summary(res.folder / "client_ml.log"), client_summary(res.folder / "client_mm.log")
     t_ml, t_mm = (ml["compute_s"] - ml["first_s"]) / steps, (mm["compute_s"] - mm["first_s"]) / steps
     w_ml, w_mm = ml["wire_s"] / steps, mm["wire_s"] / steps
     return {"step": step, "ml": t_ml, "mm": t_mm, "wire": w_ml + w_mm,
@@ -131,7 +121,7 @@ def main() -> None:
         f"({natoms} atoms), model {'`' + str(args.model) + '`' if args.model else 'tiny preset (random weights)'},"
         f" device {args.device}, {args.threads} thread(s) per process, template pimd_pile_l.xml, "
         f"{args.steps} steps (median i-PI t/step after {args.skip}); contraction to {args.contract} beads.",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared), "
+        f"Machine: {cpu_name()}, {os.cpu_count()} cores, "
         f"{time.strftime('%Y-%m-%d')}.", "",
         "ML, MM: engine time per force evaluation (all beads of the step); wire: reading positions + sending "
         "forces, both clients; i-PI: step − max(ML + wire, MM + wire) (integrator, normal modes, thermostat, "

@@ -37,8 +37,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import os
-import platform
-import re
 import sys
 import tempfile
 import time
@@ -50,6 +48,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from common import client_summary, cpu_name, ipi_step_time  # noqa: E402
 from driver import launch, xmlinput  # noqa: E402
 from driver.system import CouplingSpec, MLSpec, MMSpec, StructureSpec, SystemSpec  # noqa: E402
 
@@ -111,20 +110,14 @@ def langevin_input(dst: Path) -> Path:
     return dst
 
 
-def summary(log: Path) -> dict[str, float]:
-    found = re.findall(r"summary: (.*)", log.read_text())
-    return {k: float(v) for k, v in (kv.split("=") for kv in found[-1].split())} if found else {}
-
-
 def via_sockets(system: Path, model: Path, steps: int, skip: int, threads: tuple[int, int], compile: bool,
                 device: str, mm_platform: str | None, work: Path, tag: str) -> dict[str, float]:
     res = launch.run_simulation(langevin_input(work / "bench.xml"), system, out=work / tag, model=model,
                                 steps=steps, seed=1, device=device, platform=mm_platform, progress=False,
                                 threads=f"{threads[0]}+{threads[1]}", compile=compile)
-    tsteps = [float(x) for x in re.findall(r"t/step:\s*([0-9.eE+-]+)", (res.folder / "ipi.log").read_text())]
-    step = float(np.median(tsteps[skip:])) if len(tsteps) > skip else float("nan")
+    step = ipi_step_time(res.folder, skip)
     # per step: the initial force evaluation is left out (compilation, caches; its wire time is kept)
-    ml, mm = summary(res.folder / "client_ml.log"), summary(res.folder / "client_mm.log")
+    ml, mm = client_summary(res.folder / "client_ml.log"), client_summary(res.folder / "client_mm.log")
     per = {k: v / steps for k, v in ml.items() if k.endswith("_s")}
     per["compute_s"] -= ml["first_s"] / steps
     per["network_s"] = per.get("network_s", np.nan) - ml["first_s"] / steps      # compilation happens there
@@ -233,11 +226,7 @@ def main() -> None:
                       f"{1e3 * s['ipi']:.1f}) | {p['step'] / s['step']:.2f}x in-process  "
                       f"({time.monotonic() - t0:.0f} s)", flush=True)
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     lines = [
         "# ML/MM step: breakdown and `mlmm run` vs in-process OpenMM (`python tests/bench/bench_step.py`)", "",
         f"Model `{args.model.relative_to(ROOT) if args.model.is_relative_to(ROOT) else args.model}`, device "
