@@ -78,7 +78,8 @@ class Selection:
 
     atoms: (M,) indices of embedded MM atoms; group: (M,) local group id (0..G-1) of each;
     shift: (M,3) nm, constant offset (whole-residue + periodic image) added to those atoms' positions;
-    pair_ml, pair_group: ML-atom (0..n_ml-1) / local group pairs whose centre distance is below the cutoff (+ skin), except those of ``inner`` groups.
+    pair_ml, pair_group: ML-atom (0..n_ml-1) / local group pairs whose centre distance is below the cutoff
+    (+ skin), except those of ``inner`` groups.
     ml_shift: (n_ml,3) nm, constant offset that makes the ML zone whole in a periodic box (zeros otherwise);
     the network, the embedding and the virial all use ``positions[ml_indices] + ml_shift``.
     skin: nm beyond the cutoff that the pair search covered (pairs out there have switch 0).
@@ -336,6 +337,6 @@ class _PotentialField(torch.autograd.Function):
 def potential_and_field_fast(ml_pos: torch.Tensor, mm_pos: torch.Tensor, mm_q: torch.Tensor
                              ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`potential_and_field` for force evaluation (the ML client): same values, first derivatives by a
-    hand-written backward (2-4x faster and O(chunk) memory for large zones); not twice differentiable."""
+    hand-written backward (about 5x faster at 500 x 6000 pairs, O(chunk) memory); not twice differentiable."""
     chunk = max(1, PAIRS_PER_CHUNK // max(len(mm_pos), 1))
     return _PotentialField.apply(ml_pos, mm_pos, mm_q, chunk)
