@@ -148,7 +148,8 @@ def main() -> None:
         print(ml_rows[-1], flush=True)
     cpu = cpu_name()
     lines = ["# ML client request: field inputs vs network (`python tests/bench/bench_ml_engine.py`)", "",
-             f"Network preset `{args.preset}` (random weights; float64 inputs as in the ML client), device {args.device}, {args.threads} torch "
+             f"Network preset `{args.preset}` (random weights; float64 inputs as in the ML client), device "
+             f"{args.device}, {args.threads} torch "
              f"thread(s), embedding cutoff {CUTOFF} nm, skin 0.1 nm, MD-like moves between requests.",
              f"Machine: {cpu}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}.", ""]
     if mm_rows:
