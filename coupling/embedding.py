@@ -21,12 +21,13 @@ imaged positions are torch and differentiable, so forces on MM atoms come out of
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from scipy.spatial import cKDTree
 
+from coupling import embedding_kernels
 from driver.errors import SetupError
 from driver.units import COULOMB_KJMOL_NM
 
@@ -96,6 +97,7 @@ class Selection:
     ml_shift: np.ndarray | None = None
     skin: float = 0.0
     inner: np.ndarray | None = None
+    kernel_arrays: tuple | None = field(default=None, repr=False, compare=False)   # built on first fused use
 
 
 def _min_image(d: np.ndarray, box: np.ndarray) -> np.ndarray:
@@ -136,23 +138,12 @@ def select_environment(env: MMEnvironment, positions: np.ndarray, box: np.ndarra
         raise SetupError("positions contain NaN or inf")
     ml_shift = zone_shift(positions[env.ml_indices], box)
     ml = positions[env.ml_indices] + ml_shift
-    mm_atoms, mm_group = env._mm_atoms, env._mm_group
-    x = positions[mm_atoms]
-    shift = np.zeros_like(x)
-    if box is not None:
-        box = np.asarray(box, dtype=np.float64)
-        first = x[env._group_start[:-1]][mm_group]
-        whole = first + _min_image(x - first, box)           # residues whole
-        shift = whole - x
-        x = whole
-    counts = np.diff(env._group_start)
-    centers = np.stack([np.bincount(mm_group, weights=x[:, k], minlength=env.n_groups) for k in range(3)],
-                       1).astype(np.float64, copy=False)           # (an empty bincount is int64)
-    centers /= np.maximum(counts, 1)[:, None]
-    if box is not None:
-        centroid = ml.mean(axis=0)
-        radius = float(np.max(np.linalg.norm(ml - centroid, axis=1)))
-        half = _half_min_width(box)
+    centroid = ml.mean(axis=0)
+    radius = float(np.max(np.linalg.norm(ml - centroid, axis=1)))
+    periodic = box is not None
+    box = np.eye(3) if box is None else np.asarray(box, dtype=np.float64)
+    inv_box, half = np.linalg.inv(box), _half_min_width(box) if periodic else np.inf
+    if periodic:
         # the image chosen now must stay the nearest one for every residue the list may hold
         skin = min(skin, max(0.0, 0.999 * (half - env.cutoff - radius)))
         if env.cutoff + radius >= half:
@@ -160,23 +151,32 @@ def select_environment(env: MMEnvironment, positions: np.ndarray, box: np.ndarra
                 f"box too small for the embedding: cutoff {env.cutoff:.3f} nm + ML-zone radius {radius:.3f} nm "
                 f">= half the shortest box width {half:.3f} nm; enlarge the solvent padding or "
                 "lower [coupling] cutoff_nm")
-        d = centers - centroid
-        image = _min_image(d, box) - d
-        centers = centers + image
-        shift = shift + image[mm_group]
-    pairs = cKDTree(ml).sparse_distance_matrix(cKDTree(centers), env.cutoff + skin, output_type="coo_matrix")
-    used = np.unique(pairs.col)
-    local = np.full(env.n_groups, -1)
-    local[used] = np.arange(len(used))
-    keep = local[mm_group] >= 0
+    # every residue made whole and put at its image nearest the zone's centroid (one compiled pass over the
+    # atoms); only residues whose centre is within cutoff + skin of the zone go on to the pair search
+    start = env._group_start
+    centres, image, dist2 = embedding_kernels.residue_centres(positions, env._mm_atoms, start, box, inv_box,
+                                                              half, centroid, periodic)
+    near = np.flatnonzero(dist2 < (env.cutoff + skin + radius) ** 2)
+    pairs = cKDTree(ml).sparse_distance_matrix(cKDTree(centres[near]), env.cutoff + skin,
+                                               output_type="coo_matrix")
+    used = np.unique(pairs.col)                            # indices into near, sorted like the global groups
+    groups = near[used]
+    col = np.searchsorted(used, pairs.col)                 # local group of each pair
+    counts = np.diff(start)[groups]
+    first = np.repeat(start[groups], counts)
+    atoms = env._mm_atoms[first + np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)]
+    group = np.repeat(np.arange(len(groups)), counts)
+    shift = image[groups][group]
+    if periodic:
+        shift = shift + embedding_kernels.whole_shifts(positions, atoms, env._mm_atoms[first], box, inv_box, half)
     # residues this deep inside stay at switch 1 while nothing moves more than skin/2: scale 1, no pairs needed
     # (for big ML zones most pairs are of such residues)
-    inner = np.zeros(len(used), bool)
-    inner[local[pairs.col[pairs.data < env.cutoff - env.switch_width - skin]]] = True
-    shell = ~inner[local[pairs.col]]
-    return Selection(atoms=mm_atoms[keep], group=local[mm_group[keep]], shift=shift[keep],
-                     pair_ml=pairs.row[shell].astype(np.int64), pair_group=local[pairs.col[shell]],
-                     n_groups=len(used), ml_shift=ml_shift, skin=float(skin), inner=inner)
+    inner = np.zeros(len(groups), bool)
+    inner[col[pairs.data < env.cutoff - env.switch_width - skin]] = True
+    shell = ~inner[col]
+    return Selection(atoms=atoms, group=group, shift=shift, pair_ml=pairs.row[shell].astype(np.int64),
+                     pair_group=col[shell].astype(np.int64), n_groups=len(groups), ml_shift=ml_shift,
+                     skin=float(skin), inner=inner)
 
 
 class NeighbourList:
@@ -193,7 +193,7 @@ class NeighbourList:
         self.env, self.skin = env, float(skin)
         self.sel: Selection | None = None
         self.builds = 0
-        self._ref = self._box = self._buf = None
+        self._ref = self._box = None
 
     def get(self, positions: np.ndarray, box: np.ndarray | None) -> Selection:
         """The selection for ``positions`` (n_atoms,3) nm and ``box`` (rows, nm, or None)."""
@@ -201,7 +201,6 @@ class NeighbourList:
             self.sel = select_environment(self.env, positions, box, self.skin)
             self._ref = np.array(positions, dtype=np.float64)
             self._box = None if box is None else np.array(box, dtype=np.float64)
-            self._buf = np.empty_like(self._ref)
             self.builds += 1
         return self.sel
 
@@ -210,8 +209,8 @@ class NeighbourList:
             return False
         if box is not None and not np.array_equal(box, self._box):
             return False
-        d = np.subtract(positions, self._ref, out=self._buf)
-        return float(np.einsum("ij,ij->i", d, d).max(initial=0.0)) < (0.5 * self.sel.skin) ** 2
+        moved = embedding_kernels.max_sq_displacement(np.asarray(positions, dtype=np.float64), self._ref)
+        return moved < (0.5 * self.sel.skin) ** 2                                 # False for NaN: rebuild
 
 
 def switch(r: torch.Tensor, cutoff: float, width: float) -> torch.Tensor:
@@ -340,3 +339,62 @@ def potential_and_field_fast(ml_pos: torch.Tensor, mm_pos: torch.Tensor, mm_q: t
     hand-written backward (about 5x faster at 500 x 6000 pairs, O(chunk) memory); not twice differentiable."""
     chunk = max(1, PAIRS_PER_CHUNK // max(len(mm_pos), 1))
     return _PotentialField.apply(ml_pos, mm_pos, mm_q, chunk)
+
+
+class EmbeddingField:
+    """phi (n_ml,) and E (n_ml,3) of the embedded MM charges at the ML atoms for one frame, and the way back from
+    d(energy)/d(phi, E) to forces: :func:`embedded_charges_at` + :func:`potential_and_field` with the chain rule
+    applied here rather than by autograd (the ML client's force path; first derivatives only).
+
+    ml_positions (n_ml,3), mm_positions (M,3): raw positions (nm) of the ML atoms and of ``sel.atoms``.
+    units: factors from kJ/mol/e and kJ/mol/e/nm to the units wanted for phi and E.
+    On CPU the fused numba kernels (:mod:`coupling.embedding_kernels`) do both passes; on other devices the
+    torch operations with the hand-written phi/E backward.
+    """
+
+    def __init__(self, env: MMEnvironment, sel: Selection, ml_positions: np.ndarray, mm_positions: np.ndarray,
+                 units: tuple[float, float] = (1.0, 1.0), device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self._k = (COULOMB_KJMOL_NM * units[0], COULOMB_KJMOL_NM * units[1])
+        ml_positions = np.ascontiguousarray(ml_positions, dtype=np.float64)
+        mm_positions = np.ascontiguousarray(mm_positions, dtype=np.float64)
+        if self.device.type == "cpu":
+            self._arrays = sel.kernel_arrays or _kernel_arrays(env, sel)
+            sel.kernel_arrays = self._arrays
+            phi, field, *self._stash = embedding_kernels.forward(ml_positions, mm_positions, *self._arrays,
+                                                                 *self._k)
+            self.phi, self.field = torch.from_numpy(phi), torch.from_numpy(field)
+            return
+        with torch.enable_grad():
+            ml = torch.tensor(ml_positions, device=self.device, requires_grad=True)
+            mm = torch.tensor(mm_positions, device=self.device, requires_grad=True)
+            q, x = embedded_charges_at(env, sel, ml, mm)
+            r = ml if sel.ml_shift is None else ml + torch.as_tensor(sel.ml_shift, device=self.device)
+            phi, field = potential_and_field_fast(r, x, q)
+        self._graph = (ml, mm, phi * units[0], field * units[1])
+        self.phi, self.field = self._graph[2].detach(), self._graph[3].detach()
+
+    def backward(self, g_phi: torch.Tensor, g_field: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Gradients (numpy, float64) of ``sum(g_phi * phi) + sum(g_field * E)`` w.r.t. the ML positions (n_ml,3)
+        and the MM positions (M,3), through the charges' smooth scales as well."""
+        if self.device.type == "cpu":
+            r, xt, q, keep, c, prod = self._stash
+            _, shift, q0, group, counts, pair_ml, pair_group, inner, cutoff, width = self._arrays
+            g_phi = self._k[0] * g_phi.detach().to(torch.float64).numpy()
+            g_field = self._k[1] * g_field.detach().to(torch.float64).numpy()
+            return embedding_kernels.backward(r, xt, q, keep, len(shift), q0, group, counts, c, prod, pair_ml,
+                                              pair_group, inner, cutoff, width, g_phi, g_field)
+        ml, mm, phi, field = self._graph
+        g_ml, g_mm = torch.autograd.grad([phi, field], [ml, mm], [g_phi.to(phi.dtype), g_field.to(field.dtype)])
+        return g_ml.cpu().numpy(), g_mm.cpu().numpy()
+
+
+def _kernel_arrays(env: MMEnvironment, sel: Selection) -> tuple:
+    """The selection as the compiled kernels take it (built once per neighbour-list build)."""
+    ml_shift = np.zeros((len(env.ml_indices), 3)) if sel.ml_shift is None else sel.ml_shift
+    inner = np.zeros(sel.n_groups, bool) if sel.inner is None else sel.inner
+    f64 = lambda a: np.ascontiguousarray(a, dtype=np.float64)              # noqa: E731
+    i64 = lambda a: np.ascontiguousarray(a, dtype=np.int64)                # noqa: E731
+    return (f64(ml_shift), f64(sel.shift), f64(env.charges[sel.atoms]), i64(sel.group),
+            f64(np.bincount(sel.group, minlength=sel.n_groups)), i64(sel.pair_ml), i64(sel.pair_group),
+            np.ascontiguousarray(inner, dtype=np.bool_), float(env.cutoff), float(env.switch_width))

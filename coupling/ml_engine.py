@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from coupling.embedding import (MMEnvironment, NeighbourList, embedded_charges_at, potential_and_field_fast,
-                                zone_shift)
+from coupling.embedding import EmbeddingField, MMEnvironment, NeighbourList, zone_shift
 from coupling.bookkeeping import ownership_table
 from coupling.mmsystem import MODES, mm_environment
 from driver.client import ForceResult
@@ -167,41 +166,45 @@ class MLEngine:
             boxes = np.broadcast_to(np.asarray(boxes, dtype=np.float64), (n, 3, 3))
         ml_idx, n_ml = self.env.ml_indices, len(self.env.ml_indices)
         t0 = time.perf_counter()
-        # per structure one small leaf tensor: the ML atoms, then the embedded MM atoms (raw positions, nm);
-        # autograd then never touches (N, 3) arrays, which matters for 1e5-atom systems
-        leaves, atoms, images, sels, ml_pos, phis, fields = [], [], [], [], [], [], []
+        # per structure small leaf tensors: the ML atoms' raw positions (nm) and, with the embedding, phi and E;
+        # the embedding's own chain rule (phi/E -> ML and MM positions) is EmbeddingField.backward, so autograd
+        # never touches (N, 3) arrays, which matters for 1e5-atom systems
+        leaves, atoms, images, sels, embs, ml_pos, phis, fields = [], [], [], [], [], [], [], []
         for b in range(n):
             box = boxes[b] if self.periodic else None
+            ml_leaf = torch.tensor(pos[b][ml_idx], device=self.device, requires_grad=True)
             if self.mode == "electrostatic":
                 if b not in self._lists:
                     self._lists[b] = NeighbourList(self.env, self.skin)
                 sel = self._lists[b].get(pos[b], box)
                 idx = np.concatenate([ml_idx, sel.atoms])
                 shift = np.concatenate([sel.ml_shift, sel.shift])
+                emb = EmbeddingField(self.env, sel, pos[b][ml_idx], pos[b][sel.atoms], device=self.device,
+                                     units=(PHI_V_PER_KJMOL_E, FIELD_V_A_PER_KJMOL_E_NM))       # V, V/Å
+                phi, field = emb.phi.requires_grad_(True), emb.field.requires_grad_(True)
+                leaves.append((ml_leaf, phi, field))
             else:
-                sel, idx = None, ml_idx
+                sel, idx, emb = None, ml_idx, None
                 shift = zone_shift(pos[b][ml_idx], box)
-            leaf = torch.tensor(pos[b][idx], device=self.device, requires_grad=True)
-            r = leaf[:n_ml] + torch.as_tensor(shift[:n_ml], device=self.device)
-            if sel is not None:
-                q, mm_pos = embedded_charges_at(self.env, sel, leaf[:n_ml], leaf[n_ml:])
-                phi, field = potential_and_field_fast(r, mm_pos, q)                 # kJ/mol/e, kJ/mol/e/nm
-            else:
-                phi, field = torch.zeros_like(r[:, 0]), torch.zeros_like(r)
-            leaves.append(leaf)
+                phi, field = torch.zeros_like(ml_leaf[:, 0]), torch.zeros_like(ml_leaf)
+                leaves.append((ml_leaf,))
+            embs.append(emb)
             atoms.append(idx)
             images.append(pos[b][idx] + shift)                                      # as the energy sees them
             sels.append(sel)
-            ml_pos.append(r)
+            ml_pos.append(ml_leaf + torch.as_tensor(shift[:n_ml], device=self.device))
             phis.append(phi)
             fields.append(field)
         numbers, mol_idx, charge = self._batch_inputs(n)
         t1 = time.perf_counter()
-        out = self._run_network(numbers, (torch.cat(ml_pos) * ANGSTROM_PER_NM).to(self.dtype), mol_idx, charge,
-                                (torch.cat(phis) * PHI_V_PER_KJMOL_E).to(self.dtype),
-                                (torch.cat(fields) * FIELD_V_A_PER_KJMOL_E_NM).to(self.dtype))
+        cat = (lambda ts: ts[0]) if n == 1 else torch.cat
+        out = self._run_network(numbers, (cat(ml_pos) * ANGSTROM_PER_NM).to(self.dtype), mol_idx, charge,
+                                cat(phis).to(self.dtype), cat(fields).to(self.dtype))
         energy = out["energy"].to(torch.float64) * KJMOL_PER_EV                    # [B] kJ/mol
-        grads = torch.autograd.grad(energy.sum(), leaves, allow_unused=True, materialize_grads=True)
+        flat = [t for group in leaves for t in group]
+        it = iter(torch.autograd.grad(energy.sum(), flat, allow_unused=True, materialize_grads=True))
+        grads = [[next(it) for _ in group] for group in leaves]
+        grads = [g[0].cpu().numpy() if emb is None else self._chain(emb, *g) for emb, g in zip(embs, grads)]
         energies = energy.detach().cpu().numpy()
         t2 = time.perf_counter()
         charges = out["charges"].detach().to(torch.float64).reshape(n, -1).cpu().numpy() \
@@ -210,7 +213,7 @@ class MLEngine:
                  if k not in NOT_ENERGY_TERMS and torch.is_tensor(v) and v.shape == (n,)}
         results = []
         for b in range(n):
-            f = -grads[b].cpu().numpy()                                             # kJ/mol/nm
+            f = -grads[b]                                                           # kJ/mol/nm
             forces = np.zeros((self.natoms, 3))
             forces[atoms[b]] = f
             self._check_finite(energies[b], forces, b)
@@ -227,6 +230,13 @@ class MLEngine:
         for key, dt in (("coupling", t1 - t0), ("network", t2 - t1), ("output", t3 - t2)):
             self.timings[key] += dt
         return results
+
+    @staticmethod
+    def _chain(emb: EmbeddingField, g_ml: torch.Tensor, g_phi: torch.Tensor, g_field: torch.Tensor) -> np.ndarray:
+        """d(energy)/d(ML positions, embedded MM positions) (n_ml + M, 3): the network's own gradient plus
+        the embedding's chain rule through phi and E."""
+        g_r, g_x = emb.backward(g_phi, g_field)
+        return np.concatenate([g_ml.cpu().numpy() + g_r, g_x])
 
     def _run_network(self, *inputs) -> dict[str, torch.Tensor]:
         if self._network is self.model:

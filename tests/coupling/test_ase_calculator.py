@@ -77,7 +77,7 @@ def test_equals_sum_of_socket_clients(methanol_box, calc):
     try:
         for kind in ("mm", "ml"):
             name = f"mlmmase_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-            ff = FFSocket(latency=1e-4, name=kind, interface=InterfaceSocket(address=name, mode="unix"),
+            ff = FFSocket(latency=1e-4, name=kind, interface=InterfaceSocket(address=name, mode="unix", timeout=0.0),
                           dopbc=False)
             ff.start()
             ffs.append(ff)

@@ -167,3 +167,68 @@ def test_fast_potential_and_field_has_the_same_values_and_gradients():
     g = torch.autograd.grad(emb.potential_and_field_fast(*leaves)[0].sum(), leaves[0], create_graph=True)[0]
     with pytest.raises(RuntimeError):                   # forces of forces (training) must use the plain sums
         torch.autograd.grad(g.sum(), leaves[1])
+
+
+@pytest.mark.parametrize("units", [(1.0, 1.0), (0.0104, 0.00104)])
+def test_fused_cpu_kernels_match_the_torch_embedding(system, units):
+    """The ML client's compiled path (scales + phi/E forward, and the chain rule back to positions, each one
+    pass) against autograd through the torch operations it replaces, on a frame with residues broken across
+    the box and several of them in the switching shell."""
+    from coupling.embedding import EmbeddingField, embedded_charges_at
+
+    env, pos, box = system
+    rng = np.random.default_rng(2)
+    wrapped = pos + rng.integers(-1, 2, size=(len(pos), 3)) @ box
+    sel = select_environment(env, wrapped, box, skin=0.05)
+    ml = torch.tensor(wrapped[env.ml_indices], requires_grad=True)
+    mm = torch.tensor(wrapped[sel.atoms], requires_grad=True)
+    q, x = embedded_charges_at(env, sel, ml, mm)
+    scales = q.detach() / torch.tensor(env.charges[sel.atoms])
+    assert ((scales > 0.05) & (scales < 0.95)).sum() >= 6 and (scales == 0).any()   # shell and skin populated
+    phi, field = potential_and_field(ml + torch.tensor(sel.ml_shift), x, q)
+    phi, field = phi * units[0], field * units[1]
+    gp, ge = torch.tensor(rng.normal(size=3)), torch.tensor(rng.normal(size=(3, 3)))
+    ref = [phi.detach(), field.detach(), *torch.autograd.grad((phi * gp).sum() + (field * ge).sum(), (ml, mm))]
+    fused = EmbeddingField(env, sel, wrapped[env.ml_indices], wrapped[sel.atoms], units=units)
+    got = [fused.phi, fused.field, *map(torch.from_numpy, fused.backward(gp, ge))]
+    for a, b in zip(got, ref):
+        assert torch.allclose(a, b, rtol=1e-11, atol=1e-11 * float(b.abs().max()))
+
+
+def test_selection_matches_a_brute_force_search(system):
+    """Every residue whose centre (whole, nearest image) lies within cutoff + skin of an ML atom is selected,
+    whole and at that image; nothing else is."""
+    env, pos, box = system
+    rng = np.random.default_rng(4)
+    wrapped = pos + rng.integers(-1, 2, size=(len(pos), 3)) @ box
+    sel = select_environment(env, wrapped, box, skin=0.1)
+    skin = sel.skin                                          # cut to what this small box allows
+    assert 0.03 < skin < 0.1
+    ml = wrapped[env.ml_indices] + sel.ml_shift
+    expected = {}
+    for res in np.unique(env.residue[3:]):
+        atoms = np.flatnonzero(env.residue == res)
+        x = wrapped[atoms]
+        x = x - box[0, 0] * np.round((x - x[0]) / box[0, 0])                    # cubic box: whole
+        c = x.mean(0)
+        d = ml - c
+        d_img = d - box[0, 0] * np.round(d / box[0, 0])
+        if np.linalg.norm(d_img, axis=1).min() < env.cutoff + skin:
+            expected[int(res)] = x + (d - d_img)[0]           # the image next to the zone
+    got = {int(env.residue[a]) for a in sel.atoms}
+    assert got == set(expected) and len(got) > 20
+    placed = wrapped[sel.atoms] + sel.shift
+    for res, x in expected.items():
+        assert np.allclose(placed[env.residue[sel.atoms] == res], x, atol=1e-12)
+
+
+def test_displacement_check_is_exact_and_sees_nan():
+    from coupling.embedding_kernels import max_sq_displacement
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(1001, 3)), rng.normal(size=(1001, 3))
+    assert max_sq_displacement(a, b) == pytest.approx(((a - b) ** 2).sum(1).max(), rel=1e-14)
+    a[517, 1] = np.nan
+    assert np.isnan(max_sq_displacement(a, b))
+    a[517, 1] = np.inf
+    assert np.isnan(max_sq_displacement(a, b))
