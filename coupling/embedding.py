@@ -17,7 +17,9 @@ Scheme (standard residue-based QM/MM cutoff, made smooth):
   the shortest box width, which is checked.
 
 Units are internal (nm, e, kJ/mol). Selection (discrete) is numpy without gradients; the scales and the
-imaged positions are torch and differentiable, so forces on MM atoms come out of autograd.
+imaged positions are torch and differentiable, so forces on MM atoms come out of autograd (training, tests).
+The ML client instead uses :class:`EmbeddingField`: the same sums with the chain rule written out, run by the
+compiled kernels of :mod:`coupling.embedding_kernels` on CPU.
 """
 from __future__ import annotations
 
@@ -114,14 +116,52 @@ def _half_min_width(box: np.ndarray) -> float:
 
 
 def zone_shift(ml_positions: np.ndarray, box: np.ndarray | None) -> np.ndarray:
-    """Offsets (n_ml,3) nm that make the ML zone whole: each ML atom moves to the periodic image nearest to the
-    first ML atom (exact while the zone spans less than half the box, which the cutoff check implies for
-    zones smaller than the cutoff). Zeros without a box."""
+    """Offsets (n_ml,3) nm that make the ML zone whole (zeros without a box), for any zone that is one cluster
+    without gaps of half the shortest box width ``2h``.
+
+    Each ML atom goes to the image nearest the first ML atom. If they all end up within ``h/2`` of it, that
+    is right: a zone reaching farther would, being connected, have atoms between ``h/2`` and ``h``, whose
+    nearest image is their true place. Otherwise (a 500-atom active site in a 6 nm box) the zone is made
+    whole along the minimum spanning tree of its periodic nearest-neighbour graph.
+    """
     ml_positions = np.asarray(ml_positions, dtype=np.float64)
     if box is None:
         return np.zeros_like(ml_positions)
+    box = np.asarray(box, dtype=np.float64)
     d = ml_positions - ml_positions[0]
-    return _min_image(d, np.asarray(box, dtype=np.float64)) - d
+    near = _min_image(d, box)
+    if np.einsum("ij,ij->i", near, near).max() < (0.5 * _half_min_width(box)) ** 2:
+        return near - d
+    return _tree_unwrap(ml_positions, box) - ml_positions
+
+
+def _tree_unwrap(x: np.ndarray, box: np.ndarray) -> np.ndarray:
+    """x (n,3) made whole: each atom at the image nearest its parent in the minimum spanning tree of the
+    periodic 8-nearest-neighbour graph (all pairs if that graph falls apart), rooted at atom 0."""
+    from itertools import product
+
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import breadth_first_order, minimum_spanning_tree
+
+    n = len(x)
+    images = (x[None] + (np.array(list(product((-1, 0, 1), repeat=3))) @ box)[:, None]).reshape(-1, 3)
+    for k in (min(n - 1, 8), n - 1):
+        dist, j = cKDTree(images).query(x, k=k + 1)         # the first hit is the atom itself
+        rows = np.repeat(np.arange(n), k)
+        graph = coo_matrix((dist[:, 1:].ravel() + 1e-12, (rows, j[:, 1:].ravel() % n)), shape=(n, n))
+        tree = minimum_spanning_tree(graph.tocsr())
+        if tree.nnz == n - 1:
+            break
+    order, parent = breadth_first_order(tree, 0, directed=False)
+    # displacement from each atom's parent, then summed up the tree by pointer jumping (log2(depth) passes)
+    acc = np.zeros_like(x)
+    anc = parent.copy()
+    anc[0] = 0
+    acc[order[1:]] = _min_image(x[order[1:]] - x[parent[order[1:]]], box)
+    while np.any(anc != 0):
+        acc += acc[anc]
+        anc = anc[anc]
+    return x[0] + acc
 
 
 def select_environment(env: MMEnvironment, positions: np.ndarray, box: np.ndarray | None,
@@ -348,17 +388,22 @@ class EmbeddingField:
 
     ml_positions (n_ml,3), mm_positions (M,3): raw positions (nm) of the ML atoms and of ``sel.atoms``.
     units: factors from kJ/mol/e and kJ/mol/e/nm to the units wanted for phi and E.
-    On CPU the fused numba kernels (:mod:`coupling.embedding_kernels`) do both passes; on other devices the
-    torch operations with the hand-written phi/E backward.
+    kernels: None (default) runs the fused numba kernels (:mod:`coupling.embedding_kernels`) for both passes on
+    CPU and the torch operations (with the hand-written phi/E backward) on other devices; False forces the
+    torch operations (tests compare the two).
     """
 
     def __init__(self, env: MMEnvironment, sel: Selection, ml_positions: np.ndarray, mm_positions: np.ndarray,
-                 units: tuple[float, float] = (1.0, 1.0), device: str | torch.device = "cpu"):
+                 units: tuple[float, float] = (1.0, 1.0), device: str | torch.device = "cpu",
+                 kernels: bool | None = None):
         self.device = torch.device(device)
+        self._kernels = self.device.type == "cpu" if kernels is None else bool(kernels)
+        if self._kernels and self.device.type != "cpu":
+            raise SetupError(f"the compiled embedding kernels run on CPU only, not on {self.device}")
         self._k = (COULOMB_KJMOL_NM * units[0], COULOMB_KJMOL_NM * units[1])
         ml_positions = np.ascontiguousarray(ml_positions, dtype=np.float64)
         mm_positions = np.ascontiguousarray(mm_positions, dtype=np.float64)
-        if self.device.type == "cpu":
+        if self._kernels:
             self._arrays = sel.kernel_arrays or _kernel_arrays(env, sel)
             sel.kernel_arrays = self._arrays
             phi, field, *self._stash = embedding_kernels.forward(ml_positions, mm_positions, *self._arrays,
@@ -377,7 +422,7 @@ class EmbeddingField:
     def backward(self, g_phi: torch.Tensor, g_field: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Gradients (numpy, float64) of ``sum(g_phi * phi) + sum(g_field * E)`` w.r.t. the ML positions (n_ml,3)
         and the MM positions (M,3), through the charges' smooth scales as well."""
-        if self.device.type == "cpu":
+        if self._kernels:
             r, xt, q, keep, c, prod = self._stash
             _, shift, q0, group, counts, pair_ml, pair_group, inner, cutoff, width = self._arrays
             g_phi = self._k[0] * g_phi.detach().to(torch.float64).numpy()

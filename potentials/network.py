@@ -330,7 +330,8 @@ def nqe(q: Tensor, f: Tensor, mol_idx: Tensor, charge: Tensor) -> Tensor:
     w = f * f + _NQE_EPS
     b = charge.shape[0]
     deficit = charge.to(q.dtype) - _per_structure(q, mol_idx, b)
-    return q + w / _per_structure(w, mol_idx, b)[mol_idx] * deficit[mol_idx]
+    # index_select, not [mol_idx]: its backward is an index_add, not the much slower index_put
+    return q + w / _per_structure(w, mol_idx, b).index_select(0, mol_idx) * deficit.index_select(0, mol_idx)
 
 
 def _sr_envelope(r: Tensor, rc: float) -> Tensor:
@@ -539,7 +540,8 @@ class EmbeddedAIMNet2(nn.Module):
         counts = torch.bincount(mol_idx, minlength=n_structures).clamp(min=1).to(dtype)
         phibar = _per_structure(phi_c, mol_idx, n_structures) / counts        # gauge: only φ − φ̄ enters
         e_in = efield.to(dtype) / c.field_scale
-        return ((phi_c - phibar[mol_idx]) / c.phi_scale)[:, None], e_in, e_in.square().sum(-1, keepdim=True)
+        return ((phi_c - phibar.index_select(0, mol_idx)) / c.phi_scale)[:, None], e_in, \
+            e_in.square().sum(-1, keepdim=True)
 
     # ------------------------------------------------------------------ forward
     def forward(self, numbers: Tensor, positions: Tensor, mol_idx: Tensor, charge: Tensor,

@@ -171,9 +171,9 @@ def test_fast_potential_and_field_has_the_same_values_and_gradients():
 
 @pytest.mark.parametrize("units", [(1.0, 1.0), (0.0104, 0.00104)])
 def test_fused_cpu_kernels_match_the_torch_embedding(system, units):
-    """The ML client's compiled path (scales + phi/E forward, and the chain rule back to positions, each one
-    pass) against autograd through the torch operations it replaces, on a frame with residues broken across
-    the box and several of them in the switching shell."""
+    """The ML client's EmbeddingField (compiled: scales + phi/E forward, and the chain rule back to positions,
+    each one pass; or the torch operations it runs on CUDA) against autograd through the plain torch sums, on
+    a frame with residues broken across the box and several of them in the switching shell."""
     from coupling.embedding import EmbeddingField, embedded_charges_at
 
     env, pos, box = system
@@ -189,10 +189,11 @@ def test_fused_cpu_kernels_match_the_torch_embedding(system, units):
     phi, field = phi * units[0], field * units[1]
     gp, ge = torch.tensor(rng.normal(size=3)), torch.tensor(rng.normal(size=(3, 3)))
     ref = [phi.detach(), field.detach(), *torch.autograd.grad((phi * gp).sum() + (field * ge).sum(), (ml, mm))]
-    fused = EmbeddingField(env, sel, wrapped[env.ml_indices], wrapped[sel.atoms], units=units)
-    got = [fused.phi, fused.field, *map(torch.from_numpy, fused.backward(gp, ge))]
-    for a, b in zip(got, ref):
-        assert torch.allclose(a, b, rtol=1e-11, atol=1e-11 * float(b.abs().max()))
+    for kernels in (None, False):                           # numba on CPU; the torch operations (as on CUDA)
+        emb = EmbeddingField(env, sel, wrapped[env.ml_indices], wrapped[sel.atoms], units=units, kernels=kernels)
+        got = [emb.phi, emb.field, *map(torch.from_numpy, emb.backward(gp, ge))]
+        for a, b in zip(got, ref):
+            assert torch.allclose(a, b, rtol=1e-11, atol=1e-11 * float(b.abs().max()))
 
 
 def test_selection_matches_a_brute_force_search(system):
@@ -232,3 +233,20 @@ def test_displacement_check_is_exact_and_sees_nan():
     assert np.isnan(max_sq_displacement(a, b))
     a[517, 1] = np.inf
     assert np.isnan(max_sq_displacement(a, b))
+
+
+@pytest.mark.parametrize("box", [np.eye(3) * 6.2, np.array([[6.2, 0, 0], [2.0, 5.8, 0], [-1.5, 1.8, 5.5]])])
+@pytest.mark.parametrize("n, radius", [(30, 0.5), (501, 2.0)])
+def test_zone_is_made_whole_even_when_wider_than_half_the_box(box, n, radius):
+    """ML atoms wrapped independently into other cells come back as one piece: small zones by the nearest
+    image of the first atom, a 4 nm wide zone in a 6 nm box (wider than half of it) along its spanning tree."""
+    from coupling.embedding import zone_shift
+
+    rng = np.random.default_rng(n)
+    ball = rng.uniform(-1, 1, size=(20 * n, 3))
+    x = ball[np.linalg.norm(ball, axis=1) < 1][:n] * radius + np.array([5.5, 0.3, 3.0])
+    x = x[np.argsort(-x[:, 0])]                                  # the first atom on the zone's edge
+    wrapped = x + rng.integers(-2, 3, size=(n, 3)) @ box
+    whole = wrapped + zone_shift(wrapped, box)
+    assert np.allclose(whole - whole[0], x - x[0], atol=1e-10)
+    assert np.allclose(zone_shift(x, None), 0)
