@@ -13,17 +13,32 @@ training (which needs second derivatives), the torch version runs.
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
-
 from numba import njit
 
-# cache=True: compiled once per machine (a second or two), then loaded from __pycache__. The pair loops may
-# reorder sums (reassoc) so that they run in SIMD registers (4x on the build machine); NaN/inf semantics are
-# kept, so a broken geometry still shows up as NaN forces.
-_jit = njit(cache=True, nogil=True, error_model="numpy")
-_jit_simd = njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "contract", "nsz", "arcp"})
+log = logging.getLogger(__name__)
+
+
+def _compiled(**options):
+    """numba.njit with an on-disk cache: compiled once per machine (a few seconds), then loaded from
+    __pycache__ (or numba's user cache). Where no cache location is writable (a read-only install without a
+    home directory), each process compiles its own copy instead of failing."""
+    def wrap(fn):
+        try:
+            return njit(cache=True, nogil=True, error_model="numpy", **options)(fn)
+        except RuntimeError as exc:                     # numba: "cannot cache function ...: no locator"
+            log.warning("numba cannot cache %s (%s); it is compiled anew in each process", fn.__name__, exc)
+            return njit(cache=False, nogil=True, error_model="numpy", **options)(fn)
+    return wrap
+
+
+_jit = _compiled()
+# The pair loops may reorder sums (reassoc) so that they run in SIMD registers (4x on the build machine);
+# NaN/inf semantics are kept, so a broken geometry still shows up as NaN forces.
+_jit_simd = _compiled(fastmath={"reassoc", "contract", "nsz", "arcp"})
 
 
 @_jit

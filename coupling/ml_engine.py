@@ -1,10 +1,11 @@
 """The ML client's engine: the network's energy of the ML zone in the field of the MM point charges.
 
 For each structure of a request the embedding (:mod:`coupling.embedding`) picks the MM charges and their
-images (numpy, no gradients); then ONE batched network call covers all structures (``mol_idx``), and
-autograd gives the forces on every atom the energy touches: the ML atoms and the embedded MM atoms. This
-module is the network-adapter edge: nm -> Å, kJ/mol/e -> V, kJ/mol/e/nm -> V/Å on the way in, eV -> kJ/mol
-on the way out, all with :mod:`driver.units`.
+images (numpy, a Verlet list) and computes phi and E at the ML atoms (:class:`coupling.embedding.EmbeddingField`,
+compiled kernels on CPU); then ONE batched network call covers all structures (``mol_idx``), autograd gives
+dE/d(ML positions, phi, E), and the embedding's own backward pass carries dE/d(phi, E) on to the ML atoms and
+the embedded MM atoms. This module is the network-adapter edge: nm -> Å, kJ/mol/e -> V, kJ/mol/e/nm -> V/Å on
+the way in, eV -> kJ/mol on the way out, all with :mod:`driver.units`.
 
 Mechanical embedding: the network sees phi = E = 0 (the ML zone in vacuum); the MM client owns the ML–MM
 Coulomb term with fixed ML charges (:func:`vacuum_charges` gives the network's own).
@@ -174,7 +175,8 @@ class MLEngine:
         leaves, atoms, images, sels, embs, ml_pos, phis, fields = [], [], [], [], [], [], [], []
         for b in range(n):
             box = boxes[b] if self.periodic else None
-            ml_leaf = torch.tensor(pos[b][ml_idx], device=self.device, requires_grad=True)
+            ml_raw = pos[b][ml_idx]
+            ml_leaf = torch.tensor(ml_raw, device=self.device, requires_grad=True)
             if self.mode == "electrostatic":
                 if b not in self._lists:
                     self._lists[b] = NeighbourList(self.env, self.skin)
@@ -186,13 +188,13 @@ class MLEngine:
                     raise
                 idx = np.concatenate([ml_idx, sel.atoms])
                 shift = np.concatenate([sel.ml_shift, sel.shift])
-                emb = EmbeddingField(self.env, sel, pos[b][ml_idx], pos[b][sel.atoms], device=self.device,
+                emb = EmbeddingField(self.env, sel, ml_raw, pos[b][sel.atoms], device=self.device,
                                      units=(PHI_V_PER_KJMOL_E, FIELD_V_A_PER_KJMOL_E_NM))       # V, V/Å
                 phi, field = emb.phi.requires_grad_(True), emb.field.requires_grad_(True)
                 leaves.append((ml_leaf, phi, field))
             else:
                 sel, idx, emb = None, ml_idx, None
-                shift = zone_shift(pos[b][ml_idx], box)
+                shift = zone_shift(ml_raw, box)
                 phi, field = torch.zeros_like(ml_leaf[:, 0]), torch.zeros_like(ml_leaf)
                 leaves.append((ml_leaf,))
             embs.append(emb)

@@ -38,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from common import cpu_name  # noqa: E402
+from common import cpu_name, write_report  # noqa: E402
 OH = np.array([[0.0, 0.0, 0.0], [0.0957, 0.0, 0.0], [-0.024, 0.0927, 0.0]])      # nm
 DENSITY = 33.4                                                                    # waters / nm^3
 CUTOFF = 1.2
@@ -163,9 +163,7 @@ def main() -> None:
         lines += table("MM-zone scaling (21 ML atoms)", mm_rows)
     if ml_rows:
         lines += table("ML-zone scaling", ml_rows)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_report(args.out, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import cpu_name  # noqa: E402
+from common import cpu_name, write_report  # noqa: E402
 
 CONFIG = ROOT / "inputs" / "models" / "configs" / "aimnet2.toml"
 
@@ -170,9 +170,7 @@ def main(argv=None) -> None:
             f"of max RSS (CPU) or of max allocated (CUDA) during the calls.\n\n" + header + "\n".join(lines) + "\n")
     default = ROOT / "tests" / "bench" / "results" / f"network_{args.device.split(':')[0]}.md"
     out = Path(args.out) if args.out else default
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(text)
+    write_report(out, text)
 
 
 if __name__ == "__main__":

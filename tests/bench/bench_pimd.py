@@ -32,7 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from common import client_summary, cpu_name, ipi_step_time  # noqa: E402
+from common import (client_summary, cpu_name, ipi_step_time,  # noqa: E402
+                    write_report)
 from driver import launch, xmlinput  # noqa: E402
 
 MODES = ("unbatched", "batched", "rpc-ml", "rpc-mm")
@@ -134,9 +135,7 @@ def main() -> None:
         lines.append(f"| {beads} | {mode} | {1e3 * r['step']:.1f} | {1 / r['step']:.2f} | {rel} | "
                      f"{1e3 * r['ml']:.1f} | {1e3 * r['mm']:.1f} | {1e3 * r['wire']:.2f} | {1e3 * r['ipi']:.1f} | "
                      f"{r['ml_structs']:.2f} | {r['mm_structs']:.2f} |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out}")
+    write_report(args.out, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -50,7 +50,8 @@ from scipy.spatial import cKDTree
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from common import client_summary, cpu_name, ipi_step_time  # noqa: E402
+from common import (client_summary, cpu_name, ipi_step_time,  # noqa: E402
+                    write_report)
 from driver import launch, xmlinput  # noqa: E402
 from driver.system import CouplingSpec, MLSpec, MMSpec, StructureSpec, SystemSpec  # noqa: E402
 
@@ -266,9 +267,7 @@ def main() -> None:
             f"**{ms(s['step'])}** | {100 * s['overhead'] / s['step']:.0f}% | {ms(p['ml'])} | {ms(p['mm'])} | "
             f"**{ms(p['step'])}** | {ns_per_day(s['step']):.2f} | {ns_per_day(p['step']):.2f} | "
             f"{p['step'] / s['step']:.2f}× |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out}")
+    write_report(args.out, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -28,3 +28,11 @@ def ipi_step_time(run_folder: Path, skip: int) -> float:
     text = (Path(run_folder) / "ipi.log").read_text()
     tsteps = [float(x) for x in re.findall(r"t/step:\s*([0-9.eE+-]+)", text)]
     return float(np.median(tsteps[skip:])) if len(tsteps) > skip else float("nan")
+
+
+def write_report(path: Path, text: str) -> None:
+    """Write a benchmark's markdown report (parent folders made), print it, and say where it went."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text if text.endswith("\n") else text + "\n")
+    print(f"{text}\nwrote {path}")

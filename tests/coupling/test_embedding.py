@@ -250,3 +250,14 @@ def test_zone_is_made_whole_even_when_wider_than_half_the_box(box, n, radius):
     whole = wrapped + zone_shift(wrapped, box)
     assert np.allclose(whole - whole[0], x - x[0], atol=1e-10)
     assert np.allclose(zone_shift(x, None), 0)
+
+
+def test_kernels_compile_without_a_cache_location(caplog):
+    """A function numba cannot cache (here: no source file, as for a read-only install without a home) is
+    compiled per process instead of failing at import."""
+    from coupling.embedding_kernels import _compiled
+
+    namespace = {}
+    exec("def twice(x):\n    return 2.0 * x\n", namespace)
+    fn = _compiled()(namespace["twice"])
+    assert fn(1.5) == 3.0 and "cannot cache" in caplog.text
