@@ -356,3 +356,31 @@ def _compare_compiled(eager, compiled, pos, box):
         assert res.energy == pytest.approx(ref.energy, abs=1e-3)
         assert np.abs(res.forces - ref.forces).max() < 1e-4 * np.abs(ref.forces).max()
         assert np.count_nonzero(np.abs(ref.forces).sum(1)) > 100              # MM atoms have forces too
+
+
+def test_zones_of_several_molecules_are_flagged(tmp_path, tiny_network, caplog):
+    """A model whose training zones held one molecule warns at start-up when the ML zone holds two (here:
+    methanol + a water); a model that declares zones of two (metadata ml_molecules) does not."""
+    from potentials.model_io import save_model
+    from potentials.openmm_system import load_system
+
+    from driver.system import SystemSpec
+
+    spec = SystemSpec.load(ROOT / "inputs/examples/methanol/prepared/system.toml")
+    topology, _, _ = load_system(spec)
+    water = next(r for r in topology.residues() if r.name == "HOH")
+    spec.ml.indices = sorted(list(spec.ml.indices) + [a.index for a in water.atoms()])
+    spec.ml.selection = f"resname MOL or resid {water.id}"
+    for declared, warned in ((None, True), (2, False)):
+        path = tmp_path / f"tiny_{declared}.pt"
+        save_model(path, tiny_network, None if declared is None else {"ml_molecules": declared})
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="coupling.ml_engine"):
+            engine = MLEngine.from_spec(spec, path, "cpu")
+        assert len(engine.env.ml_indices) == 9
+        assert ("holds 2 molecules" in caplog.text) == warned, caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="coupling.ml_engine"):
+        MLEngine.from_spec(SystemSpec.load(ROOT / "inputs/examples/methanol/prepared/system.toml"),
+                           tmp_path / "tiny_None.pt", "cpu")
+    assert "molecules" not in caplog.text
