@@ -1,10 +1,10 @@
 """An ASE calculator for the full ML/MM potential, in-process: the MM client's OpenMM engine plus the ML client's
-network engine, built by the very functions the socket clients use (:func:`driver.client.build_mm_engine`,
-:func:`driver.client.build_ml_engine`), so ``ase.optimize``, ASE MD and NEB see exactly the energy i-PI
+network engine, built by the very functions the socket clients use (:func:`coupling.engines.build_mm_engine`,
+:func:`coupling.engines.build_ml_engine`), so ``ase.optimize``, ASE MD and NEB see exactly the energy i-PI
 integrates: E = E_MM (MM–MM, ML–MM LJ) + E_ML (the zone in the field of the MM charges).
 
 ASE units at this edge: positions and cell in Å, energy in eV, forces in eV/Å (converted with
-:mod:`driver.units`); inside, everything stays nm, kJ/mol.
+:mod:`potentials.core.units`); inside, everything stays nm, kJ/mol.
 
 Example::
 
@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 from ase.calculators.calculator import Calculator, all_changes
 
-from driver.errors import SetupError
-from driver.units import EV_PER_ANGSTROM_PER_KJMOL_PER_NM, EV_PER_KJMOL, NM_PER_ANGSTROM
+from potentials.core.errors import SetupError
+from potentials.core.units import EV_PER_ANGSTROM_PER_KJMOL_PER_NM, EV_PER_KJMOL, NM_PER_ANGSTROM
 
 
 class MLMMCalculator(Calculator):
@@ -48,27 +48,27 @@ class MLMMCalculator(Calculator):
     def __init__(self, system_toml: str | Path, model: str | Path | None = None, device: str = "cpu",
                  platform: str | None = None, **kwargs):
         super().__init__(**kwargs)
-        from driver.client import build_ml_engine, build_mm_engine
-        from driver.system import SystemSpec
+        from coupling.engines import EngineOptions, build_ml_engine, build_mm_engine
+        from potentials.core.spec import SystemSpec
 
         self.spec = SystemSpec.load(system_toml)
         if self.spec.ml.indices and not model:
             raise SetupError(f"{system_toml} has an ML zone ({len(self.spec.ml.indices)} atoms): give the network "
                              "model file (MLMMCalculator(system, model=PATH) or --model PATH)")
         model = str(model) if model else None
-        self.mm = build_mm_engine(self.spec, platform, model=model, device=device)
-        self.ml = build_ml_engine(self.spec, model, device) if self.spec.ml.indices else None
+        self.mm = build_mm_engine(self.spec, EngineOptions(model=model, device=device, platform=platform,
+                                                           virial="none"))     # ASE reads no stress here
+        self.ml = build_ml_engine(self.spec, EngineOptions(model=model, device=device)) \
+            if self.spec.ml.indices else None
         self.natoms = self.mm.natoms
         self.periodic = bool(self.spec.structure.periodic)
 
     def initial_atoms(self):
-        """The system's prepared structure as ``ase.Atoms`` (Å, OpenMM masses, the box if periodic)."""
-        from driver.launch import initial_structure
+        """The system's prepared structure as ``ase.Atoms`` (Å, OpenMM masses, the box if periodic; no cell
+        otherwise)."""
+        from potentials.structure_io import ase_atoms
 
-        atoms = initial_structure(self.spec)
-        if not self.periodic:
-            atoms.set_cell(None)                 # i-PI's dummy box has no meaning for ASE
-        return atoms
+        return ase_atoms(self.spec)
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)

@@ -1,8 +1,10 @@
 """Who owns which energy term, and a check that a built (MM system, ML engine) pair counts each term once.
 
-E = E_MM(MM–MM, all terms) + E_LJ(ML–MM) + E_ML(ML zone; in electrostatic embedding also its Coulomb
-interaction with the MM charges). :data:`OWNERSHIP` is the table (for logs and docs); :func:`check_split`
-verifies a concrete pair against it.
+E = E_MM(MM–MM, all terms) + E_LJ(ML–MM) + E_ML(ML zone) + whatever the embedding scheme assigns (in
+electrostatic embedding the ML zone's Coulomb interaction with the MM charges goes to the network). Each
+scheme lists its rows (:meth:`coupling.schemes.EmbeddingScheme.terms`); :data:`OWNERSHIP` is the table of all
+registered schemes side by side (logs, docs) and :func:`check_split` verifies a concrete pair against the
+scheme it was built for.
 """
 from __future__ import annotations
 
@@ -12,8 +14,10 @@ from typing import NamedTuple
 import numpy as np
 import openmm
 
-from coupling.mmsystem import MODES, ml_only_terms, nonbonded_force
-from driver.errors import SetupError
+from coupling.mmsystem import ml_only_terms
+from coupling.schemes import SCHEMES, get_scheme
+from potentials.core.errors import SetupError
+from potentials.openmm_params import exception_parameters, nonbonded_force, particle_charges, particle_lj
 
 
 class Term(NamedTuple):
@@ -22,29 +26,21 @@ class Term(NamedTuple):
     mechanical: str         # owner in mechanical embedding
 
 
-OWNERSHIP: tuple[Term, ...] = (
-    Term("MM–MM bonded terms", "MM", "MM"),
-    Term("MM–MM Coulomb (PME / cutoff / none)", "MM", "MM"),
-    Term("MM–MM Lennard-Jones", "MM", "MM"),
-    Term("ML–ML bonded + nonbonded (the ML zone's own energy)", "ML", "ML"),
-    Term("ML–MM Coulomb", "ML (network fed phi, E of MM charges within the embedding cutoff)",
-         "MM (fixed ML charges)"),
-    Term("ML–MM Lennard-Jones", "MM", "MM"),
-    Term("ML charges with their own periodic images", "nobody (ML charges are zero in PME)", "MM"),
-    Term("long-range LJ dispersion correction (constant, all atom types)", "MM", "MM"),
-    Term("restraints and barostats (CustomExternalForce, MonteCarlo*)", "MM", "MM"),
-)
+def _table() -> tuple[Term, ...]:
+    """The two built-in schemes' rows side by side (they list the same terms in the same order)."""
+    es, mech = (SCHEMES.get(n)().terms() for n in ("electrostatic", "mechanical"))
+    return tuple(Term(a.term, a.owner, b.owner) for a, b in zip(es, mech))
 
 
-def ownership_table(mode: str) -> str:
-    """The ownership table for one embedding mode, as aligned text for the log."""
-    if mode not in MODES:
-        raise SetupError(f"unknown embedding mode {mode!r}; choose one of {MODES}")
-    width = max(len(t.term) for t in OWNERSHIP)
-    return "\n".join(f"{t.term:<{width}}  {getattr(t, mode)}" for t in OWNERSHIP)
+OWNERSHIP: tuple[Term, ...] = _table()
 
 
-def check_split(mm_system: openmm.System, ml_indices, mode: str, *, full_system: openmm.System | None = None,
+def ownership_table(mode) -> str:
+    """The ownership table of one embedding scheme (name or object), as aligned text for the log."""
+    return get_scheme(mode).ownership_table()
+
+
+def check_split(mm_system: openmm.System, ml_indices, mode, *, full_system: openmm.System | None = None,
                 engine=None, ml_charges=None) -> None:
     """Raise SetupError listing every term the MM system and the ML engine would both count (or drop).
 
@@ -52,13 +48,14 @@ def check_split(mm_system: openmm.System, ml_indices, mode: str, *, full_system:
     ----------
     mm_system : the MM client's system (:func:`coupling.mmsystem.mlmm_mm_system`).
     ml_indices : the ML zone.
-    mode : "electrostatic" or "mechanical".
-    full_system : the original MM system; if given, checks that MM parameters and ML–MM LJ are unchanged.
-    engine : the ML client's :class:`coupling.ml_engine.MLEngine`; if given, its zone and mode must match.
-    ml_charges : mechanical mode: the fixed ML charges (e) the MM system should hold (default: the MM ones).
+    mode : the embedding scheme (name or object) the pair was built for.
+    full_system : the original MM system; if given, checks that MM parameters and ML–MM LJ are unchanged and
+        that the ML atoms carry what the scheme says (zero, or the fixed charges).
+    engine : the ML client's :class:`coupling.ml_engine.MLEngine`; if given, its zone and scheme must match.
+    ml_charges : fixed ML charges (e) the MM system should hold, for a scheme that keeps them (default: the
+        force field's).
     """
-    if mode not in MODES:
-        raise SetupError(f"unknown embedding mode {mode!r}; choose one of {MODES}")
+    scheme = get_scheme(mode)
     ml = np.asarray(ml_indices, dtype=np.int64).reshape(-1)
     n = mm_system.getNumParticles()
     is_ml = np.zeros(n, bool)
@@ -68,42 +65,66 @@ def check_split(mm_system: openmm.System, ml_indices, mode: str, *, full_system:
                  (mm_system.getConstraintParameters(k) for k in range(mm_system.getNumConstraints()))
                  if is_ml[i] and is_ml[j]]
     nb = nonbonded_force(mm_system)
-    q = np.array([nb.getParticleParameters(i)[0]._value for i in range(n)])
-    lj = np.array([[p._value for p in nb.getParticleParameters(i)[1:]] for i in range(n)])
-    if mode == "electrostatic" and np.any(q[ml] != 0):
-        problems.append(f"ML atoms {ml[q[ml] != 0][:5].tolist()} carry charge in the MM NonbondedForce: ML–MM "
-                        "Coulomb would be counted by both clients")
-    # every ML–ML pair: an exception with no charge product and no epsilon
-    zero_pairs = set()
+    q, lj = particle_charges(nb), particle_lj(nb)
+    q0 = lj0 = None
+    if full_system is not None:
+        nb0 = nonbonded_force(full_system)
+        q0, lj0 = particle_charges(nb0), particle_lj(nb0)
+        if not np.array_equal(q[~is_ml], q0[~is_ml]) or not np.array_equal(lj, lj0):
+            problems.append("MM charges or Lennard-Jones parameters changed (the ML–MM LJ terms must be kept)")
+    problems += _ml_charges(scheme, q, None if q0 is None else q0[ml], ml, ml_charges)
+    problems += _ml_pairs_left(mm_system, nb, ml, is_ml)
+    if engine is not None:
+        problems += _compare_engine(scheme, engine, ml, n)
+    if problems:
+        raise SetupError("ML/MM energy bookkeeping: " + "; ".join(problems))
+
+
+def _ml_pairs_left(mm_system, nb, ml, is_ml) -> list[str]:
+    """Every ML–ML pair must be an exception with no charge product and no epsilon, and excluded from every
+    CustomNonbondedForce."""
+    problems, zero_pairs = [], set()
     for k in range(nb.getNumExceptions()):
-        i, j, qq, _, eps = nb.getExceptionParameters(k)
-        if is_ml[i] and is_ml[j] and qq._value == 0 and eps._value == 0:
+        i, j, qq, _, eps = exception_parameters(nb, k)
+        if is_ml[i] and is_ml[j] and qq == 0 and eps == 0:
             zero_pairs.add((min(i, j), max(i, j)))
-    missing = [p for p in itertools.combinations(sorted(ml.tolist()), 2) if p not in zero_pairs]
+    pairs = list(itertools.combinations(sorted(ml.tolist()), 2))
+    missing = [p for p in pairs if p not in zero_pairs]
     if missing:
         problems.append(f"{len(missing)} ML–ML pairs still interact in NonbondedForce, e.g. {missing[0]}")
     for f in mm_system.getForces():
         if isinstance(f, openmm.CustomNonbondedForce):
             excl = {tuple(sorted(f.getExclusionParticles(k))) for k in range(f.getNumExclusions())}
-            left = [p for p in itertools.combinations(sorted(ml.tolist()), 2) if p not in excl]
+            left = [p for p in pairs if p not in excl]
             if left:
                 problems.append(f"CustomNonbondedForce '{f.getName()}': {len(left)} ML–ML pairs not excluded")
-    if full_system is not None:
-        nb0 = nonbonded_force(full_system)
-        q0 = np.array([nb0.getParticleParameters(i)[0]._value for i in range(n)])
-        lj0 = np.array([[p._value for p in nb0.getParticleParameters(i)[1:]] for i in range(n)])
-        if not np.array_equal(q[~is_ml], q0[~is_ml]) or not np.array_equal(lj, lj0):
-            problems.append("MM charges or Lennard-Jones parameters changed (the ML–MM LJ terms must be kept)")
-        if mode == "mechanical":
-            want = q0[ml] if ml_charges is None else np.asarray(ml_charges, dtype=np.float64)
-            if not np.allclose(q[ml], want, rtol=0, atol=1e-12):
-                problems.append("ML charges in the MM system differ from the mechanical-embedding charges")
-    if engine is not None:
-        if engine.mode != mode:
-            problems.append(f"ML engine runs {engine.mode} embedding, the MM system was built for {mode}")
-        if not np.array_equal(np.sort(engine.env.ml_indices), np.sort(ml)):
-            problems.append("ML engine and MM system disagree on the ML-zone atoms")
-        if engine.natoms != n:
-            problems.append(f"ML engine has {engine.natoms} atoms, the MM system {n}")
-    if problems:
-        raise SetupError("ML/MM energy bookkeeping: " + "; ".join(problems))
+    return problems
+
+
+def _ml_charges(scheme, q, q0_ml, ml, ml_charges) -> list[str]:
+    """The ML atoms must carry what the scheme says: zero (the network owns ML–MM Coulomb) or the fixed
+    charges (given, or the force field's ``q0_ml``; without either there is nothing to compare)."""
+    fixed = None if ml_charges is None else np.asarray(ml_charges, dtype=np.float64)
+    if scheme.field_inputs:
+        want = scheme.ml_charges_in_mm(q[ml], fixed)
+    elif fixed is None and q0_ml is None:
+        return []
+    else:
+        want = scheme.ml_charges_in_mm(q0_ml if q0_ml is not None else q[ml], fixed)
+    if np.allclose(q[ml], want, rtol=0, atol=1e-12):
+        return []
+    if scheme.field_inputs:
+        return [f"ML atoms {ml[q[ml] != want][:5].tolist()} carry charge in the MM NonbondedForce: ML–MM Coulomb "
+                "would be counted by both clients"]
+    return [f"ML charges in the MM system differ from the {scheme.name}-embedding charges"]
+
+
+def _compare_engine(scheme, engine, ml, n) -> list[str]:
+    problems = []
+    if engine.mode != scheme.name:
+        problems.append(f"ML engine runs {engine.mode} embedding, the MM system was built for {scheme.name}")
+    if not np.array_equal(np.sort(engine.env.ml_indices), np.sort(ml)):
+        problems.append("ML engine and MM system disagree on the ML-zone atoms")
+    if engine.natoms != n:
+        problems.append(f"ML engine has {engine.natoms} atoms, the MM system {n}")
+    return problems

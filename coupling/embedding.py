@@ -30,8 +30,10 @@ import torch
 from scipy.spatial import cKDTree
 
 from coupling import embedding_kernels
-from driver.errors import SetupError
-from driver.units import COULOMB_KJMOL_NM
+from potentials.core.errors import SetupError
+from potentials.core.spec import CouplingSpec
+from potentials.core.units import COULOMB_KJMOL_NM
+from potentials.electrostatics import potential_and_field  # noqa: F401  (the one definition, re-exported)
 
 
 @dataclass(frozen=True)
@@ -47,8 +49,8 @@ class MMEnvironment:
     charges: np.ndarray
     residue: np.ndarray
     ml_indices: np.ndarray
-    cutoff: float = 1.2
-    switch_width: float = 0.2
+    cutoff: float = CouplingSpec.cutoff_nm
+    switch_width: float = CouplingSpec.switch_width_nm
 
     def __post_init__(self):
         n = len(self.charges)
@@ -189,8 +191,8 @@ def select_environment(env: MMEnvironment, positions: np.ndarray, box: np.ndarra
         if env.cutoff + radius >= half:
             raise SetupError(
                 f"box too small for the embedding: cutoff {env.cutoff:.3f} nm + ML-zone radius {radius:.3f} nm "
-                f">= half the shortest box width {half:.3f} nm; enlarge the solvent padding or "
-                "lower [coupling] cutoff_nm")
+                f">= half the shortest box width {half:.3f} nm; enlarge the box (more solvent padding in "
+                "`mlmm prepare --solvate`): the cutoff is part of how the model was trained")
     # every residue made whole and put at its image nearest the zone's centroid (one compiled pass over the
     # atoms); only residues whose centre is within cutoff + skin of the zone go on to the pair search
     start = env._group_start
@@ -302,23 +304,6 @@ def embedded_charges_at(env: MMEnvironment, sel: Selection, ml_positions: torch.
     return q, mm_pos
 
 
-def potential_and_field(ml_pos: torch.Tensor, mm_pos: torch.Tensor, mm_q: torch.Tensor,
-                        chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """Electrostatic potential (kJ/mol/e) and field (kJ/mol/e/nm) of point charges at each ML atom.
-
-    phi_i = k sum_j q_j / r_ij;  E_i = k sum_j q_j (r_i - r_j) / r_ij^3   (positions nm, charges e).
-    Differentiable w.r.t. all three inputs. Chunked over ML atoms to bound memory.
-    """
-    phis, fields = [], []
-    for start in range(0, max(len(ml_pos), 1), chunk):
-        d = ml_pos[start:start + chunk, None, :] - mm_pos[None, :, :]         # [n, M, 3]
-        inv_r = torch.rsqrt((d * d).sum(-1))                                  # [n, M]
-        qr = mm_q[None, :] * inv_r
-        phis.append(qr.sum(-1))
-        fields.append(((qr * inv_r * inv_r)[..., None] * d).sum(1))
-    return COULOMB_KJMOL_NM * torch.cat(phis), COULOMB_KJMOL_NM * torch.cat(fields)
-
-
 # (ML atom, MM atom) pairs per block of the fast kernel: its arrays stay in cache (2x faster than 1 << 20 at
 # 1000 x 6400 pairs on the build machine)
 PAIRS_PER_CHUNK = 1 << 16
@@ -387,20 +372,20 @@ class EmbeddingField:
     applied here rather than by autograd (the ML client's force path; first derivatives only).
 
     ml_positions (n_ml,3), mm_positions (M,3): raw positions (nm) of the ML atoms and of ``sel.atoms``.
-    units: factors from kJ/mol/e and kJ/mol/e/nm to the units wanted for phi and E.
+    phi is in kJ/mol/e and E in kJ/mol/e/nm (internal units; the model adapter converts them).
     kernels: None (default) runs the fused numba kernels (:mod:`coupling.embedding_kernels`) for both passes on
     CPU and the torch operations (with the hand-written phi/E backward) on other devices; False forces the
     torch operations (tests compare the two).
     """
 
     def __init__(self, env: MMEnvironment, sel: Selection, ml_positions: np.ndarray, mm_positions: np.ndarray,
-                 units: tuple[float, float] = (1.0, 1.0), device: str | torch.device = "cpu",
+                 device: str | torch.device = "cpu",
                  kernels: bool | None = None):
         self.device = torch.device(device)
         self._kernels = self.device.type == "cpu" if kernels is None else bool(kernels)
         if self._kernels and self.device.type != "cpu":
             raise SetupError(f"the compiled embedding kernels run on CPU only, not on {self.device}")
-        self._k = (COULOMB_KJMOL_NM * units[0], COULOMB_KJMOL_NM * units[1])
+        self._k = (COULOMB_KJMOL_NM, COULOMB_KJMOL_NM)
         ml_positions = np.ascontiguousarray(ml_positions, dtype=np.float64)
         mm_positions = np.ascontiguousarray(mm_positions, dtype=np.float64)
         if self._kernels:
@@ -416,7 +401,7 @@ class EmbeddingField:
             q, x = embedded_charges_at(env, sel, ml, mm)
             r = ml if sel.ml_shift is None else ml + torch.as_tensor(sel.ml_shift, device=self.device)
             phi, field = potential_and_field_fast(r, x, q)
-        self._graph = (ml, mm, phi * units[0], field * units[1])
+        self._graph = (ml, mm, phi, field)
         self.phi, self.field = self._graph[2].detach(), self._graph[3].detach()
 
     def backward(self, g_phi: torch.Tensor, g_field: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

@@ -27,12 +27,14 @@ import openmm
 from openmm import app
 
 from coupling.embedding import MMEnvironment
+from coupling.schemes import SCHEMES, get_scheme
 from coupling.selection import check_boundary, describe_atom
-from driver.errors import SetupError
+from potentials.core.errors import SetupError
+from potentials.openmm_params import nonbonded_force, particle_charges
 
 log = logging.getLogger(__name__)
 
-MODES = ("electrostatic", "mechanical")
+MODES = SCHEMES.names()          # the registered embedding schemes (electrostatic, mechanical, ...)
 
 # Bonded forces whose ML-only terms are removed. Each serialises its terms as child elements of one list
 # element, the atoms as attributes p1.. (a1..a4/b1..b4 for CMAP); the list is edited in XML, which keeps
@@ -64,15 +66,6 @@ def _ml_mask(n_atoms: int, ml_indices) -> np.ndarray:
     mask = np.zeros(n_atoms, bool)
     mask[ml] = True
     return mask
-
-
-def nonbonded_force(system: openmm.System) -> openmm.NonbondedForce:
-    """The one NonbondedForce of an MM system (SetupError if there is none or several)."""
-    found = [f for f in system.getForces() if isinstance(f, openmm.NonbondedForce)]
-    if len(found) != 1:
-        raise SetupError(f"the MM system has {len(found)} NonbondedForce objects; ML/MM needs exactly one "
-                         "(it holds the MM charges and the ML–MM Lennard-Jones terms)")
-    return found[0]
 
 
 def boundary_bonds(system: openmm.System, ml_indices) -> list[tuple[int, int]]:
@@ -185,9 +178,9 @@ def _touches(force: openmm.Force, is_ml: np.ndarray) -> bool:
     return False
 
 
-def _fix_nonbonded(nb: openmm.NonbondedForce, ml: np.ndarray, is_ml: np.ndarray, charges: np.ndarray | None
-                   ) -> None:
-    """Zero (or set) ML charges; every ML–ML pair becomes an exception with no interaction at all."""
+def _fix_nonbonded(nb: openmm.NonbondedForce, ml: np.ndarray, is_ml: np.ndarray, charges: np.ndarray) -> None:
+    """Set the ML charges (zero in electrostatic embedding); every ML–ML pair becomes an exception with no
+    interaction at all."""
     for k in range(nb.getNumParticleParameterOffsets()):
         if is_ml[nb.getParticleParameterOffset(k)[1]]:
             raise SetupError(f"NonbondedForce '{nb.getName()}' has a parameter offset on ML atom "
@@ -200,7 +193,7 @@ def _fix_nonbonded(nb: openmm.NonbondedForce, ml: np.ndarray, is_ml: np.ndarray,
                              f"{i}-{j} in the ML zone; alchemical offsets are not supported there")
     for n, i in enumerate(ml):
         q, sigma, eps = nb.getParticleParameters(int(i))
-        nb.setParticleParameters(int(i), 0.0 if charges is None else float(charges[n]), sigma, eps)
+        nb.setParticleParameters(int(i), float(charges[n]), sigma, eps)
     seen = set()
     for k in range(nb.getNumExceptions()):
         i, j, qq, sigma, eps = nb.getExceptionParameters(k)
@@ -245,21 +238,14 @@ def mlmm_mm_system(system: openmm.System, ml_indices, mode: str = "electrostatic
     openmm.System
         ML-only bonded terms and constraints removed, ML–ML nonbonded pairs excluded, ML–MM LJ kept.
     """
-    if mode not in MODES:
-        raise SetupError(f"unknown embedding mode {mode!r}; choose one of {MODES}")
+    scheme = get_scheme(mode)
     ml = np.asarray(ml_indices, dtype=np.int64).reshape(-1)
     is_ml = _ml_mask(system.getNumParticles(), ml)
     check_selection(system, ml)
-    if ml_charges is not None:
-        if mode != "mechanical":
-            raise SetupError("ml_charges are only used in mechanical embedding (electrostatic mode zeroes them)")
-        ml_charges = np.asarray(ml_charges, dtype=np.float64).reshape(-1)
-        if ml_charges.shape != ml.shape or not np.all(np.isfinite(ml_charges)):
-            raise SetupError(f"need {len(ml)} finite ML charges (one per ML atom), got {ml_charges.shape[0]}")
-    elif mode == "mechanical":
-        nb = nonbonded_force(system)
-        ml_charges = np.array([nb.getParticleParameters(int(i))[0].value_in_unit(openmm.unit.elementary_charge)
-                               for i in ml])
+    fixed = None if ml_charges is None else np.asarray(ml_charges, dtype=np.float64).reshape(-1)
+    if fixed is not None and fixed.shape != ml.shape:
+        raise SetupError(f"need {len(ml)} finite ML charges (one per ML atom), got {fixed.shape[0]}")
+    charges = scheme.ml_charges_in_mm(particle_charges(system)[ml], fixed)
     nonbonded_force(system)
     out = copy.deepcopy(system)
     for k in reversed(range(out.getNumConstraints())):
@@ -275,7 +261,7 @@ def mlmm_mm_system(system: openmm.System, ml_indices, mode: str = "electrostatic
         else:
             force = copy.deepcopy(force)        # owned by Python until re-added below
             if isinstance(force, openmm.NonbondedForce):
-                _fix_nonbonded(force, ml, is_ml, ml_charges if mode == "mechanical" else None)
+                _fix_nonbonded(force, ml, is_ml, charges)
             elif isinstance(force, openmm.CustomNonbondedForce):
                 _fix_custom_nonbonded(force, ml)
             elif kind not in ATOM_FREE_FORCES + KEPT_FORCES and _touches(force, is_ml):
@@ -291,11 +277,7 @@ def mlmm_mm_system(system: openmm.System, ml_indices, mode: str = "electrostatic
     return out
 
 
-def mm_charges(system: openmm.System) -> np.ndarray:
-    """Partial charges (e) of every particle, from the system's NonbondedForce."""
-    nb = nonbonded_force(system)
-    e = openmm.unit.elementary_charge
-    return np.array([nb.getParticleParameters(i)[0].value_in_unit(e) for i in range(nb.getNumParticles())])
+mm_charges = particle_charges        # partial charges (e) of every particle, from the NonbondedForce
 
 
 def mm_environment(system: openmm.System, topology: app.Topology, ml_indices, spec) -> MMEnvironment:
@@ -306,44 +288,12 @@ def mm_environment(system: openmm.System, topology: app.Topology, ml_indices, sp
     system : the full MM system (before :func:`mlmm_mm_system`), whose NonbondedForce holds the charges.
     topology : the matching topology; residues define the groups that enter the embedding whole.
     ml_indices : 0-based atom indices of the ML zone.
-    spec : driver.system.SystemSpec (or its CouplingSpec); cutoff_nm and switch_width_nm are used.
+    spec : potentials.core.spec.SystemSpec (or its CouplingSpec); cutoff_nm and switch_width_nm are used.
     """
     coupling = getattr(spec, "coupling", spec)
     check_selection(system, ml_indices, topology)
     residue = np.fromiter((a.residue.index for a in topology.atoms()), dtype=np.int64,
                           count=topology.getNumAtoms())
-    return MMEnvironment(charges=mm_charges(system), residue=residue,
+    return MMEnvironment(charges=particle_charges(system), residue=residue,
                          ml_indices=np.asarray(ml_indices, dtype=np.int64).reshape(-1),
                          cutoff=float(coupling.cutoff_nm), switch_width=float(coupling.switch_width_nm))
-
-
-def mm_system_from_spec(spec, topology: app.Topology, system: openmm.System, positions_nm=None, *,
-                        model_path=None, device: str = "cpu") -> openmm.System:
-    """The MM client's system for a system.toml: :func:`mlmm_mm_system` in the spec's embedding mode.
-
-    Mechanical embedding with ``mechanical_charges = "model"`` needs the model (``model_path``) and the
-    structure's positions (nm): the ML atoms get the network's vacuum charges at that geometry.
-    """
-    mode, source = spec.coupling.embedding, spec.coupling.mechanical_charges
-    check_selection(system, spec.ml.indices, topology)
-    charges = None
-    if mode == "mechanical":
-        if source == "model":
-            if model_path is None or positions_nm is None:
-                raise SetupError("mechanical embedding with mechanical_charges = \"model\" needs the model file "
-                                 "(--model) for the MM client; or set [coupling] mechanical_charges = \"mm\"")
-            from potentials.model_io import load_model
-
-            from coupling.ml_engine import ml_numbers, vacuum_charges
-            ml = np.asarray(spec.ml.indices, dtype=np.int64)
-            charges = vacuum_charges(load_model(model_path, device), ml_numbers(topology, ml),
-                                     np.asarray(positions_nm, dtype=np.float64)[ml], spec.ml.charge, device)
-        elif source != "mm":
-            raise SetupError(f"[coupling] mechanical_charges = {source!r}; choose \"model\" or \"mm\"")
-    from coupling.bookkeeping import check_split, ownership_table
-
-    mm = mlmm_mm_system(system, spec.ml.indices, mode, charges)
-    check_split(mm, spec.ml.indices, mode, full_system=system, ml_charges=charges)
-    log.info("MM client: ML/MM split for %d ML atoms, %s embedding; terms:\n%s", len(spec.ml.indices), mode,
-             ownership_table(mode))
-    return mm

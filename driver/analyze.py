@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from . import trajectory, xmlinput
-from .errors import SetupError
+from potentials.core.errors import SetupError
 
 log = logging.getLogger(__name__)
 
@@ -411,7 +411,7 @@ def _rdf_plot(out: Path, run: _Run, system, skip_ps: float, s: Summary) -> None:
         s.skip("rdf.png", "which atoms are water and ML zone comes from the system file: pass --system "
                           "path/to/system.toml")
         return
-    from driver.system import SystemSpec
+    from potentials.core.spec import SystemSpec
     from potentials.openmm_system import read_structure
 
     spec = SystemSpec.load(system)

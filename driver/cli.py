@@ -6,31 +6,52 @@ Every failure ends with one line on stderr (`mlmm: error: ...`) and a non-zero e
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import logging
 import sys
 
-from .errors import MLMMError
+from coupling.engines import ENGINES, EngineOptions
+from potentials.core.errors import MLMMError
+from potentials.core.spec import CouplingSpec, MMSpec, StructureSpec
 
 # subcommand -> "module:function"; the function takes the parsed argparse.Namespace and returns an exit code
 TARGETS = {
     "prepare": "driver.prepare:main",
     "run": "driver.launch:main",
     "client": "driver.client:main",
-    "label": "potentials.qmmm_reference:main",
-    "train": "potentials.train:main",
-    "evaluate": "potentials.evaluate:evaluate_main",
+    "label": "driver.pipeline:label_main",
+    "train": "driver.pipeline:train_main",
+    "evaluate": "driver.pipeline:evaluate_main",
     "analyze": "driver.analyze:main",
     "optimize": "driver.optimize:main",
 }
+
+
+def _default(klass, name: str):
+    """The default of dataclass field ``name`` of ``klass`` (the one source of the CLI's defaults for
+    system.toml settings)."""
+    f = next(f for f in dataclasses.fields(klass) if f.name == name)
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def _add_print_config(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--print-config", action="store_true",
+                   help="print the effective configuration (TOML, defaults filled in) and exit without running")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlmm", description="Multiscale ML/MM molecular dynamics driven by i-PI.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in (_add_prepare, _add_run, _add_client, _add_label, _add_train, _add_evaluate, _add_analyze,
+                _add_optimize):
+        add(sub)
+    return p
 
-    # --- prepare (driver/prepare.py)
+
+def _add_prepare(sub) -> None:
+    """``mlmm prepare`` (driver/prepare.py)."""
     s = sub.add_parser("prepare", help="fix a PDB, solvate it, select the ML zone, write system.toml")
     s.add_argument("pdb", help="input structure (PDB or PDBx/mmCIF)")
     s.add_argument("--ml", default="", help='ML-zone selection, e.g. "resname MOL", "resid 3 5", "index 0-20", '
@@ -38,29 +59,56 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ml-charge", type=int, default=None,
                    help="total ML-zone charge (e); default: from the force field / formal charges")
     s.add_argument("--out", required=True, help="output folder (created)")
-    s.add_argument("--forcefield", nargs="+", default=["amber14-all.xml", "amber14/tip3p.xml"],
-                   help="OpenMM force-field XML files (names or paths)")
+    s.add_argument("--forcefield", nargs="+", default=_default(StructureSpec, "forcefield"),
+                   help="OpenMM force-field XML files (names or paths; default: %(default)s)")
     s.add_argument("--ph", type=float, default=7.0, help="pH for adding hydrogens")
     s.add_argument("--no-fix", action="store_true", help="do not run PDBFixer (missing atoms are then an error)")
     s.add_argument("--no-minimize", action="store_true",
                    help="skip relaxing the MM atoms (solvent clashes) with the ML zone held fixed")
-    s.add_argument("--solvate", type=float, default=None, metavar="PADDING_NM",
-                   help="solvate in TIP3P with this padding (nm); omit to keep the structure as is")
+    s.add_argument("--solvate", type=_padding, nargs="?", const="auto", default=None, metavar="PADDING_NM",
+                   help="solvate in TIP3P with this padding (nm); without a value (or 'auto') the smallest padding "
+                        "the MM cutoff and the embedding of the ML zone need; omit to keep the structure as is")
+    s.add_argument("--seed", type=int, default=0, help="seed of every random step (hydrogen placement, "
+                   "minimisations' starting points, ion placement); recorded in DIR/prepare.log (default %(default)s)")
     s.add_argument("--ionic-strength", type=float, default=0.0, help="molar salt concentration (NaCl)")
     s.add_argument("--no-neutralize", action="store_true", help="do not add neutralising ions")
     s.add_argument("--nonperiodic", action="store_true", help="cluster/droplet: no box, NoCutoff electrostatics")
-    s.add_argument("--mm-cutoff", type=float, default=1.0, help="MM nonbonded cutoff (nm)")
-    s.add_argument("--embedding-cutoff", type=float, default=1.2, help="ML–MM embedding cutoff (nm)")
+    s.add_argument("--mm-cutoff", type=float, default=_default(MMSpec, "cutoff_nm"),
+                   help="MM nonbonded cutoff (nm; default %(default)s)")
+    s.add_argument("--embedding-cutoff", type=float, default=_default(CouplingSpec, "cutoff_nm"),
+                   help="ML–MM embedding cutoff (nm; default %(default)s)")
 
-    # --- run (driver/launch.py)
+
+def _padding(text: str) -> float | str:
+    """``--solvate``'s value: a padding in nm, or ``auto``."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a padding in nm nor 'auto'") from None
+
+
+def _add_run(sub) -> None:
+    """``mlmm run`` (driver/launch.py)."""
     s = sub.add_parser("run", help="run i-PI with the XML and one client per <ffsocket>")
     s.add_argument("xml", nargs="?", default=None, help="i-PI input XML (e.g. inputs/templates/nvt_bussi.xml)")
     s.add_argument("--system", default=None, help="system.toml written by `mlmm prepare` (required unless --resume)")
     s.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR from i-PI's "
                    "RESTART (outputs are appended; with --steps N the run goes on to step N)")
-    s.add_argument("--max-restarts", type=int, default=3, help="when a client dies (killed, crashed), restart "
-                   "i-PI and the clients from RESTART at most this many times (0: stop with an error)")
-    s.add_argument("--model", default=None, help="network model file for the ML client")
+    s.add_argument("--max-restarts", type=int, default=3, help="when a client dies (killed, crashed) or hangs, or "
+                   "i-PI is killed, restart i-PI and the clients from the last saved state at most this many times "
+                   "(0: stop with an error)")
+    s.add_argument("--client-timeout", type=float, default=None, metavar="S", help="watchdog: a client whose "
+                   "request stays unanswered longer than max(S, 10 x its slowest recent request) (10 x S before its "
+                   "first answer) is hung: killed and restarted (default 60; 0: off; the run's own on --resume). "
+                   "Remote ML clients: i-PI stops the run after 10 x S")
+    s.add_argument("--checkpoint-stride", type=int, default=None, metavar="N", help="i-PI saves its state every N "
+                   "steps (sim.autosave_K, newest 2 kept), the state a run continues from when i-PI itself was killed "
+                   "(default 1000; 0: off)")
+    s.add_argument("--model", default=None, help="model file for the ML client: ours, or a MACE, AIMNet2 or ANI "
+                   "file (the family is detected from the file)")
+    _add_model_options(s)
     s.add_argument("--out", default=None, help="run folder (default: runs/run-<timestamp> in the current directory)")
     s.add_argument("--steps", type=int, default=None, help="override <total_steps>")
     s.add_argument("--device", default=None, help="torch device for the ML client (cpu, cuda, cuda:N; default cpu, "
@@ -83,43 +131,87 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.add_argument("--max-force", type=float, default=None, help="clients stop the run if an atom's force exceeds "
                    "this (kJ/mol/nm; default 1e6): exploding structure; the last good frame goes to last_good.pdb")
+    _add_print_config(s)
 
-    # --- client (driver/client.py)
+
+def _add_model_options(s: argparse.ArgumentParser) -> None:
+    """``--model-type`` and ``--dtype`` of the ML client's model (potentials/adapters.py load_adapter)."""
+    from potentials.model_formats import MODEL_TYPES
+
+    s.add_argument("--model-type", default=None, choices=MODEL_TYPES, help="model family of --model, instead of "
+                   "detecting it from the file")
+    s.add_argument("--dtype", default=None, choices=("float32", "float64"), help="precision of the model's "
+                   "weights and inputs (default: the file's own; AIMNet2 runs in float32 only)")
+
+
+def _kind_help() -> str:
+    """``mm: ...; ml: ...`` from the first line of each registered engine builder's docstring."""
+    def first(doc: str | None) -> str:
+        line = (doc or "").strip().split("\n")[0].rstrip(".")
+        return line[:1].lower() + line[1:]
+    return "; ".join(f"{k}: {first(ENGINES.get(k).__doc__)}" for k in ENGINES.names())
+
+
+def _add_client(sub) -> None:
+    """``mlmm client KIND`` (driver/client.py); the kinds are the registered engines (coupling/engines.py)."""
+    options = EngineOptions()
     s = sub.add_parser("client", help="run one force client that connects to i-PI")
-    s.add_argument("kind", choices=["mm", "ml"], help="mm: OpenMM; ml: the embedding-aware network")
+    s.add_argument("kind", choices=ENGINES.names(), help=_kind_help())
     s.add_argument("--system", required=True, help="system.toml")
-    s.add_argument("--address", required=True,
-                   help="unix:NAME (socket /tmp/ipi_NAME), unix:/path/to/socket, or HOST:PORT for inet")
-    s.add_argument("--model", default=None, help="model file (ML client)")
-    s.add_argument("--device", default="cpu", help="torch device (ML client)")
-    s.add_argument("--platform", default=None, help="OpenMM platform (MM client): CPU, CUDA, OpenCL, Reference")
+    s.add_argument("--address", default=None, help="unix:NAME (socket /tmp/ipi_NAME), unix:/path/to/socket, or "
+                   "HOST:PORT for inet (required unless --print-config)")
+    s.add_argument("--model", default=options.model, help="model file (ML client): ours, or a MACE, AIMNet2 or ANI "
+                   "file (the family is detected from the file)")
+    _add_model_options(s)
+    s.add_argument("--device", default=options.device, help="torch device (ML client; default %(default)s)")
+    s.add_argument("--platform", default=options.platform,
+                   help="OpenMM platform (MM client): CPU, CUDA, OpenCL, Reference")
     s.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the server to appear")
-    s.add_argument("--threads", type=int, default=None, help="CPU threads: torch (ML client) or OpenMM's CPU "
-                   "platform (MM client); default: the libraries' own (all cores)")
-    s.add_argument("--compile", action="store_true", help="ML client: torch.compile the network (slow first step, "
-                   "then 2-3x faster for small ML zones; on CPU only with --threads 1 in torch 2.13, else it runs "
-                   "uncompiled)")
-    s.add_argument("--max-force", type=float, default=1.0e6, help="stop with an error (naming atoms and cause) if an "
-                   "atom's force exceeds this (kJ/mol/nm): a blown-up structure")
+    s.add_argument("--threads", type=int, default=options.threads, help="CPU threads: torch (ML client) or "
+                   "OpenMM's CPU platform (MM client); default: the libraries' own (all cores)")
+    s.add_argument("--compile", action="store_true", default=options.compile, help="ML client: torch.compile the "
+                   "network (slow first step, then 2-3x faster for small ML zones; on CPU only with --threads 1 in "
+                   "torch 2.13, else it runs uncompiled)")
+    s.add_argument("--virial", choices=["full", "isotropic", "none"], default=options.virial,
+                   help="MM client, periodic system: the virial i-PI needs for pressure and NPT, by finite "
+                        "differences of the box-dependent energy: the tensor (full, ~14x a force call on CPU), its "
+                        "trace (isotropic, ~3x) or none (NVT/NVE: zeros). `mlmm run` chooses from the input; "
+                        "default %(default)s")
+    s.add_argument("--max-force", type=float, default=None, help="stop with an error (naming atoms and cause) if an "
+                   "atom's force exceeds this (kJ/mol/nm; default 1e6, driver.client.MAX_FORCE_KJMOL_NM): a "
+                   "blown-up structure")
+    _add_print_config(s)
 
-    # --- label (potentials/qmmm_reference.py)
+
+def _add_label(sub) -> None:
+    """``mlmm label`` (driver/pipeline.py -> potentials/qmmm_reference.py)."""
     s = sub.add_parser("label", help="generate QM/MM reference data (PySCF B3LYP/def2-SVP, TIP3P embedding)")
     s.add_argument("--out", required=True, help="dataset file (NetCDF4), appended to if it exists (resumable)")
     s.add_argument("--config", default=None, help="TOML with solutes, frame counts, temperatures, seeds")
     s.add_argument("--frames", type=int, default=None, help="stop after this many new frames")
+    _add_print_config(s)
 
-    # --- train / evaluate (potentials/train.py, potentials/evaluate.py)
+
+def _add_train(sub) -> None:
+    """``mlmm train`` (driver/pipeline.py -> potentials/train.py)."""
     s = sub.add_parser("train", help="train the embedding-aware network from a TOML config")
     s.add_argument("config", help="training config (TOML)")
     s.add_argument("--device", default="cpu")
     s.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    _add_print_config(s)
+
+
+def _add_evaluate(sub) -> None:
+    """``mlmm evaluate`` (driver/pipeline.py -> potentials/evaluate.py)."""
     s = sub.add_parser("evaluate", help="print held-out errors of a model on a dataset")
     s.add_argument("model")
     s.add_argument("dataset")
     s.add_argument("--split", default="test")
     s.add_argument("--device", default="cpu")
 
-    # --- analyze (driver/analyze.py)
+
+def _add_analyze(sub) -> None:
+    """``mlmm analyze`` (driver/analyze.py)."""
     s = sub.add_parser("analyze", help="plots (PNG) and a text summary of a run folder written by `mlmm run`")
     s.add_argument("run_dir", help="run folder (input.xml, sim.out, sim.pos_0.nc, ...)")
     s.add_argument("--system", default=None,
@@ -128,7 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--skip", type=float, default=0.0, metavar="PS",
                    help="equilibration time left out of averages and drift (ps)")
 
-    # --- optimize (driver/optimize.py)
+
+def _add_optimize(sub) -> None:
+    """``mlmm optimize`` (driver/optimize.py)."""
     s = sub.add_parser("optimize", help="relax a prepared structure on the ML/MM potential (ASE), write a new "
                                         "structure + system.toml")
     s.add_argument("system", help="system.toml written by `mlmm prepare`")
@@ -144,7 +238,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--optimizer", choices=["LBFGS", "BFGS", "FIRE"], default="LBFGS", help="ASE optimiser")
     s.add_argument("--device", default="cpu", help="torch device for the network")
     s.add_argument("--platform", default=None, help="OpenMM platform (CPU, CUDA, Reference)")
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,12 +14,15 @@ import logging
 import os
 import socket
 import time
-from typing import TYPE_CHECKING, NamedTuple, Protocol
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from potentials.core.contracts import Engine, ForceResult  # noqa: F401  (re-exported: the client's contract)
+from potentials.core.errors import CalculationFailed, MLMMError, ProtocolError, SetupError
+
 from . import codec
-from .errors import CalculationFailed, MLMMError, ProtocolError, SetupError
+from .heartbeat import Heartbeat
 
 if TYPE_CHECKING:
     import argparse
@@ -34,33 +37,6 @@ MAX_FORCE_KJMOL_NM = 1.0e6
 CLASH_NM = 0.12                  # atoms of different residues this close: a Lennard-Jones clash
 _RETRY = (FileNotFoundError, ConnectionRefusedError, ConnectionResetError, ConnectionAbortedError,
           BlockingIOError, TimeoutError)
-
-
-class ForceResult(NamedTuple):
-    """What an engine returns for one structure (internal units).
-
-    energy : kJ/mol
-    forces : (N, 3) kJ/mol/nm
-    virial : (3, 3) kJ/mol, ``-dE/d(strain)``; for a cluster that is ``sum_i f_i (x) r_i`` (symmetric for a
-        rotation-invariant energy). i-PI only uses it for pressure; zeros are fine for NVT.
-    extras : JSON-serialisable dict with namespaced keys (``"ml.charges"``); i-PI stores it per bead.
-    """
-
-    energy: float
-    forces: np.ndarray
-    virial: np.ndarray
-    extras: dict
-
-
-class Engine(Protocol):
-    """Anything that turns positions into a :class:`ForceResult` per structure."""
-
-    natoms: int
-
-    def compute(self, positions: np.ndarray, boxes: np.ndarray | None) -> list[ForceResult]:
-        """positions (B, N, 3) nm; boxes (B, 3, 3) nm with vectors as rows, or None (a non-periodic engine
-        ignores them). Returns B results."""
-        ...
 
 
 # ---------------------------------------------------------------------------------------------- addresses
@@ -117,7 +93,7 @@ def connect(address: str, timeout: float = 120.0) -> socket.socket:
 # ---------------------------------------------------------------------------------------------- loop
 def serve(engine: Engine, address: str, *, timeout: float = 120.0, max_steps: int | None = None,
           read_timeout: float | None = 60.0, idle_timeout: float | None = None,
-          guard: "ForceGuard | None" = None) -> int:
+          guard: "ForceGuard | None" = None, heartbeat: "Heartbeat | None" = None) -> int:
     """Connect to i-PI at ``address`` and answer its requests with ``engine`` until EXIT or disconnect.
 
     Parameters
@@ -128,6 +104,8 @@ def serve(engine: Engine, address: str, *, timeout: float = 120.0, max_steps: in
     max_steps : stop after this many answered requests (None: until i-PI says EXIT or closes)
     read_timeout, idle_timeout : seconds, see :class:`driver.codec.Wire`
     guard : checks every result for a blown-up structure (see :class:`ForceGuard`); None: non-finite check only
+    heartbeat : tells the watchdog of `mlmm run` when a request arrives and is answered
+        (:class:`driver.heartbeat.Heartbeat`); None: no heartbeat
 
     Returns
     -------
@@ -135,18 +113,20 @@ def serve(engine: Engine, address: str, *, timeout: float = 120.0, max_steps: in
     """
     with connect(address, timeout) as sock:
         return serve_socket(engine, sock, max_steps=max_steps, read_timeout=read_timeout,
-                            idle_timeout=idle_timeout, guard=guard)
+                            idle_timeout=idle_timeout, guard=guard, heartbeat=heartbeat)
 
 
 def serve_socket(engine: Engine, sock: socket.socket, *, max_steps: int | None = None,
                  read_timeout: float | None = 60.0, idle_timeout: float | None = None,
-                 guard: "ForceGuard | None" = None) -> int:
+                 guard: "ForceGuard | None" = None, heartbeat: "Heartbeat | None" = None) -> int:
     """The protocol loop on an already connected socket (see :func:`serve`)."""
     try:
         return _loop(engine, codec.Wire(sock, timeout=read_timeout, idle_timeout=idle_timeout), max_steps,
-                     guard)
+                     guard, heartbeat)
     finally:
         _close_gently(sock)
+        if heartbeat is not None:
+            heartbeat.close()
 
 
 def _close_gently(sock: socket.socket, wait: float = 2.0) -> None:
@@ -167,13 +147,14 @@ def _close_gently(sock: socket.socket, wait: float = 2.0) -> None:
         pass
 
 
-def _loop(engine: Engine, wire: codec.Wire, max_steps: int | None, guard: "ForceGuard | None" = None) -> int:
+def _loop(engine: Engine, wire: codec.Wire, max_steps: int | None, guard: "ForceGuard | None" = None,
+          heartbeat: "Heartbeat | None" = None) -> int:
     initialised, batch_size = False, 1
     reply: bytes | None = None          # FORCEREADY computed at POSDATA, sent at GETFORCE
     served, t_compute, t_first, t_start = 0, 0.0, 0.0, time.perf_counter()
     structures, computed, t_wire = 0, 0, 0.0     # for the summary line at the end (benchmarks, tests)
     while max_steps is None or served < max_steps:
-        header = wire.recv_header()
+        header, before = wire.recv_header(), served
         if header is None:
             log.info("i-PI closed the connection after %d requests", served)
             break
@@ -187,8 +168,11 @@ def _loop(engine: Engine, wire: codec.Wire, max_steps: int | None, guard: "Force
         elif header == codec.POSDATA:
             if reply is not None:
                 raise ProtocolError("i-PI sent POSDATA while the previous forces were not collected with GETFORCE")
+            if heartbeat is not None:
+                heartbeat.begin()
             t0 = time.perf_counter()
             positions, boxes = wire.recv_posdata(batch_size, engine.natoms)
+            asked = wire.take_queued(codec.GETFORCE)       # consolidated flow: GETFORCE came with POSDATA
             t1 = time.perf_counter()
             n_real = distinct_prefix(positions, boxes)
             reply = evaluate(engine, positions, boxes, batched=batch_size > 1, n_compute=n_real, guard=guard,
@@ -196,20 +180,21 @@ def _loop(engine: Engine, wire: codec.Wire, max_steps: int | None, guard: "Force
             t_wire, t_compute = t_wire + t1 - t0, t_compute + time.perf_counter() - t1
             t_first = t_compute if served == 0 else t_first        # warm-up (compilation, caches) in request 1
             structures, computed = structures + len(positions), computed + n_real
+            if asked:
+                t_wire += _answer(wire, reply, heartbeat)
+                reply, served = None, served + 1
         elif header == codec.GETFORCE:
             if reply is None:
                 raise ProtocolError("i-PI sent GETFORCE before any POSDATA")
-            t0 = time.perf_counter()
-            wire.send(reply, "FORCEREADY")
-            t_wire += time.perf_counter() - t0
+            t_wire += _answer(wire, reply, heartbeat)
             reply, served = None, served + 1
-            if served % LOG_EVERY == 0:
-                wall = time.perf_counter() - t_start
-                log.debug("%d requests: %.2f ms compute, %.2f ms total per request", served,
-                          1e3 * t_compute / served, 1e3 * wall / served)
         else:                            # EXIT; recv_header rejects anything else
             log.info("i-PI sent EXIT after %d requests", served)
             break
+        if served > before and served % LOG_EVERY == 0:
+            wall = time.perf_counter() - t_start
+            log.debug("%d requests: %.2f ms compute, %.2f ms total per request", served,
+                      1e3 * t_compute / served, 1e3 * wall / served)
     # one parseable line, read by tests/driver/test_pimd.py and tests/bench/bench_pimd.py: structures received
     # (i-PI's batch padding included), structures computed (padding skipped), time in the engine (first_s: of
     # it, the first request's: compilation, caches) and on the wire
@@ -219,6 +204,15 @@ def _loop(engine: Engine, wire: codec.Wire, max_steps: int | None, guard: "Force
              "wall_s=%.6f%s", served, structures, computed, batch_size, t_compute, t_first, t_wire,
              time.perf_counter() - t_start, split)
     return served
+
+
+def _answer(wire: codec.Wire, reply: bytes, heartbeat: "Heartbeat | None") -> float:
+    """Send a FORCEREADY reply (one ``sendall``); returns the seconds it took."""
+    t0 = time.perf_counter()
+    wire.send(reply, "FORCEREADY")
+    if heartbeat is not None:
+        heartbeat.end()
+    return time.perf_counter() - t0
 
 
 def distinct_prefix(positions: np.ndarray, boxes: np.ndarray | None) -> int:
@@ -280,7 +274,7 @@ class ForceGuard:
     a Lennard-Jones clash (atoms of different residues closer than `CLASH_NM`), an ML-zone geometry outside the
     model's training domain (the worst atom is an ML atom), or too large a time step.
 
-    ``spec``: the system (`driver.system.SystemSpec`); its PDB is read only when something went wrong.
+    ``spec``: the system (`potentials.core.spec.SystemSpec`); its PDB is read only when something went wrong.
     """
 
     def __init__(self, spec, max_force: float = MAX_FORCE_KJMOL_NM):
@@ -339,50 +333,28 @@ class ForceGuard:
 
 # ---------------------------------------------------------------------------------------------- CLI
 def main(args: argparse.Namespace) -> int:
-    """``mlmm client mm|ml --system S --address A [--model M --device D --platform P --timeout T]``."""
-    from .system import SystemSpec
+    """``mlmm client KIND --system S --address A [--model M --device D --platform P --timeout T]``; KIND is any
+    registered engine kind (:data:`coupling.engines.ENGINES`). ``--print-config`` prints the effective system
+    spec and serves nothing."""
+    from coupling.engines import EngineOptions, build_engine
+    from potentials.core import config
+    from potentials.core.spec import SystemSpec
 
     spec = SystemSpec.load(args.system)
+    if getattr(args, "print_config", False):
+        print(config.describe(spec, title=f"effective system spec of {os.path.abspath(args.system)}"), end="")
+        return 0
+    if not getattr(args, "address", None):
+        raise SetupError("mlmm client needs --address (unix:NAME, unix:/path/to/socket or HOST:PORT)")
     threads = getattr(args, "threads", None)
     if threads is not None and threads < 1:
         raise SetupError(f"--threads {threads}: must be >= 1")
-    if args.kind == "mm":
-        engine = build_mm_engine(spec, args.platform, model=args.model, device=args.device, threads=threads)
-    else:
-        if threads:
-            import torch
-            torch.set_num_threads(threads)
-        engine = build_ml_engine(spec, args.model, args.device, compile=getattr(args, "compile", False))
-    guard = ForceGuard(spec, getattr(args, "max_force", MAX_FORCE_KJMOL_NM))
-    served = serve(engine, args.address, timeout=args.timeout, guard=guard)
+    options = EngineOptions(model=args.model, device=args.device, platform=args.platform, threads=threads,
+                            compile=getattr(args, "compile", False), model_type=getattr(args, "model_type", None),
+                            dtype=getattr(args, "dtype", None), virial=getattr(args, "virial", EngineOptions.virial))
+    engine = build_engine(args.kind, spec, options)
+    max_force = getattr(args, "max_force", None)
+    guard = ForceGuard(spec, MAX_FORCE_KJMOL_NM if max_force is None else max_force)
+    served = serve(engine, args.address, timeout=args.timeout, guard=guard, heartbeat=Heartbeat.from_env())
     log.info("%s client done: %d requests served", args.kind, served)
     return 0
-
-
-def build_mm_engine(spec, platform: str | None = None, *, model: str | None = None, device: str = "cpu",
-                    threads: int | None = None):
-    """The MM client's engine: the full OpenMM system, or the ML/MM-split one if the spec has an ML zone.
-
-    ``model``/``device`` are only used by mechanical embedding with network charges on the ML atoms;
-    ``threads``: OpenMM CPU threads (ignored on GPU platforms).
-    """
-    from potentials.openmm_engine import OpenMMEngine
-    from potentials.openmm_system import load_system
-
-    topology, system, positions = load_system(spec)
-    if spec.ml.indices:
-        from coupling.mmsystem import mm_system_from_spec
-        system = mm_system_from_spec(spec, topology, system, positions, model_path=model, device=device)
-    return OpenMMEngine(system, platform=platform, threads=threads)
-
-
-def build_ml_engine(spec, model: str | None, device: str = "cpu", compile: bool = False):
-    """The ML client's engine (network + electrostatic embedding); ``compile``: torch.compile the network."""
-    if not model:
-        raise SetupError("`mlmm client ml` needs --model PATH (a model written by `mlmm train`)")
-    if not spec.ml.indices:
-        raise SetupError("the system file has an empty ML zone ([ml] indices); nothing for the ML client to "
-                         "compute (select one with `mlmm prepare --ml ...`)")
-    from coupling.ml_engine import MLEngine
-
-    return MLEngine.from_spec(spec, model, device, compile=compile)

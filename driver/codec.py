@@ -1,7 +1,7 @@
 """The i-PI socket protocol seen from a client: bytes, layouts and units, nothing else.
 
 This is the only module that knows the wire format (``/work/shared/reference/ipi.md`` §1) and the only place
-where atomic units meet the internal ones (nm, kJ/mol), through :mod:`driver.units`.
+where atomic units meet the internal ones (nm, kJ/mol), through :mod:`potentials.core.units`.
 
 Wire format (i-PI 3.3): 12-byte ASCII headers, ``int32`` and ``float64`` in native byte order, positions and
 cell in bohr, energy and virial in hartree, forces in hartree/bohr. The cell ``h`` travels as 9 doubles in C
@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import units
-from .errors import CalculationFailed, ProtocolError
+from potentials.core import units
+from potentials.core.errors import CalculationFailed, ProtocolError
 
 HDRLEN = 12
 
@@ -248,6 +248,24 @@ class Wire:
                 "system file describe different systems (check <initialize><file> in the XML, and that no "
                 "<activelist> is set on the <ffsocket>)")
         return nat
+
+    def take_queued(self, header: bytes) -> bool:
+        """Consume ``header`` if it is already waiting in the socket, without blocking; True if it was.
+
+        In i-PI's consolidated flow GETFORCE arrives in the same send as POSDATA. Reading it before computing
+        leaves nothing unread while the client works, so if the client is killed mid-request the kernel closes
+        the connection with FIN rather than RST: i-PI 3.3 then drops the client and re-queues its request,
+        whereas a reset kills its poll thread and hangs the run (ipi.md §2.7)."""
+        try:
+            peek = self.sock.recv(HDRLEN, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError, TimeoutError):
+            return False
+        except OSError as exc:
+            raise ProtocolError(f"connection to i-PI lost while reading a message header: {exc}") from None
+        if peek != header:
+            return False
+        self.recv_exact(HDRLEN, "a message header")
+        return True
 
     # ------------------------------------------------------------------ writes
     def send(self, data: bytes, what: str) -> None:

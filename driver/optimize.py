@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CalculationFailed, MLMMError, SetupError
-from .system import SystemSpec
-from .units import NM_PER_ANGSTROM
+from potentials.core.errors import CalculationFailed, MLMMError, SetupError
+from potentials.core.spec import SystemSpec
+from potentials.core.units import KJMOL_PER_EV, NM_PER_ANGSTROM
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +95,9 @@ def optimize(system: str | Path, *, model: str | Path | None = None, out: str | 
     """
     import ase.optimize
     from ase.constraints import FixAtoms
-    from openmm import app, unit
 
     from coupling.ase_calculator import MLMMCalculator
     from potentials.openmm_system import load_system
-
-    from .units import KJMOL_PER_EV
 
     if optimizer not in OPTIMIZERS:
         raise SetupError(f"--optimizer {optimizer!r}: choose one of {OPTIMIZERS}")
@@ -110,13 +107,7 @@ def optimize(system: str | Path, *, model: str | Path | None = None, out: str | 
     out = Path(out) if out is not None else spec.root
     calc = MLMMCalculator(system, model, device=device, platform=platform)
     topology, _, positions = load_system(copy.deepcopy(spec))
-    big = topology.getNumAtoms() > 99_999 or any(len(str(r.id)) > 4 for r in topology.residues())
-    structure = out / f"{name}.{'cif' if big else 'pdb'}"
-    new_toml = out / f"{name}.toml"
-    for p in (structure, new_toml):
-        if p.exists():
-            raise SetupError(f"{p} exists; choose another --name or --out (an optimised structure is never "
-                             "overwritten)")
+    structure, new_toml = _outputs(topology, out, name)
     moving = free_atoms(spec, topology, positions, free, shell_nm)
     atoms = calc.initial_atoms()
     atoms.calc = calc
@@ -141,16 +132,36 @@ def optimize(system: str | Path, *, model: str | Path | None = None, out: str | 
         log.warning("the energy went up (%.3f -> %.3f kJ/mol): the optimiser met a non-convex region; try "
                     "--optimizer FIRE or more --steps", e0, e1)
     pos_nm = atoms.get_positions() * NM_PER_ANGSTROM
-    writer = app.PDBxFile if big else app.PDBFile
+    _save(spec, topology, pos_nm, structure, new_toml, out)
+    return {"system": new_toml, "structure": structure, "energy_start_kjmol": e0, "energy_kjmol": e1,
+            "fmax_start": f0, "fmax": f1, "steps": opt.nsteps, "converged": converged, "n_free": len(moving),
+            "max_displacement_nm": float(np.linalg.norm(pos_nm - positions, axis=1).max())}
+
+
+def _outputs(topology, out: Path, name: str) -> tuple[Path, Path]:
+    """``OUT/NAME.pdb`` (``.cif`` when the PDB format's columns would overflow) and ``OUT/NAME.toml``; neither
+    may exist."""
+    big = topology.getNumAtoms() > 99_999 or any(len(str(r.id)) > 4 for r in topology.residues())
+    structure = out / f"{name}.{'cif' if big else 'pdb'}"
+    new_toml = out / f"{name}.toml"
+    for p in (structure, new_toml):
+        if p.exists():
+            raise SetupError(f"{p} exists; choose another --name or --out (an optimised structure is never "
+                             "overwritten)")
+    return structure, new_toml
+
+
+def _save(spec: SystemSpec, topology, pos_nm: np.ndarray, structure: Path, new_toml: Path, out: Path) -> None:
+    """Write the optimised structure and a copy of ``spec`` pointing at it (local force-field files re-pathed)."""
+    from openmm import app, unit
+
+    writer = app.PDBxFile if structure.suffix == ".cif" else app.PDBFile
     with open(structure, "w") as fh:
         writer.writeFile(topology, pos_nm * unit.nanometer, fh, keepIds=True)
     new = copy.deepcopy(spec)
     new.structure.file = structure.name
     new.structure.forcefield = [_relocated(ff, spec.root, out) for ff in spec.structure.forcefield]
     new.save(new_toml)
-    return {"system": new_toml, "structure": structure, "energy_start_kjmol": e0, "energy_kjmol": e1,
-            "fmax_start": f0, "fmax": f1, "steps": opt.nsteps, "converged": converged, "n_free": len(moving),
-            "max_displacement_nm": float(np.linalg.norm(pos_nm - positions, axis=1).max())}
 
 
 def _relocated(ff: str, old_root: Path, new_root: Path) -> str:

@@ -9,12 +9,21 @@ check.
 
 The ``index`` keyword of ``--ml`` counts atoms of the *prepared* system: fixing adds hydrogens, and solvent is
 appended after the solute, so prefer ``resname``/``resid`` selections.
+
+Reproducible: every random step (PDBFixer's missing atoms, OpenMM's hydrogen placement and ion choice, droplet
+ions) is seeded with ``--seed`` and the minimisations run on one fixed platform, so the same input and options
+give the same system; the seed and the options are recorded in ``DIR/prepare.log``. ``--solvate`` without a
+value (or ``auto``) takes the smallest padding the MM cutoff and the ML zone's embedding need
+(:func:`auto_padding`).
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import random
+import shlex
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -23,57 +32,69 @@ import openmm
 from openmm import app, unit
 
 from coupling.selection import check_boundary, select
+from potentials.openmm_params import particle_charges
 from potentials.openmm_system import (MLZoneTemplates, check_templates, create_system, element_lj_table,
                                       half_min_width, infer_bonds, load_system, open_forcefield, read_structure)
 
-from .errors import SetupError
-from .system import CouplingSpec, MLSpec, MMSpec, StructureSpec, SystemSpec
+from potentials.core.errors import SetupError
+from potentials.core.spec import CouplingSpec, MLSpec, MMSpec, StructureSpec, SystemSpec
 
 log = logging.getLogger(__name__)
 
 WATER = "HOH"
 IONS = {"NA": "Na", "CL": "Cl"}               # Modeller's default Na+/Cl- residue names (amber14/tip3p.xml)
 WATER_MOLARITY = 55.4                              # mol/L, as Modeller uses for ionic strength
+AUTO_MARGIN_NM = 0.2         # --solvate auto: half the box exceeds what the cutoffs need by this (the zone flexes)
+PREPARE_LOG = "prepare.log"  # in the output folder: the command, its options (the seed) and the log
 
 
 def main(args: argparse.Namespace) -> int:
+    """``mlmm prepare``; the log of a successful run is kept in ``DIR/prepare.log`` (with the seed)."""
+    records = _Keep()
+    logging.getLogger().addHandler(records)
+    try:
+        _prepare(args)
+        records.write(Path(args.out) / PREPARE_LOG)
+    finally:
+        logging.getLogger().removeHandler(records)
+    return 0
+
+
+class _Keep(logging.Handler):
+    """Keeps the log lines of one `mlmm prepare`, written to the output folder once it succeeded."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s", "%H:%M:%S"))
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+    def write(self, path: Path) -> None:
+        path.write_text("\n".join(self.lines) + "\n")
+
+
+def _prepare(args: argparse.Namespace) -> None:
     src = Path(args.pdb)
     if not src.is_file():
         raise SetupError(f"input structure {src} not found")
-    if args.solvate is not None and args.solvate <= 0:
+    if args.solvate is not None and args.solvate != "auto" and args.solvate <= 0:
         raise SetupError(f"--solvate {args.solvate}: the padding must be positive (nm)")
+    seed = int(getattr(args, "seed", 0))
+    log.info("mlmm prepare %s (seed %d)", shlex.join(sys.argv[2:]) if sys.argv[1:2] == ["prepare"] else src, seed)
+    log.info("options: %s", ", ".join(f"{k}={v}" for k, v in sorted(vars(args).items()) if k != "func"))
+    random.seed(seed)                # OpenMM's Modeller: hydrogen positions, ion choice
+    np.random.seed(seed)
     out = Path(args.out)
     ff_names = [str(Path(n).resolve()) if Path(n).is_file() else n for n in args.forcefield]
     forcefield = open_forcefield(ff_names)
-
-    topology, positions = fixed_structure(src, args.ph, fix=not args.no_fix)
     expr = args.ml.strip()
-    ml = select(topology, expr) if expr else np.zeros(0, np.int64)
-    free = check_templates(forcefield, topology, ml, args.forcefield)
-    infer_bonds(topology, positions, free)
-    for res in free:
-        if not any(a.element.symbol == "H" for a in res.atoms()):
-            log.warning("residue %s %s has no hydrogen atoms; they cannot be added to a molecule without MM template"
-                        " (add them with e.g. RDKit or Open Babel) unless it really has none", res.id, res.name)
-
-    # ML-zone charge: MM template charges + the template-less residues' charge (given, or estimated)
-    q_templated = _templated_charge(ff_names, topology, ml, free)
-    q_free = _free_charge(free, args.ml_charge, q_templated)
-    _check_parity(topology, ml, args.ml_charge if args.ml_charge is not None else round(q_templated + q_free))
-    n_free = sum(len(list(r.atoms())) for r in free)
-    free_residues = {r.index for r in free}       # solute residues keep their order through solvation
-    generator = MLZoneTemplates(ml, element_lj_table(), charge_per_atom=q_free / n_free if n_free else 0.0)
-    forcefield.registerTemplateGenerator(generator)
-
-    if args.solvate is not None:
-        topology, positions = solvate(forcefield, topology, positions, args.solvate, args.ionic_strength,
-                                      neutralize=not args.no_neutralize, droplet=args.nonperiodic)
-    periodic = not args.nonperiodic
-    if periodic and topology.getPeriodicBoxVectors() is None:
-        raise SetupError(f"{src} has no box (CRYST1) and --solvate was not given; solvate it (--solvate 1.4), or "
-                         "use --nonperiodic for a cluster")
-    if not periodic:
-        topology.setPeriodicBoxVectors(None)
+    topology, positions, free_residues, q_free = _solute(args, src, forcefield, ff_names, expr)
+    if args.solvate == "auto":
+        args.solvate = auto_padding(positions, select(topology, expr) if expr else np.zeros(0, np.int64),
+                                    args.mm_cutoff, args.embedding_cutoff)
+    topology, positions, periodic = _surroundings(args, src, forcefield, topology, positions)
 
     # the final system: resolve the selection again (fixing/solvation changed the indices)
     ml = select(topology, expr) if expr else np.zeros(0, np.int64)
@@ -92,10 +113,72 @@ def main(args: argparse.Namespace) -> int:
         mm=MMSpec(nonbonded_method="PME" if periodic else "NoCutoff", cutoff_nm=args.mm_cutoff),
         coupling=CouplingSpec(cutoff_nm=args.embedding_cutoff))
     spec.save(out / "system.toml")
+    _final_charges(args, out, spec, ml, free_residues, q_free, structure)
 
-    # rebuild from the written files: checks the round trip and gives the final charges
+
+def auto_padding(positions: np.ndarray, ml: np.ndarray, mm_cutoff: float, embedding_cutoff: float) -> float:
+    """The smallest solvation padding (nm) whose box holds the MM cutoff and the embedding of the ML zone: half the
+    box width must exceed max(MM cutoff, embedding cutoff + ML-zone radius) by `AUTO_MARGIN_NM` (the zone changes
+    shape during MD). OpenMM's cube is max(2 r + P, 2 P) wide for a solute of bounding radius r; the padding is
+    at least the MM cutoff (no solute atom within the cutoff of its own image), rounded up to 0.05 nm."""
+    pos = np.asarray(positions, dtype=float)
+    r = float(np.linalg.norm(pos - 0.5 * (pos.min(axis=0) + pos.max(axis=0)), axis=1).max()) if len(pos) else 0.0
+    zone = pos[ml] if len(ml) else np.zeros((0, 3))
+    radius = float(np.linalg.norm(zone - zone.mean(axis=0), axis=1).max()) if len(zone) else 0.0
+    need = max(mm_cutoff, (embedding_cutoff + radius) if len(zone) else 0.0) + AUTO_MARGIN_NM
+    padding = max(min(2.0 * need - 2.0 * r, need), mm_cutoff)
+    padding = float(np.ceil(padding / 0.05 - 1e-9) * 0.05)
+    log.info("--solvate auto: padding %.2f nm (box %.2f nm: half of it %.2f nm >= max(MM cutoff %.2f, embedding "
+             "cutoff %.2f + ML-zone radius %.2f) + %.2f nm)", padding, max(2 * r + padding, 2 * padding),
+             max(r + padding / 2, padding), mm_cutoff, embedding_cutoff, radius, AUTO_MARGIN_NM)
+    return padding
+
+
+def _solute(args: argparse.Namespace, src: Path, forcefield: app.ForceField, ff_names: list[str], expr: str
+            ) -> tuple[app.Topology, np.ndarray, set[int], float]:
+    """The fixed solute, its template-less residues (their indices: kept through solvation) and their charge
+    (e); registers the ML zone's template generator (element LJ, that charge spread over their atoms)."""
+    topology, positions = fixed_structure(src, args.ph, fix=not args.no_fix, seed=int(getattr(args, "seed", 0)))
+    ml = select(topology, expr) if expr else np.zeros(0, np.int64)
+    free = check_templates(forcefield, topology, ml, args.forcefield)
+    infer_bonds(topology, positions, free)
+    for res in free:
+        if not any(a.element.symbol == "H" for a in res.atoms()):
+            log.warning("residue %s %s has no hydrogen atoms; they cannot be added to a molecule without MM template"
+                        " (add them with e.g. RDKit or Open Babel) unless it really has none", res.id, res.name)
+
+    # ML-zone charge: MM template charges + the template-less residues' charge (given, or estimated)
+    q_templated = _templated_charge(ff_names, topology, ml, free)
+    q_free = _free_charge(free, args.ml_charge, q_templated)
+    _check_parity(topology, ml, args.ml_charge if args.ml_charge is not None else round(q_templated + q_free))
+    n_free = sum(len(list(r.atoms())) for r in free)
+    generator = MLZoneTemplates(ml, element_lj_table(), charge_per_atom=q_free / n_free if n_free else 0.0)
+    forcefield.registerTemplateGenerator(generator)
+    return topology, positions, {r.index for r in free}, q_free
+
+
+def _surroundings(args: argparse.Namespace, src: Path, forcefield: app.ForceField, topology: app.Topology,
+                  positions: np.ndarray) -> tuple[app.Topology, np.ndarray, bool]:
+    """Solvent and ions (``--solvate``), and the box: (topology, positions nm, periodic)."""
+    if args.solvate is not None:
+        topology, positions = solvate(forcefield, topology, positions, args.solvate, args.ionic_strength,
+                                      neutralize=not args.no_neutralize, droplet=args.nonperiodic,
+                                      seed=int(getattr(args, "seed", 0)))
+    periodic = not args.nonperiodic
+    if periodic and topology.getPeriodicBoxVectors() is None:
+        raise SetupError(f"{src} has no box (CRYST1) and --solvate was not given; solvate it (--solvate 1.4), or "
+                         "use --nonperiodic for a cluster")
+    if not periodic:
+        topology.setPeriodicBoxVectors(None)
+    return topology, positions, periodic
+
+
+def _final_charges(args: argparse.Namespace, out: Path, spec: SystemSpec, ml: np.ndarray, free_residues: set[int],
+                   q_free: float, structure: Path) -> None:
+    """Rebuild the system from the written files (checks the round trip), set the ML zone's charge from the final
+    MM charges (or ``--ml-charge``), save system.toml again and log a summary."""
     topology, system, positions = load_system(SystemSpec.load(out / "system.toml"))
-    charges = _charges(system)
+    charges = particle_charges(system)
     in_ml = set(ml.tolist())
     if any(not all(a.index in in_ml for a in r.atoms()) for r in topology.residues() if r.index in free_residues):
         raise SetupError("the ML selection resolved on the solvated system no longer covers the ligand(s) "
@@ -117,7 +200,6 @@ def main(args: argparse.Namespace) -> int:
     if abs(total - round(total)) > 1e-3:
         log.warning("total charge of the system is %.4f e, not an integer", total)
     _summary(topology, ml, ml_charge, total, spec, out, structure)
-    return 0
 
 
 def minimize_solvent(forcefield: app.ForceField, topology: app.Topology, positions: np.ndarray, ml: np.ndarray,
@@ -144,11 +226,12 @@ def minimize_solvent(forcefield: app.ForceField, topology: app.Topology, positio
 
 
 # ----------------------------------------------------------------------------------------------- structure
-def fixed_structure(src: Path, ph: float, fix: bool = True) -> tuple[app.Topology, np.ndarray]:
+def fixed_structure(src: Path, ph: float, fix: bool = True, seed: int = 0) -> tuple[app.Topology, np.ndarray]:
     """Read ``src``; add missing heavy atoms of standard residues (PDBFixer) and hydrogens (OpenMM, at ``ph``).
 
     Missing residues (gaps) are never modelled. With ``fix=False`` missing heavy atoms are an error and the
-    structure is returned as read. Positions in nm.
+    structure is returned as read. Positions in nm. ``seed``: PDBFixer's and (Python's ``random``) OpenMM's
+    hydrogen placement; the hydrogens are relaxed on the Reference platform (the same numbers everywhere).
     """
     from pdbfixer import PDBFixer
 
@@ -170,22 +253,25 @@ def fixed_structure(src: Path, ph: float, fix: bool = True) -> tuple[app.Topolog
         return read_structure(src)
     if missing:
         log.info("adding missing heavy atoms to %d residue(s)", len(missing))
-        fixer.addMissingAtoms(seed=0)
+        fixer.addMissingAtoms(seed=seed)
     # Modeller directly, not fixer.addMissingHydrogens(): that one downloads definitions of every ligand from
     # the PDB (network, and a wrong molecule when a ligand reuses a PDB code); ligands must come with their H.
     modeller = app.Modeller(fixer.topology, fixer.positions)
     n_before = modeller.topology.getNumAtoms()
-    modeller.addHydrogens(pH=ph)
+    random.seed(seed)
+    modeller.addHydrogens(pH=ph, platform=openmm.Platform.getPlatformByName("Reference"))
     if modeller.topology.getNumAtoms() > n_before:
         log.info("added %d hydrogens (pH %.1f)", modeller.topology.getNumAtoms() - n_before, ph)
     return modeller.topology, _nm(modeller.positions)
 
 
 def solvate(forcefield: app.ForceField, topology: app.Topology, positions: np.ndarray, padding: float,
-            ionic_strength: float = 0.0, neutralize: bool = True, droplet: bool = False
+            ionic_strength: float = 0.0, neutralize: bool = True, droplet: bool = False, seed: int = 0
             ) -> tuple[app.Topology, np.ndarray]:
     """TIP3P solvent with ``padding`` nm around the solute: a cubic box, or (``droplet``) a sphere of radius
-    (solute radius + padding) cut from it. Ions (Na+/Cl-) neutralise and give ``ionic_strength`` (molar)."""
+    (solute radius + padding) cut from it. Ions (Na+/Cl-) neutralise and give ``ionic_strength`` (molar); the
+    waters they replace are chosen with ``seed``."""
+    random.seed(seed)                       # Modeller picks the waters to replace by ions with Python's random
     modeller = app.Modeller(topology, positions * unit.nanometer)
     try:
         modeller.addSolvent(forcefield, model="tip3p", padding=padding * unit.nanometer, boxShape="cube",
@@ -207,16 +293,16 @@ def solvate(forcefield: app.ForceField, topology: app.Topology, positions: np.nd
     modeller.delete(far)
     modeller.topology.setPeriodicBoxVectors(None)
     if neutralize or ionic_strength > 0:
-        _add_droplet_ions(modeller, forcefield, n_solute, ionic_strength, neutralize)
+        _add_droplet_ions(modeller, forcefield, n_solute, ionic_strength, neutralize, seed)
     log.info("water droplet of radius %.2f nm", radius)
     return modeller.topology, _nm(modeller.positions)
 
 
 def _add_droplet_ions(modeller: app.Modeller, forcefield: app.ForceField, n_solute: int, ionic_strength: float,
-                      neutralize: bool) -> None:
+                      neutralize: bool, seed: int = 0) -> None:
     """Replace random waters (not within 0.5 nm of the solute) by Na+/Cl- (Modeller only does this for boxes)."""
     system = forcefield.createSystem(modeller.topology)
-    q = int(round(float(_charges(system).sum()))) if neutralize else 0
+    q = int(round(float(particle_charges(system).sum()))) if neutralize else 0
     x = _nm(modeller.positions)
     waters = [r for r in modeller.topology.residues() if r.name == WATER]
     n_pairs = int(np.floor(len(waters) * ionic_strength / WATER_MOLARITY + 0.5))
@@ -226,7 +312,7 @@ def _add_droplet_ions(modeller: app.Modeller, forcefield: app.ForceField, n_solu
     candidates = [w for w, n in zip(waters, near) if not n]
     if n_pos + n_neg > len(candidates):
         raise SetupError(f"droplet too small for {n_pos + n_neg} ions; increase --solvate")
-    chosen = np.random.default_rng(0).choice(len(candidates), n_pos + n_neg, replace=False)
+    chosen = np.random.default_rng(seed).choice(len(candidates), n_pos + n_neg, replace=False)
     ions = app.Topology()
     chain = ions.addChain()
     ion_pos = []
@@ -330,7 +416,7 @@ def _templated_charge(ff_names: list[str], topology: app.Topology, ml: np.ndarra
     forcefield = open_forcefield(ff_names)     # a separate one: the generator here has no charges to spread
     forcefield.registerTemplateGenerator(MLZoneTemplates(ml, element_lj_table()))
     system = create_system(forcefield, topology, MMSpec(nonbonded_method="NoCutoff"), periodic=False)
-    return float(_charges(system)[templated].sum())
+    return float(particle_charges(system)[templated].sum())
 
 
 def _free_charge(free: list, ml_charge: int | None, q_templated: float) -> float:
@@ -373,22 +459,14 @@ def _check_box(box: np.ndarray, ml_pos: np.ndarray, mm_cutoff: float, cutoff: fl
     half = half_min_width(box)
     if mm_cutoff >= half:
         raise SetupError(f"--mm-cutoff {mm_cutoff} nm must be below half the shortest box width ({half:.2f} nm); use "
-                         f"a larger --solvate padding (at least {mm_cutoff + 0.1:.1f} nm)")
+                         f"a larger --solvate padding (at least {mm_cutoff + 0.1:.1f} nm, or --solvate auto)")
     if not len(ml_pos):
         return
     radius = float(np.linalg.norm(ml_pos - ml_pos.mean(axis=0), axis=1).max())
     if cutoff + radius >= half:
         raise SetupError(f"box too small for the embedding: cutoff {cutoff:.2f} nm + ML-zone radius {radius:.2f} nm "
                          f">= half the shortest box width {half:.2f} nm; use a larger --solvate padding (at least "
-                         f"{cutoff + radius + 0.1:.1f} nm) or a smaller --embedding-cutoff")
-
-
-def _charges(system: openmm.System) -> np.ndarray:
-    nb = next((f for f in system.getForces() if isinstance(f, openmm.NonbondedForce)), None)
-    if nb is None:
-        raise SetupError("the force field has no NonbondedForce; ML/MM needs MM point charges")
-    return np.array([nb.getParticleParameters(i)[0].value_in_unit(unit.elementary_charge)
-                     for i in range(nb.getNumParticles())])
+                         f"{cutoff + radius + 0.1:.1f} nm, or --solvate auto) or a smaller --embedding-cutoff")
 
 
 # ----------------------------------------------------------------------------------------------- helpers

@@ -20,7 +20,8 @@ from types import TracebackType
 
 import numpy as np
 
-from .errors import SetupError
+from potentials.core.errors import SetupError
+from potentials.core.units import BOHR_PER_ANGSTROM
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,89 @@ class AmberNetCDFWriter:
         self.close()
 
 
+def netcdf_times_after(path: str | Path, t_ps: float) -> tuple[int, int]:
+    """(frames in the AMBER NetCDF ``path``, how many of the last ones have a time > ``t_ps``), reading times
+    from the end only."""
+    import netCDF4
+
+    with netCDF4.Dataset(path) as ds:
+        n = len(ds.dimensions["frame"])
+        time = ds.variables["time"]
+        k = 0
+        while k < n and float(time[n - 1 - k]) > t_ps:
+            k += 1
+    return n, k
+
+
+def netcdf_truncate(path: str | Path, frames: int) -> None:
+    """Keep the first ``frames`` frames of a NetCDF3 (classic or 64-bit offset) file, in place: the record count
+    in the header is lowered and the file cut after that record. netCDF4 cannot shrink the unlimited dimension;
+    rewriting the file would cost the whole run. Raises ValueError for other formats."""
+    import struct
+
+    path = Path(path)
+    with open(path, "r+b") as fh:
+        head = fh.read(1 << 16)
+        if head[:3] != b"CDF" or head[3] not in (1, 2):
+            raise ValueError(f"{path}: not a NetCDF3 classic/64-bit-offset file")
+        numrecs = struct.unpack(">i", head[4:8])[0]
+        begin, recsize = _netcdf3_records(head, head[3])
+        if frames >= numrecs:
+            return
+        fh.seek(4)
+        fh.write(struct.pack(">i", frames))
+        fh.truncate(min(fh.seek(0, os.SEEK_END), begin + frames * recsize))
+
+
+def _netcdf3_records(head: bytes, version: int) -> tuple[int, int]:
+    """(offset of the first record, bytes per record) from a NetCDF3 header (the format spec's grammar)."""
+    import struct
+
+    pos = 8
+
+    def i32() -> int:
+        nonlocal pos
+        pos += 4
+        return struct.unpack(">i", head[pos - 4:pos])[0]
+
+    def name() -> None:
+        nonlocal pos
+        n = i32()
+        pos += -(-n // 4) * 4
+
+    def attrs() -> None:
+        nonlocal pos
+        tag, n = i32(), i32()
+        for _ in range(n if tag else 0):
+            name()
+            size = {1: 1, 2: 1, 3: 2, 4: 4, 5: 4, 6: 8}[i32()]
+            nbytes = i32() * size
+            pos += -(-nbytes // 4) * 4
+
+    tag, n = i32(), i32()
+    dims = []
+    for _ in range(n if tag else 0):
+        name()
+        dims.append(i32())
+    attrs()
+    tag, n = i32(), i32()
+    begins, recsize = [], 0
+    for _ in range(n if tag else 0):
+        name()
+        ids = [i32() for _ in range(i32())]
+        attrs()
+        i32()                                       # nc_type
+        vsize = i32()
+        off = struct.unpack(">q" if version == 2 else ">i", head[pos:pos + (8 if version == 2 else 4)])[0]
+        pos += 8 if version == 2 else 4
+        if ids and dims[ids[0]] == 0:               # a record variable: its first dimension is the unlimited one
+            begins.append(off)
+            recsize += vsize
+    if not begins:
+        raise ValueError("no record variables")
+    return min(begins), recsize
+
+
 def write_netcdf(path: str | Path, positions_ang: np.ndarray, cell_lengths: np.ndarray | None,
                  cell_angles: np.ndarray | None, time_ps: np.ndarray) -> None:
     """Write a whole trajectory at once (temporary file, then rename: never a half-written file).
@@ -169,10 +253,10 @@ def write_netcdf(path: str | Path, positions_ang: np.ndarray, cell_lengths: np.n
     os.replace(tmp, path)
 
 
-def ipi_frames(path: str | Path):
+def ipi_frames(path: str | Path, start: int = 0):
     """Yield ``(step, positions Å (N,3), cell lengths Å, cell angles deg)`` from an i-PI position trajectory
-    (format ``xyz`` in any units, or ``ase``/extxyz). A truncated last frame (crash mid-write) ends the
-    iteration with a warning."""
+    (format ``xyz`` in any units, or ``ase``/extxyz), from byte offset ``start`` (a frame's first line) on. A
+    truncated last frame (crash mid-write) ends the iteration with a warning."""
     from ase.geometry import cell_to_cellpar
 
     path = Path(path)
@@ -180,20 +264,22 @@ def ipi_frames(path: str | Path):
         import ase.io
         from ase.io.extxyz import XYZError
 
-        try:
-            for atoms in ase.io.iread(path, format="extxyz"):
-                m = re.search(r"Step:\s+(\d+)", str(atoms.info.get("ipi_comment", "")))
-                cellpar = cell_to_cellpar(atoms.cell.array)
-                yield (int(m.group(1)) if m else None), atoms.positions, cellpar[:3], cellpar[3:]
-        except (XYZError, ValueError, IndexError) as exc:
-            log.warning("%s: stopped at an incomplete frame (%s)", path, exc)
+        with open(path) as fh:
+            fh.seek(start)
+            try:
+                for atoms in ase.io.iread(fh, format="extxyz"):
+                    m = re.search(r"Step:\s+(\d+)", str(atoms.info.get("ipi_comment", "")))
+                    cellpar = cell_to_cellpar(atoms.cell.array)
+                    yield (int(m.group(1)) if m else None), atoms.positions, cellpar[:3], cellpar[3:]
+            except (XYZError, ValueError, IndexError) as exc:
+                log.warning("%s: stopped at an incomplete frame (%s)", path, exc)
         return
 
     from ipi.utils.io import iter_file
-    from ipi.utils.units import unit_to_user
 
-    bohr_to_ang = unit_to_user("length", "angstrom", 1.0)
+    bohr_to_ang = 1.0 / BOHR_PER_ANGSTROM          # i-PI's own factor (potentials.core.units takes it from i-PI)
     with open(path) as fh:
+        fh.seek(start)
         frames = iter_file("xyz", fh)
         while True:
             try:
@@ -214,7 +300,7 @@ def ipi_frames(path: str | Path):
 
 
 def ipi_to_netcdf(src: str | Path, dst: str | Path, *, timestep_ps: float, periodic: bool,
-                  append: bool = False) -> int:
+                  append: bool = False, start: int = 0) -> int:
     """Convert an i-PI position trajectory to AMBER NetCDF; returns the number of frames written.
 
     Parameters
@@ -227,13 +313,16 @@ def ipi_to_netcdf(src: str | Path, dst: str | Path, *, timestep_ps: float, perio
         Store the cell; False for clusters (i-PI's box is then a dummy).
     append : bool
         Extend an existing ``dst``, skipping frames not later than its last time (a resumed run).
+    start : int
+        Byte offset in ``src`` of the first frame to read (:func:`driver.tails.frame_offset`), so that appending
+        reads only what is new.
     """
     dst = Path(dst)
     tmp = dst if append else dst.with_name(f".{dst.name}.tmp")
     writer = None
     n = 0
     try:
-        for k, (step, pos, lengths, angles) in enumerate(ipi_frames(src)):
+        for k, (step, pos, lengths, angles) in enumerate(ipi_frames(src, start)):
             if writer is None:
                 writer = AmberNetCDFWriter(tmp, len(pos), periodic=periodic, append=append)
                 t_last = writer.last_time
@@ -279,18 +368,41 @@ def read_properties(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, 
     skipped (the file may still be growing).
     """
     cols: list[tuple[int, int, str, str]] = []
-    rows: list[list[float]] = []
-    with open(path) as fh:
-        for line in fh:
-            if line.startswith("#"):
-                col = parse_header_line(line)
+    rows: list[bytes] = []
+    with open(path, "rb") as fh:
+        for raw in fh:
+            if raw.startswith(b"#"):
+                col = parse_header_line(raw.decode(errors="replace"))
                 if col is not None:
                     cols.append(col)
-            elif line.endswith("\n") and line.strip():
-                try:
-                    rows.append([float(x) for x in line.split()])
-                except ValueError:
-                    continue
+            else:
+                rows.append(raw)
+    return _columns(cols, rows)
+
+
+def properties_header(path: str | Path) -> list[tuple[int, int, str, str]]:
+    """The columns of an i-PI properties file (see `parse_header_line`), from its leading header lines only."""
+    cols = []
+    with open(path, "rb") as fh:
+        for raw in fh:
+            if not raw.startswith(b"#"):
+                break
+            col = parse_header_line(raw.decode(errors="replace"))
+            if col is not None:
+                cols.append(col)
+    return cols
+
+
+def _columns(cols: list[tuple[int, int, str, str]], lines: list[bytes]
+             ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Values and units of the complete rows among ``lines`` of a table with columns ``cols``."""
+    rows: list[list[float]] = []
+    for line in lines:
+        if line.endswith(b"\n") and line.strip():
+            try:
+                rows.append([float(x) for x in line.split()])
+            except ValueError:
+                continue
     width = max((c[1] for c in cols), default=0)
     data = np.array([r for r in rows if len(r) >= width], dtype=float).reshape(-1, width)
     values = {label: data[:, a:b].squeeze(axis=1) if b - a == 1 else data[:, a:b] for a, b, label, _ in cols}
@@ -310,9 +422,16 @@ def csv_column(label: str, unit: str, components: list[str] | None = None) -> st
     return label
 
 
-def write_properties_csv(src: str | Path, dst: str | Path, components: list[str] | None = None) -> int:
-    """Rewrite an i-PI properties file as CSV with plain column names (see `csv_column`); returns rows."""
-    values, units = read_properties(src)
+def write_properties_csv(src: str | Path, dst: str | Path, components: list[str] | None = None,
+                         rows: list[bytes] | None = None) -> int:
+    """Rewrite an i-PI properties file as CSV with plain column names (see `csv_column`); returns rows.
+
+    ``rows``: only these data rows of ``src`` (the new ones of a continued run), appended to ``dst``, which must
+    have the same header (ValueError otherwise)."""
+    if rows is None:
+        values, units = read_properties(src)
+    else:
+        values, units = _columns(properties_header(src), rows)
     header: list[str] = []
     columns: list[np.ndarray] = []
     for label, v in values.items():
@@ -324,86 +443,14 @@ def write_properties_csv(src: str | Path, dst: str | Path, components: list[str]
             header += [f"{name}_{j}" for j in range(v.shape[1])]
             columns += list(v.T)
     n = len(columns[0]) if columns else 0
-    with open(dst, "w", newline="") as fh:
+    if rows is not None:
+        with open(dst, newline="") as fh:
+            if next(csv.reader(fh), None) != header:
+                raise ValueError(f"{dst} has other columns than {src}; it cannot be appended to")
+    with open(dst, "a" if rows is not None else "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(header)
+        if rows is None:
+            w.writerow(header)
         for i in range(n):
             w.writerow([f"{c[i]:.10g}" for c in columns])
     return n
-
-
-# --------------------------------------------------------------------------- resuming: cut outputs back
-_STEP_IN_COMMENT = re.compile(rb"Step:\s+(\d+)")
-
-
-def _truncate(path: Path, offset: int, what: str, step: int) -> None:
-    size = path.stat().st_size
-    if offset < size:
-        with open(path, "r+b") as fh:
-            fh.truncate(offset)
-        log.info("%s: removed %d bytes of %s after step %d (redone by the resumed run)", path.name, size - offset,
-                 what, step)
-
-
-def trim_properties(path: str | Path, step: int) -> int:
-    """Cut an i-PI properties file back to the rows of steps <= ``step``; returns the rows removed.
-
-    A resumed i-PI appends to its outputs from the step of its RESTART, which lags the last written row by up
-    to ``safe_stride`` steps (ipi.md §3.6): without this those steps would be written twice. A half-written
-    last row goes too. Rows are found by the ``step`` column; a file without one is left alone (warning)."""
-    path = Path(path)
-    col = None
-    cut, removed, offset = None, 0, 0
-    with open(path, "rb") as fh:
-        for raw in fh:
-            here, offset = offset, offset + len(raw)
-            if raw.startswith(b"#"):
-                parsed = parse_header_line(raw.decode(errors="replace"))
-                if parsed is not None and parsed[2] == "step":
-                    col = parsed[0]
-                continue
-            if not raw.strip():
-                continue
-            if col is None:
-                log.warning("%s has no 'step' column: cannot remove the rows a resumed run repeats", path)
-                return 0
-            try:
-                s = int(float(raw.split()[col])) if raw.endswith(b"\n") else None
-            except (ValueError, IndexError):
-                s = None
-            if cut is None and (s is None or s > step):
-                cut = here
-            if cut is not None:
-                removed += 1
-    if cut is not None:
-        _truncate(path, cut, f"{removed} row(s)", step)
-    return removed
-
-
-def trim_trajectory(path: str | Path, step: int) -> int:
-    """Cut an i-PI text trajectory (xyz, ase/extxyz, pdb, extras) back to the frames of steps <= ``step``, using
-    the ``Step: N`` i-PI writes in every frame's comment (or extras header); returns the frames removed. A
-    binary (``format='bin'``) trajectory has no step marks and is left alone (warning)."""
-    path = Path(path)
-    cut, removed, offset, prev, prev_line = None, 0, 0, 0, b""
-    marks = 0
-    with open(path, "rb") as fh:
-        for raw in fh:
-            here, offset = offset, offset + len(raw)
-            m = _STEP_IN_COMMENT.search(raw)
-            if m is not None:
-                marks += 1
-                if int(m.group(1)) > step:
-                    # xyz/extxyz: the frame starts with the atom-count line before the comment; extras and pdb
-                    # frames start with the marked line itself
-                    start = prev if prev_line.strip().isdigit() else here
-                    if cut is None:
-                        cut = start
-                    removed += 1
-            prev, prev_line = here, raw
-    if marks == 0 and path.stat().st_size:
-        log.warning("%s has no 'Step:' marks (binary?): cannot remove the frames a resumed run repeats", path)
-        return 0
-    if cut is not None:
-        _truncate(path, cut, f"{removed} frame(s)", step)
-    return removed

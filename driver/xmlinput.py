@@ -4,6 +4,7 @@ i-PI itself parses the file again when it starts; this module only looks at what
 before that (which socket clients to start, where i-PI writes its outputs, the number of steps) and fills
 in the run-specific parts (structure file, socket addresses, steps, seed). Every problem it finds is a
 `SetupError` naming the file, the element and the fix, so a bad template fails before anything starts.
+It also reads what a run needs back from i-PI's RESTART (the step, the positions: bohr there, nm here).
 """
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import SetupError
+import numpy as np
 
-# <ffsocket name=...> -> what `mlmm run` starts for it
-KNOWN_CLIENTS = {"mm": "mlmm client mm (OpenMM)", "ml": "mlmm client ml (embedding-aware network)"}
+from coupling.engines import ENGINES
+from potentials.core.errors import SetupError
+from potentials.core.units import NM_PER_BOHR
 
 # i-PI defaults (ipi/inputs/outputs.py, ipi/inputs/forcefields.py) needed to predict file names and sockets
 DEFAULT_PREFIX = "i-pi"
@@ -64,12 +66,23 @@ def load(path: str | Path) -> ET.ElementTree:
     return tree
 
 
+def load_state(path: str | Path) -> ET.ElementTree:
+    """An i-PI RESTART or checkpoint file (see :func:`load`). i-PI writes only non-default attributes, so an
+    `<ffsocket>` without ``mode`` there is i-PI's default, inet (whereas :func:`sockets` reads a template's
+    missing mode as unix); it is made explicit."""
+    tree = load(path)
+    for el in tree.getroot().iter("ffsocket"):
+        el.set("mode", el.get("mode", "inet"))
+    return tree
+
+
 def _text(el: ET.Element | None) -> str:
     return (el.text or "").strip() if el is not None else ""
 
 
 def sockets(root: ET.Element, where: str = "input") -> list[SocketSpec]:
-    """The `<ffsocket>`s of the input, validated: known names, unique, unix or inet only.
+    """The `<ffsocket>`s of the input, validated: names that are client kinds (:data:`coupling.engines.ENGINES`;
+    `mlmm run` starts ``mlmm client NAME`` for each), unique, unix or inet only.
 
     A socket without ``mode`` is treated as unix (i-PI's own default is inet, but the launcher only opens
     network ports the user asked for explicitly).
@@ -77,10 +90,10 @@ def sockets(root: ET.Element, where: str = "input") -> list[SocketSpec]:
     specs: list[SocketSpec] = []
     for el in root.iter("ffsocket"):
         name = el.get("name", "")
-        if name not in KNOWN_CLIENTS:
-            known = ", ".join(f"'{k}' ({v})" for k, v in KNOWN_CLIENTS.items())
-            raise SetupError(f"{where}: <ffsocket name='{name}'> has no client; mlmm run knows {known}; "
-                             "rename the forcefield")
+        if name not in ENGINES:
+            known = ", ".join(f"'{k}'" for k in ENGINES.names())
+            raise SetupError(f"{where}: <ffsocket name='{name}'> has no client; mlmm run starts `mlmm client NAME` "
+                             f"for the client kinds {known}; rename the forcefield")
         if any(s.name == name for s in specs):
             raise SetupError(f"{where}: two <ffsocket>s are named '{name}'; each client needs its own socket")
         mode = el.get("mode", "unix")
@@ -226,6 +239,19 @@ def patch(root: ET.Element, *, init_file: str | None, sockets_prefix: str | None
         _set_child(prng, "seed", str(int(seed)))
 
 
+def watch_remote(root: ET.Element, name: str, timeout_s: float) -> None:
+    """Let i-PI itself stop the run when a client of the `<ffsocket name=NAME>` dies or hangs (the clients on
+    other nodes, which the supervisor cannot see), in place: ``<exit_on_disconnect>`` makes i-PI write RESTART
+    and exit when it drops a client, ``<timeout>`` (s; 0 = none) drops one whose request has run that long.
+    Works with consolidated messages (batching) because `mlmm client` reads GETFORCE before computing, so a
+    killed client closes with FIN (ipi.md §2.7)."""
+    for el in root.iter("ffsocket"):
+        if el.get("name") == name:
+            _set_child(el, "exit_on_disconnect", "true")
+            if timeout_s > 0:
+                _set_child(el, "timeout", f"{float(timeout_s):g}")
+
+
 def nbeads(root: ET.Element) -> int:
     """Number of beads of the ring polymer (``<initialize nbeads>`` of the first system; 1 if not set)."""
     init = root.find("system/initialize")
@@ -307,6 +333,74 @@ def restart_step(path: str | Path) -> int | None:
         return None
 
 
+def restart_centroid_nm(path: str | Path) -> np.ndarray:
+    """The positions (nm, shape (natoms, 3)) of the state in i-PI's RESTART ``path``: the ring polymer's centroid
+    (the beads' mean; the positions themselves for one bead). i-PI stores them in bohr.
+
+    Raises OSError or ET.ParseError for a missing or malformed file, ValueError (or TypeError) for one without
+    readable ``<system><beads>``.
+    """
+    beads = ET.parse(path).getroot().find("system/beads")
+    if beads is None:
+        raise ValueError(f"{path}: no <system><beads>")
+    q = np.array([float(v) for v in re.split(r"[\s,\[\]]+", beads.findtext("q", "")) if v])
+    return q.reshape(int(beads.get("nbeads")), int(beads.get("natoms")), 3).mean(axis=0) * NM_PER_BOHR
+
+
 def write(tree: ET.ElementTree, path: str | Path) -> None:
     ET.indent(tree, space="  ")
     tree.write(path, encoding="unicode", xml_declaration=False)
+
+
+# i-PI quantities that read the forces' virial (ipi/engine/barostats.py, ipi/engine/properties.py). A kind is
+# "isotropic" when only the trace enters (the scalar pressure, isotropic volume moves) and "full" when the
+# tensor does (cell-shape moves, stress tensors); the MM client's cost differs (potentials.openmm_engine).
+_VIRIAL_DYNAMICS = {"npt": "isotropic", "scnpt": "isotropic", "nst": "full"}
+_VIRIAL_BAROSTATS = {"isotropic": "isotropic", "sc-isotropic": "isotropic", "stochastic-rescaling": "isotropic",
+                     "flexible": "full", "anisotropic": "full"}
+_VIRIAL_PROPERTIES = {"pressure_md": "isotropic", "pressure_cv": "isotropic", "pressure_tdsc": "isotropic",
+                      "vir_tdsc": "isotropic", "stress_md": "full", "virial_md": "full", "stress_cv": "full",
+                      "virial_cv": "full", "vir_component": "full", "vir_component_raw": "full"}
+
+
+def _virial_uses(root: ET.Element) -> list[tuple[str, str]]:
+    """(what, kind) for every part of the input that reads the virial; kind is "isotropic" or "full"."""
+    uses = []
+    for dyn in root.iter():
+        if not (isinstance(dyn.tag, str) and dyn.tag.endswith("dynamics")):
+            continue
+        mode = dyn.get("mode", "nve").strip()
+        if mode not in _VIRIAL_DYNAMICS:
+            continue                                   # a barostat outside npt/nst/scnpt is never stepped
+        kind = _VIRIAL_DYNAMICS[mode]
+        baro = dyn.find("barostat")
+        baro_mode = baro.get("mode", "dummy").strip() if baro is not None else "dummy"
+        if _VIRIAL_BAROSTATS.get(baro_mode) == "full":
+            kind = "full"
+        uses.append((f"<{dyn.tag} mode='{mode}'>" + (f" (barostat mode='{baro_mode}')" if baro is not None
+                                                     else ""), kind))
+    for el in root.findall("output/properties"):
+        # names only: drop units {..} and arguments (..), then split the list
+        text = re.sub(r"\{[^}]*\}|\([^)]*\)", "", _text(el))
+        for name in (n for n in re.split(r"[\s,\[\]]+", text) if n):
+            if name in _VIRIAL_PROPERTIES:
+                uses.append((f"the property {name}", _VIRIAL_PROPERTIES[name]))
+    return uses
+
+
+def needs_virial(root: ET.Element) -> str | None:
+    """What in the i-PI input reads the forces' virial (constant-pressure/stress dynamics or a pressure,
+    stress or virial property), as a short description such as ``"<dynamics mode='npt'> (barostat
+    mode='isotropic'), the property pressure_md"``; None if nothing does (NVE/NVT/PIMD-NVT printing no pressure), in
+    which case a client may return a zero virial."""
+    uses = _virial_uses(root)
+    return ", ".join(dict.fromkeys(what for what, _ in uses)) if uses else None
+
+
+def virial_kind(root: ET.Element) -> str | None:
+    """How much of the virial the input reads: ``"full"`` (the tensor: nst dynamics, flexible/anisotropic
+    barostats, stress or virial-tensor properties), ``"isotropic"`` (only its trace: isotropic barostats, the
+    scalar pressure) or None (nothing; see :func:`needs_virial`). Matches the MM client's ``virial`` modes
+    (:class:`potentials.openmm_engine.OpenMMEngine`; None there is ``"none"``)."""
+    kinds = {kind for _, kind in _virial_uses(root)}
+    return "full" if "full" in kinds else ("isotropic" if kinds else None)

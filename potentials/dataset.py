@@ -32,7 +32,7 @@ from pathlib import Path
 import netCDF4
 import numpy as np
 
-from driver.errors import SetupError
+from potentials.core.errors import SetupError
 
 SPLITS = ("train", "val", "test")
 STRING_FIELDS = ("frame_id", "trajectory", "solute", "kind", "environment", "split")

@@ -1,8 +1,9 @@
 """Held-out errors of a trained model: ``mlmm evaluate MODEL DATASET`` and the test sets it reads.
 
-:func:`evaluate` gives MAEs per solute for the electrostatic embedding (what the ML client runs) and the
-mechanical baseline (the same network in vacuum plus the Coulomb energy of its fixed vacuum charges), with
-the batches and predictions of :mod:`potentials.train`.
+:func:`evaluate` gives MAEs per solute for each embedding scheme it is handed (``mlmm evaluate``,
+:mod:`driver.pipeline`, hands the electrostatic embedding, what the ML client runs, and the mechanical
+baseline, the same network in vacuum plus the Coulomb energy of its fixed vacuum charges), with the batches
+of :mod:`potentials.batches` and the predictions of :mod:`potentials.train`.
 
 ``python -m potentials.evaluate SRC DST [--per-solute N]`` writes a held-out set with paired vacuum QM energies,
 so that ``mlmm evaluate`` can report the ML–MM interaction energy error (E_int column).
@@ -12,14 +13,18 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from driver.errors import SetupError
-from driver.units import KCALMOL_PER_EV
+from potentials.core.units import KCALMOL_PER_EV
 
-from .train import _batches, collate, load_frames, predict
+from .batches import _batches, collate, load_frames
+from .train import predict
+
+if TYPE_CHECKING:
+    from potentials.core.contracts import TrainingScheme
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +33,9 @@ METRICS = ("energy", "forces", "mm_forces", "dipole", "e_int")
 
 
 def evaluate(model: torch.nn.Module, frames: list[dict], device="cpu", batch_size: int = 16,
-             gas_energy: dict[int, float] | None = None) -> dict[str, dict[str, dict[str, float]]]:
-    """Errors per solute (and "all") for electrostatic and mechanical embedding.
+             gas_energy: dict[int, float] | None = None, *, schemes: "dict[str, TrainingScheme]"
+             ) -> dict[str, dict[str, dict[str, float]]]:
+    """Errors per solute (and "all") for each embedding scheme of ``schemes`` (name -> scheme object).
 
     Returns ``{mode: {solute: {"n", "energy", "forces", "mm_forces", "dipole"[, "e_int"]}}}`` with MAEs in
     kcal/mol, kcal/mol/Å (per Cartesian component) and e·Å (per component). ``e_int`` is the MAE of the ML–MM
@@ -42,9 +48,9 @@ def evaluate(model: torch.nn.Module, frames: list[dict], device="cpu", batch_siz
     for idx in _batches(len(frames), batch_size, 0, 0, shuffle=False):
         sub = [frames[i] for i in idx]
         b = collate(sub, device, dtype)
-        gas = predict(model, b, "gas")["energy"].detach()
-        for mode in ("electrostatic", "mechanical"):
-            p = predict(model, b, mode)
+        gas = predict(model, b, None)["energy"].detach()
+        for mode, scheme in schemes.items():
+            p = predict(model, b, scheme)
             e_int = (p["energy"].detach() - gas)
             for k, f in enumerate(sub):
                 a0, a1, m0, m1 = b.ml_off[k], b.ml_off[k + 1], b.mm_off[k], b.mm_off[k + 1]
@@ -78,13 +84,13 @@ def evaluate(model: torch.nn.Module, frames: list[dict], device="cpu", batch_siz
 
 
 def format_table(res: dict) -> str:
-    """Markdown table: one row per solute and embedding mode."""
+    """Markdown table: one row per solute and embedding mode (in the order of ``res``)."""
     head = ("| solute | embedding | frames | energy MAE (kcal/mol) | ML force MAE (kcal/mol/Å) | "
             "MM force MAE (kcal/mol/Å) | dipole MAE (e·Å) | E_int MAE (kcal/mol) |")
     lines = [head, "|" + "---|" * 8]
-    solutes = sorted(k for k in res["electrostatic"] if k != "all") + ["all"]
+    solutes = sorted(k for k in next(iter(res.values())) if k != "all") + ["all"]
     for s in solutes:
-        for mode in ("electrostatic", "mechanical"):
+        for mode in res:
             r = res[mode][s]
             cells = [f"{r[m]:.3f}" if m in r else "–" for m in METRICS]
             lines.append(f"| {s} | {mode} | {r['n']} | " + " | ".join(cells) + " |")
@@ -178,22 +184,6 @@ def make_test_set(src: str | Path, dst: str | Path, split: str = "test", per_sol
     gas = read_gas_energies(src) or {}                    # reuse vacuum labels src already has
     gas.update(label_gas_energies([f for f in frames if f["index"] not in gas], attrs))
     write_subset(src, dst, [int(i) for i in idx], gas)
-
-
-
-def evaluate_main(args: argparse.Namespace) -> int:
-    """``mlmm evaluate MODEL DATASET [--split test]``: print the error table per solute."""
-    from potentials.model_io import load_model
-
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    model = load_model(args.model, device=args.device)
-    frames = load_frames(args.dataset, args.split)
-    if not frames:
-        raise SetupError(f"{args.dataset}: no frames in split {args.split!r}")
-    res = evaluate(model, frames, args.device, gas_energy=read_gas_energies(args.dataset))
-    print(f"{args.model} on {args.dataset} (split {args.split}, {len(frames)} frames)\n")
-    print(format_table(res))
-    return 0
 
 
 if __name__ == "__main__":          # maintenance helper, not part of the `mlmm` CLI

@@ -22,10 +22,10 @@ from ase.data import covalent_radii
 from openmm import app, unit
 from scipy.spatial import cKDTree
 
-from coupling.selection import select
-from driver.errors import SetupError
-from driver.system import MMSpec, SystemSpec
-from driver.units import ANGSTROM_PER_NM, KJMOL_PER_KCALMOL
+from potentials.atom_selection import select
+from potentials.core.errors import SetupError
+from potentials.core.spec import MMSpec, SystemSpec
+from potentials.core.units import ANGSTROM_PER_NM, KJMOL_PER_KCALMOL
 
 log = logging.getLogger(__name__)
 

@@ -1,18 +1,19 @@
 """QM/MM reference labels with PySCF: B3LYP/def2-SVP (density fitting) in the field of TIP3P point charges.
 
 :func:`label_frame` computes one frame: energy, forces on the QM atoms, forces on the point charges, dipole
-and quadrupole of the QM charge density. :func:`main` is ``mlmm label``: it plans the frames from a TOML
-config (solutes x MD settings x trajectories), samples configurations with :mod:`potentials.sampling`, picks
-the embedded charges with :mod:`coupling.embedding` (the same function the ML client uses) and appends each
-labelled frame to a NetCDF4 dataset (:mod:`potentials.dataset`). It is resumable: frames already in the
-file (by id) are skipped, and MD blocks are cached next to the dataset.
+and quadrupole of the QM charge density. :func:`run` is the work of ``mlmm label`` (:mod:`driver.pipeline`):
+it plans the frames from a TOML config (solutes x MD settings x trajectories), samples configurations with
+:mod:`potentials.sampling`, takes the embedded charges from the ``point_charges`` factory it is handed (the
+coupling layer's embedding, the same selection the ML client uses) and appends each labelled frame to a
+NetCDF4 dataset (:mod:`potentials.dataset`). It is resumable: frames already in the file (by id) are
+skipped, and MD blocks are cached next to the dataset.
 
 Physics and conventions:
 
 * Energy = electrons + QM nuclei + their Coulomb interaction with the point charges (``pyscf.qmmm``);
   the MM-MM interaction is not included (the MM engine owns it).
 * Point charges, not Gaussian smeared; all coordinates go to PySCF in Bohr converted with
-  :mod:`driver.units`, so the unit factors are the project's, not PySCF's.
+  :mod:`potentials.core.units`, so the unit factors are the project's, not PySCF's.
 * ``xc = 'b3lypg'``: B3LYP with VWN1-RPA correlation (libxc HYB_GGA_XC_B3LYP, id 402, as in Gaussian).
   PySCF's plain 'b3lyp' means the same in 2.14 but can be switched to the VWN5 flavour by a config flag, so the
   explicit name is used and recorded.
@@ -32,21 +33,24 @@ import os
 import signal
 import subprocess
 import time
-import tomllib
 import zlib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-from driver.errors import CalculationFailed, SetupError
-from driver.units import ANGSTROM_PER_NM, BOHR_PER_ANGSTROM, EV_PER_HARTREE
+from potentials.core.config import build, read_toml
+from potentials.core.errors import CalculationFailed, SetupError
+from potentials.core.spec import CouplingSpec
+from potentials.core.units import ANGSTROM_PER_NM, BOHR_PER_ANGSTROM, EV_PER_HARTREE
 
 log = logging.getLogger(__name__)
 
 EV_PER_ANGSTROM_PER_HARTREE_PER_BOHR = EV_PER_HARTREE * BOHR_PER_ANGSTROM
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "inputs" / "data" / "label_config.toml"
+_COUPLING = CouplingSpec()              # the embedding cutoff and switch a simulation uses by default
 
 
 @dataclass(frozen=True)
@@ -191,38 +195,18 @@ class LabelConfig:
     gap_ps: float = 1.0
     spacing_ps: float = 0.5
     droplet_radius_nm: float = 1.6
-    embedding_cutoff_nm: float = 1.2
-    embedding_switch_nm: float = 0.2
+    embedding_cutoff_nm: float = _COUPLING.cutoff_nm
+    embedding_switch_nm: float = _COUPLING.switch_width_nm
     cache: str = ""                      # MD cache folder; default: <out>.samples next to the dataset
     level: LevelOfTheory = field(default_factory=LevelOfTheory)
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike | None) -> "LabelConfig":
+        """Read the config (:func:`potentials.core.config.build`: unknown keys and wrong types are errors
+        naming the file and the key); None: the defaults."""
         if path is None:
             return cls()
-        path = Path(path)
-        try:
-            raw = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise SetupError(f"{path}: not valid TOML ({exc})") from exc
-        level_raw = raw.pop("level", {})
-        known = {f.name for f in fields(cls)} - {"level"}
-        bad = sorted(set(raw) - known)
-        if bad:
-            raise SetupError(f"{path}: unknown key(s) {bad}; known: {sorted(known | {'level'})}")
-        lbad = sorted(set(level_raw) - {f.name for f in fields(LevelOfTheory)})
-        if lbad:
-            raise SetupError(f"{path}: unknown key(s) {lbad} in [level]")
-        defaults = cls()
-        for key, value in raw.items():
-            want = type(getattr(defaults, key))
-            ok = isinstance(value, list) if want is tuple else (
-                isinstance(value, (int, float)) and not isinstance(value, bool) if want in (int, float)
-                else isinstance(value, want))
-            if not ok or (want is int and not isinstance(value, int)):
-                raise SetupError(f"{path}: {key} = {value!r} should be of type {want.__name__}")
-        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
-        cfg = cls(**kw, level=LevelOfTheory(**level_raw))
+        cfg = build(cls, read_toml(path, "label config"), where=str(path))
         for s in cfg.split_pattern:
             if s not in ("train", "val", "test"):
                 raise SetupError(f"{path}: split_pattern entry {s!r} must be train, val or test")
@@ -282,11 +266,19 @@ def plan(cfg: LabelConfig) -> list[Task]:
     return tasks
 
 
-class Labeller:
-    """Turns tasks into dataset frames (owns the MD chains and embedding environments)."""
+# point_charges(charges, residue, ml_indices, cutoff_nm, switch_nm) -> an object whose
+# .frame(positions_nm, box_nm or None) gives (ML positions made whole (n_ml,3) nm, embedded MM positions (M,3) nm,
+# their switched charges (M,) e): the embedding's selection, provided by the coupling layer
+# (coupling.schemes: SCHEMES.get("electrostatic").point_charges)
+PointChargesFactory = Callable[..., object]
 
-    def __init__(self, cfg: LabelConfig, cache: Path):
+
+class Labeller:
+    """Turns tasks into dataset frames (owns the MD chains and the embedded point charges of each chain)."""
+
+    def __init__(self, cfg: LabelConfig, cache: Path, point_charges: PointChargesFactory | None = None):
         self.cfg, self.cache = cfg, cache
+        self.point_charges = point_charges
         self._chains: dict[str, object] = {}
         self._envs: dict[str, object] = {}
 
@@ -296,12 +288,19 @@ class Labeller:
             self._chains[spec.chain_id] = Chain(spec, self.cache)
         return self._chains[spec.chain_id]
 
+    def _embedding(self, chain_id: str, data):
+        env = self._envs.get(chain_id)
+        if env is None:
+            if self.point_charges is None:
+                raise SetupError("labelling solvated frames needs the embedding's point charges "
+                                 "(Labeller(..., point_charges=...); `mlmm label` passes the coupling layer's)")
+            env = self._envs[chain_id] = self.point_charges(data.charges, data.residue, data.ml_indices,
+                                                            self.cfg.embedding_cutoff_nm,
+                                                            self.cfg.embedding_switch_nm)
+        return env
+
     def inputs(self, task: Task) -> dict[str, object]:
         """QM inputs of a task: numbers, positions (Å), charge, mm_positions (Å, float32), mm_charges (float32)."""
-        import torch
-
-        from coupling.embedding import MMEnvironment, embedded_charges, select_environment
-
         from .sampling import displace
         chain = self._chain(task.chain)
         data = chain.data
@@ -313,18 +312,11 @@ class Labeller:
         out = dict(numbers=data.numbers, positions=pos[data.ml_indices] * ANGSTROM_PER_NM, charge=data.solute_charge,
                    mm_positions=np.zeros((0, 3), np.float32), mm_charges=np.zeros(0, np.float32))
         if task.chain.kind != "gas":
-            env = self._envs.get(task.chain.chain_id)
-            if env is None:
-                env = self._envs[task.chain.chain_id] = MMEnvironment(
-                    data.charges, data.residue, data.ml_indices, cutoff=self.cfg.embedding_cutoff_nm,
-                    switch_width=self.cfg.embedding_switch_nm)
-            sel = select_environment(env, pos, data.box)
-            if sel.ml_shift is not None:      # the ML zone as the network sees it: whole across the box edge
-                out["positions"] = (pos[data.ml_indices] + sel.ml_shift) * ANGSTROM_PER_NM
-            with torch.no_grad():
-                q, mm_pos = embedded_charges(env, sel, torch.tensor(pos, dtype=torch.float64))
-            out["mm_positions"] = (mm_pos.numpy() * ANGSTROM_PER_NM).astype(np.float32)
-            out["mm_charges"] = q.numpy().astype(np.float32)
+            # the ML zone as the network sees it (whole across the box edge) and the embedded charges
+            ml, mm_pos, q = self._embedding(task.chain.chain_id, data).frame(pos, data.box)
+            out["positions"] = np.asarray(ml) * ANGSTROM_PER_NM
+            out["mm_positions"] = (np.asarray(mm_pos) * ANGSTROM_PER_NM).astype(np.float32)
+            out["mm_charges"] = np.asarray(q).astype(np.float32)
         return out
 
     def frame(self, task: Task) -> dict[str, object]:
@@ -382,17 +374,13 @@ def _check_level(path: Path, cfg: LabelConfig) -> None:
                              f"{cfg.embedding_cutoff_nm} nm; write to a new --out file")
 
 
-def main(args) -> int:
-    """``mlmm label --out FILE [--config TOML] [--frames N]``."""
-    import torch
-
+def run(cfg: LabelConfig, out: str | Path, point_charges: PointChargesFactory | None, frames: int | None = None,
+        config_text: str = "", threads: int = 1) -> int:
+    """Label the planned frames of ``cfg`` that dataset ``out`` does not hold yet (at most ``frames`` new
+    ones), appending each to ``out``; ``point_charges`` gives the embedded MM charges (see :class:`Labeller`).
+    ``config_text`` is stored in the dataset's provenance. Returns the number of new frames."""
     from .dataset import DatasetWriter
-    threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
-    torch.set_num_threads(threads)
-    config_path = args.config if args.config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
-    cfg = LabelConfig.from_toml(config_path)
-    config_text = Path(config_path).read_text() if config_path else ""
-    out = Path(args.out)
+    out = Path(out)
     cache = Path(cfg.cache) if cfg.cache else out.with_suffix(".samples")
     if out.exists():
         _check_level(out, cfg)
@@ -405,10 +393,10 @@ def main(args) -> int:
     if skipped_path.exists():
         done |= {line.split("\t")[0] for line in skipped_path.read_text().splitlines() if line}
     todo = [t for t in plan(cfg) if t.frame_id not in done]
-    limit = args.frames if args.frames is not None else len(todo)
+    limit = frames if frames is not None else len(todo)
     log.info("labelling %d of %d planned frames into %s (%d done, %d thread(s), MD cache %s)",
              min(limit, len(todo)), len(todo) + len(done), out, len(done), threads, cache)
-    labeller = Labeller(cfg, cache)
+    labeller = Labeller(cfg, cache, point_charges)
     t_start, n_new = time.perf_counter(), 0
     for task in todo[:limit]:
         t0 = time.perf_counter()
@@ -419,13 +407,7 @@ def main(args) -> int:
             with open(skipped_path, "a") as fh:
                 fh.write(f"{task.frame_id}\t{exc}\n")
             continue
-        # a kill signal arriving during the write is held until the frame is complete (HDF5 files can be
-        # corrupted by dying mid-write); outside the write the default handlers stop the job at once
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
-        try:
-            writer.append(rec)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        _append(writer, rec)
         n_new += 1
         elapsed = time.perf_counter() - t_start
         rate = n_new / elapsed * 3600.0
@@ -435,4 +417,14 @@ def main(args) -> int:
                  float(np.abs(rec["forces"]).max()), len(rec["mm_charges"]), rec["scf_cycles"], rec["seconds"],
                  time.perf_counter() - t0, rate, left / max(rate, 1e-9))
     log.info("done: %d new frames in %.1f min", n_new, (time.perf_counter() - t_start) / 60.0)
-    return 0
+    return n_new
+
+
+def _append(writer, rec: dict) -> None:
+    """Append one frame; a kill signal arriving during the write is held until the frame is complete (HDF5
+    files can be corrupted by dying mid-write); outside the write the default handlers stop the job at once."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+    try:
+        writer.append(rec)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)

@@ -36,8 +36,8 @@ import numpy as np
 import openmm
 from openmm import app, unit
 
-from driver.errors import SetupError
-from driver.units import NM_PER_ANGSTROM
+from potentials.core.errors import SetupError
+from potentials.core.units import FS_PER_PS, NM_PER_ANGSTROM
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +273,7 @@ class Chain:
         return app.Simulation(top if top is not None else app.Topology(), system, integ, platform, props)
 
     def _run(self, sim: app.Simulation, ps: float) -> None:
-        sim.step(int(round(ps * 1000.0 / self.spec.timestep_fs)))
+        sim.step(int(round(ps * FS_PER_PS / self.spec.timestep_fs)))
 
     # -- blocks -----------------------------------------------------------------------------------
     def _block_path(self, b: int) -> Path:

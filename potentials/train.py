@@ -1,9 +1,15 @@
 """Training of the embedding-aware network: ``mlmm train CONFIG`` (evaluation: :mod:`potentials.evaluate`).
 
-Data come from the QM/MM reference dataset (:mod:`potentials.dataset`, Å / eV / e). For every frame the MM
-point charges are stored already scaled by the embedding switch, so the network's field inputs are
-recomputed here with the one definition, :func:`coupling.embedding.potential_and_field`, and forces on ML
-atoms and on MM charges come out of autograd through that function, exactly as in the ML client.
+Data come from the QM/MM reference dataset (:mod:`potentials.dataset`, Å / eV / e; frames and batches:
+:mod:`potentials.batches`). For every frame the MM point charges are stored already scaled by the embedding
+switch, so the network's field inputs are recomputed here with the one definition,
+:func:`potentials.electrostatics.potential_and_field` (in Å and V), and forces on ML atoms and on MM charges
+come out of autograd through that function.
+
+How the network's energy is formed from phi and E is the embedding scheme's business: :func:`predict`,
+:func:`train` and :func:`potentials.evaluate.evaluate` are handed scheme objects
+(:class:`potentials.core.contracts.TrainingScheme`, from ``coupling.schemes.SCHEMES``; the ``mlmm train``
+command, :mod:`driver.pipeline`, resolves the config's ``embedding``). This module imports no scheme.
 
 Loss (units eV, Å, e; weights from the config)::
 
@@ -14,36 +20,38 @@ squares on the training split and written into the model's float64 shift before 
 dataset's own (by trajectory). A checkpoint is written every epoch (``--resume`` continues bit-identically:
 the batch order depends only on seed and epoch); the best validation state is saved as the model.
 
-The mechanical-embedding baseline (:func:`predict` with ``mode="mechanical"``) evaluates the SAME model in
+The mechanical-embedding baseline (:func:`predict` with the "mechanical" scheme) evaluates the SAME model in
 vacuum (φ = E = 0) and adds the Coulomb energy of its vacuum charges, held fixed, with the MM charges: what
-the coupling layer's mechanical mode computes in a simulation.
+the coupling layer's mechanical mode computes in a simulation. Without a scheme, :func:`predict` gives the
+model's vacuum energy at the same geometry (no interaction).
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import os
 import random
-import shutil
 import sys
 import time
-import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from coupling.embedding import potential_and_field
-from driver.errors import SetupError
-from driver.units import EV_PER_KJMOL, KCALMOL_PER_EV, NM_PER_ANGSTROM
+from potentials.batches import Batch, _batches, collate, load_frames, snapshot_dataset  # noqa: F401 (re-exported)
+from potentials.core.config import build, read_toml
+from potentials.core.errors import SetupError
+from potentials.core.units import COULOMB_EV_ANGSTROM, KCALMOL_PER_EV
+from potentials.electrostatics import potential_and_field
+
+if TYPE_CHECKING:
+    from potentials.core.contracts import TrainingScheme
 
 log = logging.getLogger(__name__)
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "inputs" / "models" / "configs"
-_FRAME_KEYS = ("numbers", "total_charge", "positions", "mm_positions", "mm_charges", "energy", "forces",
-               "mm_forces", "dipole")
 
 
 # --------------------------------------------------------------------------------------------- config
@@ -79,6 +87,7 @@ class TrainConfig:
     w_charges: float = 0.0
     max_frames: dict = field(default_factory=dict)   # optional cap per split, e.g. {train = 200}
     threads: int = 1                     # torch CPU threads (the QM labeller needs the other core)
+    embedding: str = "electrostatic"     # the embedding scheme the model is trained for (coupling.schemes)
     max_minutes: float = 0.0             # stop after this wall time (0: no limit); the best state is saved
     progress: bool = True
 
@@ -88,48 +97,14 @@ class TrainConfig:
         if not path.is_file():
             raise SetupError(f"training config {path} not found; give the path of a TOML file "
                              "(see inputs/models/train_*.toml)")
-        try:
-            raw = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise SetupError(f"{path}: not valid TOML ({exc})") from None
-        return cls.from_dict(raw, base=path.parent)
+        return cls.from_dict(read_toml(path, "training config"), base=path.parent, where=str(path))
 
     @classmethod
-    def from_dict(cls, raw: dict, base: Path | str = ".") -> "TrainConfig":
-        """Flatten the TOML sections ([model], [data], [loss], [optim], [train], [output]) and check keys."""
+    def from_dict(cls, raw: dict, base: Path | str = ".", where: str = "training config") -> "TrainConfig":
+        """Flatten the TOML sections ([model], [data], [loss], [optim], [train], [output]), then build the
+        config with :func:`potentials.core.config.build` (types checked, errors name ``where`` and the key)."""
         base = Path(base)
-        raw = dict(raw)
-        flat: dict = {}
-        model = dict(raw.pop("model", {}))
-        preset = model.pop("preset", None)
-        inline = model.pop("config", {})
-        if model:
-            raise SetupError(f"[model]: unknown keys {sorted(model)}; use preset = NAME|PATH and/or [model.config]")
-        flat["model"] = {**(_load_preset(preset, base) if preset else {}), **inline}
-        if not flat["model"]:
-            raise SetupError("[model]: give preset = \"small\" (a file in inputs/models/configs) or [model.config]")
-        names = {f.name for f in fields(cls)}
-        renames = {"loss": "w_", "data": "", "optim": "", "train": "", "output": ""}
-        for section, prefix in renames.items():
-            for key, value in raw.pop(section, {}).items():
-                name = prefix + key if section == "loss" else key
-                if section == "data" and key == "path":
-                    name = "dataset"
-                if section == "output" and key == "model":
-                    name = "output"
-                if name not in names or name == "model":
-                    known = sorted(n.removeprefix(prefix) for n in names - {"model"} if n.startswith(prefix))
-                    raise SetupError(f"[{section}] {key}: unknown key; known: {known}")
-                flat[name] = value
-        for key, value in raw.items():          # top-level keys (seed = 0, ...) are accepted too
-            if key not in names or key == "model":
-                raise SetupError(f"unknown config key {key!r}; sections are [model] [data] [loss] [optim] "
-                                 "[train] [output]")
-            flat[key] = value
-        for key in ("dataset", "output"):
-            if key not in flat:
-                raise SetupError(f"training config: {key} missing ([data] path = ..., [output] model = ...)")
-        cfg = cls(**flat)
+        cfg = build(cls, _flatten(dict(raw), base), where)
         cfg.dataset = str((base / cfg.dataset).resolve())
         cfg.output = str((base / cfg.output).resolve())
         stem = str(Path(cfg.output).with_suffix(""))
@@ -138,10 +113,46 @@ class TrainConfig:
         if cfg.init_model:
             cfg.init_model = str((base / cfg.init_model).resolve())
         if cfg.optimizer not in ("adamw", "radam"):
-            raise SetupError(f"optimizer {cfg.optimizer!r} unknown; choose adamw or radam")
+            raise SetupError(f"{where}: optimizer {cfg.optimizer!r} unknown; choose adamw or radam")
         if cfg.batch_size < 1 or cfg.epochs < 0:
-            raise SetupError("batch_size must be >= 1 and epochs >= 0")
+            raise SetupError(f"{where}: batch_size must be >= 1 and epochs >= 0")
         return cfg
+
+
+def _flatten(raw: dict, base: Path) -> dict:
+    """The sectioned TOML layout as TrainConfig's flat keys ([loss] energy -> w_energy, [data] path ->
+    dataset, [output] model -> output; top-level keys are accepted too); unknown keys are errors."""
+    flat: dict = {}
+    model = dict(raw.pop("model", {}))
+    preset = model.pop("preset", None)
+    inline = model.pop("config", {})
+    if model:
+        raise SetupError(f"[model]: unknown keys {sorted(model)}; use preset = NAME|PATH and/or [model.config]")
+    flat["model"] = {**(_load_preset(preset, base) if preset else {}), **inline}
+    if not flat["model"]:
+        raise SetupError("[model]: give preset = \"small\" (a file in inputs/models/configs) or [model.config]")
+    names = {f.name for f in fields(TrainConfig)}
+    renames = {"loss": "w_", "data": "", "optim": "", "train": "", "output": ""}
+    for section, prefix in renames.items():
+        for key, value in raw.pop(section, {}).items():
+            name = prefix + key if section == "loss" else key
+            if section == "data" and key == "path":
+                name = "dataset"
+            if section == "output" and key == "model":
+                name = "output"
+            if name not in names or name == "model":
+                known = sorted(n.removeprefix(prefix) for n in names - {"model"} if n.startswith(prefix))
+                raise SetupError(f"[{section}] {key}: unknown key; known: {known}")
+            flat[name] = value
+    for key, value in raw.items():          # top-level keys (seed = 0, ...) are accepted too
+        if key not in names or key == "model":
+            raise SetupError(f"unknown config key {key!r}; sections are [model] [data] [loss] [optim] "
+                             "[train] [output]")
+        flat[key] = value
+    for key in ("dataset", "output"):
+        if key not in flat:
+            raise SetupError(f"training config: {key} missing ([data] path = ..., [output] model = ...)")
+    return flat
 
 
 def _load_preset(preset: str, base: Path) -> dict:
@@ -149,104 +160,10 @@ def _load_preset(preset: str, base: Path) -> dict:
     candidates = [PRESET_DIR / f"{preset}.toml", base / preset, Path(preset)]
     for c in candidates:
         if c.is_file():
-            raw = tomllib.loads(c.read_text())
+            raw = read_toml(c, "model preset")
             return dict(raw.get("model", raw))
     known = sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
     raise SetupError(f"model preset {preset!r} not found; known presets: {known}, or give a TOML path")
-
-
-# --------------------------------------------------------------------------------------------- data
-def load_frames(path: str | Path, split: str | None = None, limit: int | None = None,
-                indices: list[int] | None = None) -> list[dict]:
-    """Frames of one split as dicts of numpy arrays (Å, eV, e), plus "solute", "index" and "charge"."""
-    from potentials.dataset import Dataset
-
-    ds = Dataset.open(str(path))
-    try:
-        if indices is None:
-            indices = list(range(len(ds))) if split in (None, "all") else list(ds.indices(split))
-        if limit is not None:
-            indices = indices[:limit]
-        frames = []
-        for i in indices:
-            f = ds.frame(int(i))
-            missing = [k for k in _FRAME_KEYS if k not in f]
-            if missing:
-                raise SetupError(f"{path}: frame {i} lacks {missing}; is this a QM/MM dataset from `mlmm label`?")
-            frames.append({**f, "index": int(i)})
-    finally:
-        close = getattr(ds, "close", None)
-        if close:
-            close()
-    return frames
-
-
-def snapshot_dataset(path: str, dest: str, tries: int = 5) -> str:
-    """Copy a dataset that may be growing and check that the copy opens (HDF5 can be mid-write)."""
-    from potentials.dataset import Dataset
-
-    for attempt in range(tries):
-        shutil.copyfile(path, dest)
-        try:
-            ds = Dataset.open(dest)
-            n = len(ds)
-            getattr(ds, "close", lambda: None)()
-            log.info("dataset snapshot %s: %d frames", dest, n)
-            return dest
-        except Exception as exc:          # noqa: BLE001 - any read error of a half-written file: retry
-            log.warning("snapshot of %s unreadable (%s); retrying", path, exc)
-            time.sleep(2.0 + attempt)
-    raise SetupError(f"could not take a readable snapshot of {path} after {tries} tries")
-
-
-@dataclass
-class Batch:
-    """Frames concatenated for one network call (flat batching). Lengths: N ML atoms, M MM charges, B frames."""
-
-    numbers: torch.Tensor        # [N] long
-    positions: torch.Tensor      # [N,3] Å
-    mol_idx: torch.Tensor        # [N] long
-    charge: torch.Tensor         # [B] e
-    n_atoms: torch.Tensor        # [B]
-    ml_off: list[int]
-    mm_off: list[int]
-    mm_positions: torch.Tensor   # [M,3] Å
-    mm_charges: torch.Tensor     # [M] e
-    energy: torch.Tensor         # [B] eV float64
-    forces: torch.Tensor         # [N,3] eV/Å
-    mm_forces: torch.Tensor      # [M,3] eV/Å
-    dipole: torch.Tensor         # [B,3] e·Å
-    atomic_charges: torch.Tensor | None
-    solute: list[str]
-
-
-def collate(frames: list[dict], device: torch.device | str = "cpu", dtype=torch.float32) -> Batch:
-    def cat(key, dt=dtype):
-        return torch.as_tensor(np.concatenate([np.asarray(f[key]).reshape(-1, *np.shape(f[key])[1:])
-                                               for f in frames]), dtype=dt, device=device)
-
-    n = [len(f["numbers"]) for f in frames]
-    m = [len(f["mm_charges"]) for f in frames]
-    q_at = None
-    if all(f.get("charges") is not None and np.size(f.get("charges")) == len(f["numbers"]) for f in frames):
-        q_at = cat("charges")
-    return Batch(
-        numbers=cat("numbers", torch.long),
-        positions=cat("positions"),
-        mol_idx=torch.repeat_interleave(torch.arange(len(frames), device=device), torch.tensor(n, device=device)),
-        charge=torch.tensor([float(f["total_charge"]) for f in frames], dtype=dtype, device=device),
-        n_atoms=torch.tensor(n, dtype=torch.float64, device=device),
-        ml_off=np.concatenate([[0], np.cumsum(n)]).tolist(),
-        mm_off=np.concatenate([[0], np.cumsum(m)]).tolist(),
-        mm_positions=cat("mm_positions").reshape(-1, 3),
-        mm_charges=cat("mm_charges").reshape(-1),
-        energy=torch.tensor([float(f["energy"]) for f in frames], dtype=torch.float64, device=device),
-        forces=cat("forces"),
-        mm_forces=cat("mm_forces").reshape(-1, 3),
-        dipole=torch.as_tensor(np.stack([f["dipole"] for f in frames]), dtype=dtype, device=device),
-        atomic_charges=q_at,
-        solute=[str(f.get("solute", "")) for f in frames],
-    )
 
 
 # --------------------------------------------------------------------------------------------- model call
@@ -260,35 +177,30 @@ def mm_potential_field(b: Batch, positions: torch.Tensor, mm_positions: torch.Te
             phis.append(positions.new_zeros(a1 - a0))
             fields_.append(positions.new_zeros(a1 - a0, 3))
             continue
-        phi, ef = potential_and_field(positions[a0:a1] * NM_PER_ANGSTROM, mm_positions[m0:m1] * NM_PER_ANGSTROM,
-                                      b.mm_charges[m0:m1])
-        phis.append(phi * EV_PER_KJMOL)                        # kJ/mol/e -> V
-        fields_.append(ef * (EV_PER_KJMOL * NM_PER_ANGSTROM))  # kJ/mol/e/nm -> V/Å
+        phi, ef = potential_and_field(positions[a0:a1], mm_positions[m0:m1], b.mm_charges[m0:m1],
+                                      k=COULOMB_EV_ANGSTROM)             # Å, e -> V, V/Å
+        phis.append(phi)
+        fields_.append(ef)
     return torch.cat(phis), torch.cat(fields_)
 
 
-def predict(model: torch.nn.Module, b: Batch, mode: str = "electrostatic", create_graph: bool = False
-            ) -> dict[str, torch.Tensor]:
+def predict(model: torch.nn.Module, b: Batch, scheme: "TrainingScheme | None" = None,
+            create_graph: bool = False) -> dict[str, torch.Tensor]:
     """Energy [B] eV, forces [N,3] and MM forces [M,3] eV/Å, charges [N] e, dipole [B,3] e·Å.
 
-    mode "electrostatic": φ, E of the MM charges enter the network. "mechanical": the network sees φ = E = 0
-    and its vacuum charges, held fixed, interact with the MM charges by plain Coulomb. "gas": φ = E = 0 and
-    no interaction (the model's vacuum energy at the same geometry).
+    ``scheme`` (:class:`potentials.core.contracts.TrainingScheme`) forms the network's energy from φ and E of
+    the MM charges ("electrostatic": they enter the network; "mechanical": the network sees φ = E = 0 and its
+    vacuum charges, held fixed, interact with the MM charges by plain Coulomb). None: φ = E = 0 and no
+    interaction (the model's vacuum energy at the same geometry).
     """
     pos = b.positions.detach().requires_grad_(True)
     mm = b.mm_positions.detach().requires_grad_(True)
     phi, ef = mm_potential_field(b, pos, mm)
-    if mode == "electrostatic":
-        out = model(b.numbers, pos, b.mol_idx, b.charge, phi, ef)
-        energy = out["energy"]
-    elif mode in ("mechanical", "gas"):
+    if scheme is None:
         out = model(b.numbers, pos, b.mol_idx, b.charge, torch.zeros_like(phi), torch.zeros_like(ef))
         energy = out["energy"]
-        if mode == "mechanical":
-            coul = out["charges"].detach() * phi              # q_i φ_i in eV
-            energy = energy + torch.zeros_like(energy).index_add_(0, b.mol_idx, coul.to(energy.dtype))
     else:
-        raise SetupError(f"mode {mode!r} unknown; choose electrostatic, mechanical or gas")
+        energy, out = scheme.network_energy(model, b.numbers, pos, b.mol_idx, b.charge, phi, ef)
     g_pos, g_mm = torch.autograd.grad(energy.sum(), [pos, mm], create_graph=create_graph, allow_unused=True)
     if g_mm is None:                                    # batch of gas-phase frames only
         g_mm = torch.zeros_like(mm)
@@ -360,12 +272,6 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _batches(n: int, size: int, seed: int, epoch: int, shuffle: bool) -> list[np.ndarray]:
-    """Batch indices for one epoch; the order depends only on (seed, epoch), so resuming repeats it."""
-    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
-    return [order[i:i + size] for i in range(0, n, size)]
-
-
 @dataclass
 class TrainState:
     epoch: int = 0
@@ -400,12 +306,13 @@ def _make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
 SCORE_TARGETS = {"energy": 0.5, "force": 1.0, "mm_force": 0.2}
 
 
-def evaluate_loss(model, frames, cfg: TrainConfig, device, dtype) -> dict[str, float]:
+def evaluate_loss(model, frames, cfg: TrainConfig, device, dtype, scheme: "TrainingScheme | None"
+                  ) -> dict[str, float]:
     """Validation loss, its terms and MAEs (kcal/mol, kcal/mol/Å); forces by autograd, no graph kept."""
     sums: dict[str, float] = {}
     for idx in _batches(len(frames), cfg.batch_size, 0, 0, shuffle=False):
         b = collate([frames[i] for i in idx], device, dtype)
-        pred = predict(model, b)
+        pred = predict(model, b, scheme)
         terms = {name: v.detach() for name, v in loss_terms(pred, b).items()}
         k = len(idx) / len(frames)
         sums["loss"] = sums.get("loss", 0.0) + k * float(total_loss(terms, cfg))
@@ -421,19 +328,40 @@ def evaluate_loss(model, frames, cfg: TrainConfig, device, dtype) -> dict[str, f
     return sums
 
 
-def train(cfg: TrainConfig, device: str = "cpu", resume: bool = False) -> Path:
-    """Train a model as configured; returns the path of the saved model (best validation state)."""
-    from potentials.model_io import save_model
+def train(cfg: TrainConfig, device: str = "cpu", resume: bool = False,
+          scheme: "TrainingScheme | None" = None) -> Path:
+    """Train a model as configured; returns the path of the saved model (best validation state).
 
+    ``scheme``: the embedding scheme named by ``cfg.embedding`` (``coupling.schemes.SCHEMES``), which forms the
+    network's energy of every frame (:func:`predict`).
+    """
+    if scheme is None or getattr(scheme, "name", cfg.embedding) != cfg.embedding:
+        raise SetupError(f"training for embedding {cfg.embedding!r} needs that scheme object (got "
+                         f"{getattr(scheme, 'name', scheme)!r}); `mlmm train` resolves it from coupling.schemes")
     torch.set_num_threads(max(1, cfg.threads))
     device = torch.device(device)
+    splits = _training_frames(cfg, resume)
+    _seed_everything(cfg.seed)
+    model, sae = _initial_model(cfg, splits["train"], device)
+    dtype = next(model.parameters()).dtype
+    opt = _make_optimizer(model, cfg)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=cfg.plateau_factor,
+                                                       patience=cfg.plateau_patience)
+    state, best_state = _restore(cfg, resume, model, opt, sched, device)
+    best_state = _fit(cfg, model, opt, sched, state, best_state, splits, scheme, device, dtype)
+    model.load_state_dict(best_state)
+    model.eval()
+    return _save_result(cfg, model, state, splits, sae)
+
+
+def _training_frames(cfg: TrainConfig, resume: bool) -> dict[str, list[dict]]:
+    """The train and val frames, read from a snapshot of the dataset (the same one again on resume)."""
     if not Path(cfg.dataset).is_file():
         raise SetupError(f"dataset {cfg.dataset} not found; run `mlmm label` or fix [data] path")
     Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
-    ckpt_path = Path(cfg.checkpoint)
     data_path = cfg.dataset
     snap = str(Path(cfg.checkpoint).with_suffix(".data.nc"))
-    if resume and ckpt_path.is_file() and cfg.snapshot and Path(snap).is_file():
+    if resume and Path(cfg.checkpoint).is_file() and cfg.snapshot and Path(snap).is_file():
         data_path = snap                         # resume on the very same frames
     elif cfg.snapshot:
         data_path = snapshot_dataset(cfg.dataset, snap)
@@ -442,26 +370,30 @@ def train(cfg: TrainConfig, device: str = "cpu", resume: bool = False) -> Path:
         raise SetupError(f"{cfg.dataset}: need frames in both train and val splits "
                          f"(found {len(splits['train'])} / {len(splits['val'])})")
     log.info("training on %d frames, validating on %d", len(splits["train"]), len(splits["val"]))
+    return splits
 
-    _seed_everything(cfg.seed)
+
+def _initial_model(cfg: TrainConfig, train_frames: list[dict], device) -> tuple[torch.nn.Module, np.ndarray]:
+    """A new model with self-energies fitted on the training frames, or ``init_model``'s weights."""
     model = build_model(cfg, device)
-    dtype = next(model.parameters()).dtype
-    if cfg.init_model:
-        from potentials.model_io import load_model
-
-        init = load_model(cfg.init_model, device)
-        if init.config.to_dict() != model.config.to_dict():
-            raise SetupError(f"init_model {cfg.init_model} has another architecture than [model]; "
-                             "use the same preset")
-        model.load_state_dict(init.state_dict())
-        sae = model.shift.weight.detach().cpu().numpy()
-        log.info("starting from the weights of %s", cfg.init_model)
-    else:
-        sae = fit_self_energies(splits["train"], [int(z) for z in model.config.elements])
+    if not cfg.init_model:
+        sae = fit_self_energies(train_frames, [int(z) for z in model.config.elements])
         set_self_energies(model, sae)
-    opt = _make_optimizer(model, cfg)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=cfg.plateau_factor,
-                                                       patience=cfg.plateau_patience)
+        return model, sae
+    from potentials.model_io import load_model
+
+    init = load_model(cfg.init_model, device)
+    if init.config.to_dict() != model.config.to_dict():
+        raise SetupError(f"init_model {cfg.init_model} has another architecture than [model]; "
+                         "use the same preset")
+    model.load_state_dict(init.state_dict())
+    log.info("starting from the weights of %s", cfg.init_model)
+    return model, model.shift.weight.detach().cpu().numpy()
+
+
+def _restore(cfg: TrainConfig, resume: bool, model, opt, sched, device) -> tuple["TrainState", dict]:
+    """Training state and best weights: fresh, or from the checkpoint when resuming."""
+    ckpt_path = Path(cfg.checkpoint)
     state = TrainState()
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if resume and ckpt_path.is_file():
@@ -475,31 +407,18 @@ def train(cfg: TrainConfig, device: str = "cpu", resume: bool = False) -> Path:
         log.info("resumed from %s at epoch %d", ckpt_path, state.epoch)
     elif resume:
         log.warning("--resume: no checkpoint at %s, starting fresh", ckpt_path)
+    return state, best_state
 
-    from tqdm import tqdm
 
+def _fit(cfg: TrainConfig, model, opt, sched, state: "TrainState", best_state: dict, splits: dict, scheme,
+         device, dtype) -> dict:
+    """The epoch loop (checkpoint and curve after every epoch); returns the best validation state."""
     t_start = time.time()
     while state.epoch < cfg.epochs:
-        model.train()
-        batches = _batches(len(splits["train"]), cfg.batch_size, cfg.seed, state.epoch, shuffle=True)
-        running, t0 = 0.0, time.time()
-        bar = tqdm(batches, desc=f"epoch {state.epoch + 1}/{cfg.epochs}",
-                   disable=not (cfg.progress and sys.stderr.isatty()),
-                   leave=False, mininterval=5.0)
-        for idx in bar:
-            b = collate([splits["train"][i] for i in idx], device, dtype)
-            loss = total_loss(loss_terms(predict(model, b, create_graph=True), b), cfg)
-            opt.zero_grad(set_to_none=True)
-            if not torch.isfinite(loss):
-                log.warning("non-finite loss in epoch %d; batch skipped", state.epoch + 1)
-                continue
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
-            opt.step()
-            running += float(loss.detach()) * len(idx)
-            bar.set_postfix(loss=f"{float(loss.detach()):.3g}")
+        t0 = time.time()
+        running = _train_epoch(cfg, model, opt, splits["train"], state.epoch, scheme, device, dtype)
         model.eval()
-        val = evaluate_loss(model, splits["val"], cfg, device, dtype)
+        val = evaluate_loss(model, splits["val"], cfg, device, dtype, scheme)
         sched.step(val["score"])
         lr = opt.param_groups[0]["lr"]
         state.epoch += 1
@@ -517,22 +436,58 @@ def train(cfg: TrainConfig, device: str = "cpu", resume: bool = False) -> Path:
         log.info("epoch %d: train %.4g val %.4g score %.3f | val MAE: E %.3f kcal/mol, F %.3f, MM F %.3f "
                  "kcal/mol/Å | lr %.2g | %.0f s", state.epoch, h["train_loss"], h["val_loss"], h["val_score"],
                  h["val_energy_mae"], h["val_force_mae"], h["val_mm_force_mae"], lr, h["seconds"])
-        _save_checkpoint(ckpt_path, model, opt, sched, state, best_state)
+        _save_checkpoint(Path(cfg.checkpoint), model, opt, sched, state, best_state)
         plot_curve(state.history, cfg.curve)
-        if state.bad_epochs >= cfg.early_stopping:
-            log.info("early stopping: no validation improvement for %d epochs", state.bad_epochs)
+        if _stop(cfg, state, lr, t_start):
             break
-        if lr < cfg.min_lr:
-            log.info("learning rate %.2g below min_lr %.2g: stopping", lr, cfg.min_lr)
-            break
-        if cfg.max_minutes and time.time() - t_start > 60.0 * cfg.max_minutes:
-            log.info("time budget of %.0f min used up: stopping", cfg.max_minutes)
-            break
+    return best_state
 
-    model.load_state_dict(best_state)
-    model.eval()
+
+def _train_epoch(cfg: TrainConfig, model, opt, frames: list[dict], epoch: int, scheme, device, dtype) -> float:
+    """One pass over the training frames; returns the summed loss (times batch sizes)."""
+    from tqdm import tqdm
+
+    model.train()
+    batches = _batches(len(frames), cfg.batch_size, cfg.seed, epoch, shuffle=True)
+    running = 0.0
+    bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and sys.stderr.isatty()),
+               leave=False, mininterval=5.0)
+    for idx in bar:
+        b = collate([frames[i] for i in idx], device, dtype)
+        loss = total_loss(loss_terms(predict(model, b, scheme, create_graph=True), b), cfg)
+        opt.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            log.warning("non-finite loss in epoch %d; batch skipped", epoch + 1)
+            continue
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
+        opt.step()
+        running += float(loss.detach()) * len(idx)
+        bar.set_postfix(loss=f"{float(loss.detach()):.3g}")
+    return running
+
+
+def _stop(cfg: TrainConfig, state: "TrainState", lr: float, t_start: float) -> bool:
+    """Early stopping, the learning-rate floor and the wall-time budget."""
+    if state.bad_epochs >= cfg.early_stopping:
+        log.info("early stopping: no validation improvement for %d epochs", state.bad_epochs)
+        return True
+    if lr < cfg.min_lr:
+        log.info("learning rate %.2g below min_lr %.2g: stopping", lr, cfg.min_lr)
+        return True
+    if cfg.max_minutes and time.time() - t_start > 60.0 * cfg.max_minutes:
+        log.info("time budget of %.0f min used up: stopping", cfg.max_minutes)
+        return True
+    return False
+
+
+def _save_result(cfg: TrainConfig, model, state: "TrainState", splits: dict, sae) -> Path:
+    """Write the model (best state, already loaded) with its training metadata, and the final curve."""
+    from potentials.model_io import save_model
+
     metadata = {
         "training": {k: v for k, v in asdict(cfg).items() if k not in ("progress",)},
+        "embedding": cfg.embedding,
         "dataset": cfg.dataset, "n_train": len(splits["train"]), "n_val": len(splits["val"]),
         "self_energies_ev": dict(zip([int(z) for z in model.config.elements], map(float, sae))),
         "best_epoch": state.best_epoch, "epochs_run": state.epoch, "history": state.history,
@@ -572,11 +527,3 @@ def plot_curve(history: list[dict], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
-
-
-# --------------------------------------------------------------------------------------------- CLI
-def main(args: argparse.Namespace) -> int:
-    """``mlmm train CONFIG [--device D] [--resume]``."""
-    cfg = TrainConfig.from_toml(args.config)
-    train(cfg, device=args.device, resume=args.resume)
-    return 0

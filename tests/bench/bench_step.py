@@ -53,7 +53,7 @@ sys.path.insert(0, str(ROOT))
 from common import (client_summary, cpu_name, ipi_step_time,  # noqa: E402
                     write_report)
 from driver import launch, xmlinput  # noqa: E402
-from driver.system import CouplingSpec, MLSpec, MMSpec, StructureSpec, SystemSpec  # noqa: E402
+from potentials.core.spec import CouplingSpec, MLSpec, MMSpec, StructureSpec, SystemSpec  # noqa: E402
 
 # case -> (ML waters, embedding cutoff nm); None: the shipped example. The 167 waters of the big zone span 2.0 nm from
 # their centroid, so in the 6.2 nm box the embedding cutoff must drop to 1.0 nm (cutoff + radius < half the box)
@@ -144,15 +144,15 @@ def in_process(system: Path, model: Path, steps: int, threads: int, device: str,
     import torch
     from openmm import unit
 
-    from coupling.mmsystem import mm_system_from_spec
-    from driver.client import build_ml_engine
+    from coupling.engines import mm_system_from_spec
+    from coupling.engines import EngineOptions, build_ml_engine
     from potentials.openmm_system import load_system
 
     torch.set_num_threads(torch_threads or threads)
     spec = SystemSpec.load(system)
     topology, mm, positions = load_system(spec)
     mm = mm_system_from_spec(spec, topology, mm, positions, model_path=str(model), device=device)
-    engine = build_ml_engine(spec, str(model), device)
+    engine = build_ml_engine(spec, EngineOptions(model=str(model), device=device))
     calls = {"n": 0, "s": 0.0}
 
     def ml_force(state):

@@ -17,10 +17,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from oracle import ForceFieldOracle  # noqa: E402
 
-from coupling.ml_engine import MLEngine, ml_numbers  # noqa: E402
+from coupling.ml_engine import MLEngine  # noqa: E402
+from coupling.zones import ml_numbers  # noqa: E402
 from coupling.mmsystem import mm_environment  # noqa: E402
 from driver.client import serve  # noqa: E402
-from driver.system import SystemSpec  # noqa: E402
+from potentials.core.spec import SystemSpec  # noqa: E402
 from potentials.openmm_system import load_system  # noqa: E402
 
 

@@ -22,7 +22,7 @@ import pytest
 
 from driver import codec, units
 from driver.cli import main as cli
-from driver.errors import SetupError
+from potentials.core.errors import SetupError
 
 ROOT = Path(__file__).resolve().parents[2]
 PLATFORM = "Reference"          # double precision: the in-process and socket evaluations agree to ~1e-10
@@ -58,7 +58,7 @@ def _displaced(calc, seed: int = 1, amplitude_ang: float = 0.05):
 # ------------------------------------------------------------------------------------------- socket clients
 def test_equals_sum_of_socket_clients(methanol_box, calc):
     """One request to each real client over a real i-PI socket: E_MM + E_ML and F_MM + F_ML (Hartree, bohr,
-    converted here with driver.units) equal the calculator's eV and eV/Å."""
+    converted here with potentials.core.units) equal the calculator's eV and eV/Å."""
     from ipi.engine.atoms import Atoms
     from ipi.engine.cell import Cell
     from ipi.engine.forcefields import FFSocket

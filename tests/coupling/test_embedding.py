@@ -5,7 +5,7 @@ import torch
 
 from coupling.embedding import (MMEnvironment, embedded_charges, potential_and_field, select_environment,
                                 switch)
-from driver.errors import SetupError
+from potentials.core.errors import SetupError
 
 
 def water_box(n_side=6, spacing=0.31, seed=0):
@@ -169,8 +169,7 @@ def test_fast_potential_and_field_has_the_same_values_and_gradients():
         torch.autograd.grad(g.sum(), leaves[1])
 
 
-@pytest.mark.parametrize("units", [(1.0, 1.0), (0.0104, 0.00104)])
-def test_fused_cpu_kernels_match_the_torch_embedding(system, units):
+def test_fused_cpu_kernels_match_the_torch_embedding(system):
     """The ML client's EmbeddingField (compiled: scales + phi/E forward, and the chain rule back to positions,
     each one pass; or the torch operations it runs on CUDA) against autograd through the plain torch sums, on
     a frame with residues broken across the box and several of them in the switching shell."""
@@ -186,11 +185,10 @@ def test_fused_cpu_kernels_match_the_torch_embedding(system, units):
     scales = q.detach() / torch.tensor(env.charges[sel.atoms])
     assert ((scales > 0.05) & (scales < 0.95)).sum() >= 6 and (scales == 0).any()   # shell and skin populated
     phi, field = potential_and_field(ml + torch.tensor(sel.ml_shift), x, q)
-    phi, field = phi * units[0], field * units[1]
     gp, ge = torch.tensor(rng.normal(size=3)), torch.tensor(rng.normal(size=(3, 3)))
     ref = [phi.detach(), field.detach(), *torch.autograd.grad((phi * gp).sum() + (field * ge).sum(), (ml, mm))]
     for kernels in (None, False):                           # numba on CPU; the torch operations (as on CUDA)
-        emb = EmbeddingField(env, sel, wrapped[env.ml_indices], wrapped[sel.atoms], units=units, kernels=kernels)
+        emb = EmbeddingField(env, sel, wrapped[env.ml_indices], wrapped[sel.atoms], kernels=kernels)
         got = [emb.phi, emb.field, *map(torch.from_numpy, emb.backward(gp, ge))]
         for a, b in zip(got, ref):
             assert torch.allclose(a, b, rtol=1e-11, atol=1e-11 * float(b.abs().max()))

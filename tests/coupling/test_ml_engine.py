@@ -11,7 +11,7 @@ from openmm import unit
 from coupling.embedding import MMEnvironment, embedded_charges, select_environment
 from coupling.ml_engine import MLEngine, check_model, model_dtype, vacuum_charges
 from coupling.mmsystem import mm_charges
-from driver.errors import CalculationFailed, SetupError
+from potentials.core.errors import CalculationFailed, SetupError
 from oracle import ForceFieldOracle
 
 ALPHA = 0.05      # e·Å²/V: the oracle's polarisability, so that the field input matters too
@@ -296,8 +296,8 @@ def test_from_spec_builds_a_consistent_pair(tmp_path, tiny_network):
     from potentials.openmm_system import load_system
 
     from coupling.bookkeeping import check_split
-    from coupling.mmsystem import mm_system_from_spec
-    from driver.system import SystemSpec
+    from coupling.engines import mm_system_from_spec
+    from potentials.core.spec import SystemSpec
 
     model_path = tmp_path / "tiny.pt"
     save_model(model_path, tiny_network)
@@ -327,7 +327,7 @@ def test_compiled_network_gives_the_same_forces(cluster, tiny_network):
     """torch.compile (--compile) changes speed, not physics: the shipped model on the example gives the eager
     energy and forces (ML and MM atoms; float32 weights, inductor may reorder float32 sums), also on a second
     call; a graph inductor cannot build (float64 scatter in torch 2.13) falls back to eager, results unchanged."""
-    from driver.system import SystemSpec
+    from potentials.core.spec import SystemSpec
     from potentials.openmm_system import load_system
 
     spec = SystemSpec.load(ROOT / "inputs/examples/methanol/prepared/system.toml")
@@ -364,7 +364,7 @@ def test_zones_of_several_molecules_are_flagged(tmp_path, tiny_network, caplog):
     from potentials.model_io import save_model
     from potentials.openmm_system import load_system
 
-    from driver.system import SystemSpec
+    from potentials.core.spec import SystemSpec
 
     spec = SystemSpec.load(ROOT / "inputs/examples/methanol/prepared/system.toml")
     topology, _, _ = load_system(spec)

@@ -8,10 +8,10 @@ from openmm import app, unit
 
 from coupling_cases import openmm_energy_forces
 from coupling.bookkeeping import OWNERSHIP, check_split, ownership_table
-from coupling.mmsystem import (boundary_bonds, check_selection, mlmm_mm_system, mm_charges, mm_environment,
-                               mm_system_from_spec)
-from driver.errors import SetupError
-from driver.system import CouplingSpec, MLSpec, StructureSpec, SystemSpec
+from coupling.engines import mm_system_from_spec
+from coupling.mmsystem import boundary_bonds, check_selection, mlmm_mm_system, mm_charges, mm_environment
+from potentials.core.errors import SetupError
+from potentials.core.spec import CouplingSpec, MLSpec, StructureSpec, SystemSpec
 
 ONE_4PI_EPS0 = 138.935456
 

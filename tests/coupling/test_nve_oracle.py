@@ -13,7 +13,7 @@ import pytest
 from openmm import app
 
 from driver import launch
-from driver.system import CouplingSpec, MLSpec, MMSpec, StructureSpec, SystemSpec
+from potentials.core.spec import CouplingSpec, MLSpec, MMSpec, StructureSpec, SystemSpec
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 400

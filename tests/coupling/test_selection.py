@@ -7,7 +7,7 @@ import pytest
 from openmm import app
 
 from coupling.selection import check_boundary, cut_bonds, select
-from driver.errors import SetupError
+from potentials.core.errors import SetupError
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "inputs" / "examples"
 

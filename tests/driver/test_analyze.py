@@ -119,7 +119,7 @@ def test_rdf_normalisation(nvt_run, prepared):
     import mdtraj
 
     from driver.analyze import _rdf_histogram
-    from driver.system import SystemSpec
+    from potentials.core.spec import SystemSpec
     from potentials.openmm_system import read_structure
 
     spec = SystemSpec.load(prepared[0])

@@ -16,7 +16,7 @@ from ipi.utils.units import unit_to_internal
 
 from driver import codec, units
 from driver.client import serve_socket
-from driver.errors import CalculationFailed, ProtocolError
+from potentials.core.errors import CalculationFailed, ProtocolError
 from potentials.openmm_engine import OpenMMEngine
 
 RNG = np.random.default_rng(7)

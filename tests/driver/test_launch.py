@@ -20,10 +20,10 @@ import openmm
 import pytest
 from openmm import app, unit
 
-from driver import cli, launch
-from driver.errors import CalculationFailed, SetupError
+from driver import cli, launch, rundir
+from potentials.core.errors import CalculationFailed, SetupError
 from run_helpers import procs_in
-from driver.system import MMSpec, StructureSpec, SystemSpec
+from potentials.core.spec import MMSpec, StructureSpec, SystemSpec
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATES = REPO / "inputs" / "templates"
@@ -430,7 +430,7 @@ def test_unix_socket_is_private(water_cluster, dying_pes, tmp_path):
 
 def test_client_threads_split_the_cores(monkeypatch):
     """Auto: half the cores for the CPU ML clients, all for OpenMM (its threads sleep when idle); explicit wins."""
-    monkeypatch.setattr(launch.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
     assert launch.client_threads(None, "cpu", 1) == (4, 8)               # OpenMM's idle threads sleep
     assert launch.client_threads(None, "cpu", 2) == (2, 8)
     assert launch.client_threads(None, "cuda:0", 1) == (1, 8)            # the network is on the GPU
@@ -441,7 +441,7 @@ def test_client_threads_split_the_cores(monkeypatch):
     for bad in ("x", "0+1", "1+1+1", "2", "a+b"):
         with pytest.raises(SetupError, match="--threads"):
             launch.client_threads(bad, "cpu", 1)
-    argv = launch._client_argv_factory(Path("s.toml"), Path("m.pt"), "cpu", None, False, None, (3, 5), True)
+    argv = rundir.client_argv_factory(Path("s.toml"), Path("m.pt"), "cpu", None, False, None, (3, 5), True)
     ml, mm = argv("ml", "unix:a"), argv("mm", "unix:b")
     assert ml[ml.index("--threads") + 1] == "3" and "--compile" in ml
     assert mm[mm.index("--threads") + 1] == "5" and "--compile" not in mm

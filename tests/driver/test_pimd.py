@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from driver import launch, xmlinput
+from driver import launch, rundir, xmlinput
 from driver.client import distinct_prefix
-from driver.errors import SetupError
-from driver.system import SystemSpec
+from potentials.core.errors import SetupError
+from potentials.core.spec import SystemSpec
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATES = REPO / "inputs" / "templates"
@@ -122,7 +122,7 @@ def test_pimd_template_is_valid_ipi_input(path, tmp_path):
 
 
 def test_device_list_is_spread_over_ml_clients():
-    argv = launch._client_argv_factory(EXAMPLE, EXAMPLE, "cuda:0,cuda:1", None, False)
+    argv = rundir.client_argv_factory(EXAMPLE, EXAMPLE, "cuda:0,cuda:1", None, False)
     devices = [argv("ml", "localhost:1")[-1] for _ in range(3)]
     assert devices == ["cuda:0", "cuda:1", "cuda:0"]
     assert "--device" not in argv("mm", "localhost:2")

@@ -12,7 +12,7 @@ from openmm import app, unit
 from coupling.embedding import MMEnvironment, select_environment
 from driver.cli import main as cli
 from driver.prepare import estimate_formal_charge
-from driver.system import SystemSpec
+from potentials.core.spec import SystemSpec
 from potentials.openmm_system import element_lj_table, load_system
 
 ROOT = Path(__file__).resolve().parents[2]

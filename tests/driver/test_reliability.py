@@ -21,9 +21,9 @@ import pytest
 from openmm import app, unit
 
 from driver import launch, trajectory, xmlinput
-from driver.errors import CalculationFailed, SetupError
+from potentials.core.errors import CalculationFailed, SetupError
 from run_helpers import procs_in
-from driver.system import MMSpec, StructureSpec, SystemSpec
+from potentials.core.spec import MMSpec, StructureSpec, SystemSpec
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATES = REPO / "inputs" / "templates"
@@ -291,7 +291,7 @@ def _run_cli(*args: str) -> tuple[int, list[str]]:
 @pytest.fixture(scope="module")
 def ml_cluster(cluster) -> Path:
     """The water cluster with its first water as the ML zone."""
-    from driver.system import MLSpec
+    from potentials.core.spec import MLSpec
 
     spec = SystemSpec.load(cluster)
     spec.ml = MLSpec(selection="resid 1", indices=[0, 1, 2], charge=0)

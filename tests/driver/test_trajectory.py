@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from driver import trajectory
-from driver.errors import SetupError
+from potentials.core.errors import SetupError
 
 N_ATOMS = 6
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from driver import xmlinput
-from driver.errors import SetupError
+from potentials.core.errors import SetupError
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "inputs" / "templates"
 ALL = sorted(p for p in TEMPLATES.glob("*.xml") if not p.name.startswith("pimd_"))   # PIMD ones: test_pimd.py
@@ -99,6 +99,12 @@ def test_template_contents(path):
     motion = root.find("system/motion")
     if path.stem.startswith("nve"):
         assert motion.find("dynamics").get("mode") == "nve" and motion.findtext("fixcom").strip() == "False"
+    elif path.stem.startswith("npt"):                                    # runs: tests/driver/test_npt.py
+        dyn = motion.find("dynamics")
+        assert dyn.get("mode") == "npt" and dyn.find("barostat").get("mode") == "isotropic"
+        assert dyn.find("thermostat").get("mode") == "svr"
+        assert float(root.findtext("system/ensemble/temperature")) == 300.0
+        assert float(root.findtext("system/ensemble/pressure")) == 1.0
     else:
         assert motion.find("dynamics").get("mode") == "nvt"
         assert motion.find("dynamics/thermostat").get("mode") == "svr"

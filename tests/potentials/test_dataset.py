@@ -7,7 +7,7 @@ import netCDF4
 import numpy as np
 import pytest
 
-from driver.errors import SetupError
+from potentials.core.errors import SetupError
 from potentials.dataset import Dataset, DatasetWriter, compact
 from potentials.qmmm_reference import LabelConfig, plan
 

@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from driver.errors import SetupError
-from potentials.model_io import FORMAT_VERSION, UNITS, load_model, save_model
+from potentials.core.errors import SetupError
+from potentials.model_io import ARCHITECTURE, FORMAT_VERSION, UNITS, load_model, save_model
 from potentials.network import EmbeddedAIMNet2, ModelConfig
 
 CONFIGS = Path(__file__).resolve().parents[2] / "inputs" / "models" / "configs"
@@ -34,6 +34,7 @@ def test_round_trip(tmp_path, dtype):
     save_model(path, model, {"rmse_energy_ev": 0.012, "levels": ["wb97x-d/def2-svp"]})
     raw = torch.load(path, weights_only=True)
     assert raw["format_version"] == FORMAT_VERSION and raw["units"] == UNITS
+    assert raw["architecture"] == ARCHITECTURE == "embedded-aimnet2"
     assert raw["elements"] == [1, 6, 7, 8, 16] and raw["cutoff"] == 5.0
     loaded = load_model(path)
     assert not loaded.training and loaded.embedding.dtype == dtype
@@ -67,3 +68,18 @@ def test_bad_files(tmp_path):
         load_model(tmp_path / "badcfg.pt")
     with pytest.raises(SetupError, match="plain values"):
         save_model(tmp_path / "x.pt", _model(), {"when": object()})
+
+
+def test_files_with_and_without_architecture(tmp_path):
+    """Files written before the architecture key existed hold the network; another architecture is refused
+    by load_model (potentials.adapters.load_adapter dispatches it)."""
+    model = _model()
+    save_model(tmp_path / "m.pt", model)
+    d = torch.load(tmp_path / "m.pt", weights_only=True)
+    torch.save({k: v for k, v in d.items() if k != "architecture"}, tmp_path / "old.pt")
+    old = load_model(tmp_path / "old.pt")
+    for (k, v), w in zip(model.state_dict().items(), old.state_dict().values()):
+        assert torch.equal(v, w), k
+    torch.save({**d, "architecture": "other-net"}, tmp_path / "other.pt")
+    with pytest.raises(SetupError, match="holds a 'other-net' model.*load_adapter"):
+        load_model(tmp_path / "other.pt")

@@ -13,9 +13,9 @@ from scipy.spatial.distance import pdist, squareform
 
 import potentials.neighbors as nbmod
 import potentials.network as net
-from coupling.embedding import potential_and_field
-from driver.errors import CalculationFailed, SetupError
-from driver.units import ANGSTROM_PER_NM, COULOMB_EV_ANGSTROM, EV_PER_KJMOL, NM_PER_ANGSTROM
+from potentials.electrostatics import potential_and_field
+from potentials.core.errors import CalculationFailed, SetupError
+from potentials.core.units import ANGSTROM_PER_NM, COULOMB_EV_ANGSTROM, EV_PER_KJMOL, NM_PER_ANGSTROM
 from potentials.network import EmbeddedAIMNet2, ModelConfig, count_parameters, field_dipole
 
 CONFIGS = Path(__file__).resolve().parents[2] / "inputs" / "models" / "configs"
@@ -345,7 +345,7 @@ def test_vacuum_model_ignores_the_environment():
 
 def test_d3_dispersion_term():
     tad_dftd3 = pytest.importorskip("tad_dftd3")
-    from driver.units import BOHR_PER_ANGSTROM, EV_PER_HARTREE
+    from potentials.core.units import BOHR_PER_ANGSTROM, EV_PER_HARTREE
     model = tiny(d3=True)
     z, pos, mol, q, mm_pos, mm_q = system()
     out = energy_of(model, z, pos, mol, q, mm_pos, mm_q)

@@ -9,8 +9,8 @@ import openmm
 import pytest
 from openmm import app, unit
 
-from driver.errors import SetupError
-from driver.system import MLSpec, MMSpec, StructureSpec, SystemSpec
+from potentials.core.errors import SetupError
+from potentials.core.spec import MLSpec, MMSpec, StructureSpec, SystemSpec
 from potentials.openmm_system import (MLZoneTemplates, element_lj_table, infer_bonds, load_system, open_forcefield,
                                       read_structure)
 

@@ -10,9 +10,14 @@ import pytest
 pyscf = pytest.importorskip("pyscf")
 from pyscf import dft, gto, qmmm  # noqa: E402
 
-from driver.errors import SetupError  # noqa: E402
-from driver.units import BOHR_PER_ANGSTROM, EV_PER_HARTREE  # noqa: E402
-from potentials.qmmm_reference import LabelConfig, Labeller, LevelOfTheory, label_frame, main, plan  # noqa: E402
+from potentials.core.errors import SetupError  # noqa: E402
+from potentials.core.units import BOHR_PER_ANGSTROM, EV_PER_HARTREE  # noqa: E402
+from coupling.schemes import SCHEMES  # noqa: E402
+from driver.pipeline import label_main  # noqa: E402
+from potentials.core.spec import CouplingSpec  # noqa: E402
+from potentials.qmmm_reference import LabelConfig, Labeller, LevelOfTheory, label_frame, plan  # noqa: E402
+
+POINT_CHARGES = SCHEMES.get("electrostatic").point_charges
 
 WATER = np.array([[0.0, 0.0, 0.0], [0.9572, 0.0, 0.0], [-0.2400, 0.9266, 0.0]])      # Å
 # two TIP3P waters around it, charges in e, positions in Å
@@ -136,10 +141,10 @@ def test_label_main_resumable_and_consistent(tmp_path):
     from potentials.dataset import Dataset
     cfg_path = _tiny_config(tmp_path)
     out = tmp_path / "d.nc"
-    assert main(argparse.Namespace(out=str(out), config=str(cfg_path), frames=2)) == 0
+    assert label_main(argparse.Namespace(out=str(out), config=str(cfg_path), frames=2)) == 0
     with Dataset.open(out) as ds:
         assert len(ds) == 2
-    assert main(argparse.Namespace(out=str(out), config=str(cfg_path), frames=None)) == 0
+    assert label_main(argparse.Namespace(out=str(out), config=str(cfg_path), frames=None)) == 0
     cfg = LabelConfig.from_toml(cfg_path)
     tasks = plan(cfg)
     assert len(tasks) == 2 * (2 + 1)          # 2 blocks x (droplet MD frame + displaced copy + gas)
@@ -152,7 +157,7 @@ def test_label_main_resumable_and_consistent(tmp_path):
         assert kinds == {"droplet", "displaced", "gas"}
         for traj in set(ds.meta["trajectory"]):
             assert len(set(ds.meta["split"][ds.meta["trajectory"] == traj])) == 1
-        labeller = Labeller(cfg, out.with_suffix(".samples"))
+        labeller = Labeller(cfg, out.with_suffix(".samples"), POINT_CHARGES)
         for i, task in enumerate(tasks):
             fr = ds.frame(i)
             x = labeller.inputs(task)
@@ -177,8 +182,17 @@ def test_config_errors(tmp_path):
     with pytest.raises(SetupError, match="unknown key"):
         LabelConfig.from_toml(p)
     p.write_text("trajectories = 'many'\n")
-    with pytest.raises(SetupError, match="should be of type int"):
+    with pytest.raises(SetupError, match="trajectories: expected an integer"):
         LabelConfig.from_toml(p)
+    p.write_text("displacement_A = [0.05]\n")
+    with pytest.raises(SetupError, match="displacement_A: expected 2 values"):
+        LabelConfig.from_toml(p)
+    p.write_text("[level]\nbasis = 3\n")
+    with pytest.raises(SetupError, match=r"\[level\] basis: expected str"):
+        LabelConfig.from_toml(p)
+    # the embedding defaults are the simulation's (one definition: the system.toml schema)
+    assert LabelConfig().embedding_cutoff_nm == CouplingSpec().cutoff_nm
+    assert LabelConfig().embedding_switch_nm == CouplingSpec().switch_width_nm
     p.write_text("solutes = ['XYZ']\n")
     with pytest.raises(SetupError, match="unknown solute"):
         plan(LabelConfig.from_toml(p))

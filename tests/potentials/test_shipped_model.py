@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from coupling.schemes import SCHEMES
 from potentials import evaluate as EV
 from potentials import train as T
 from potentials.model_io import load_model
@@ -56,7 +57,8 @@ def test_shipped_model_matches_its_card_on_the_shipped_slice():
     model_path, card = _shipped()
     expected = card_slice_table(card)
     frames = T.load_frames(SLICE, "all")
-    res = EV.evaluate(load_model(model_path), frames, gas_energy=EV.read_gas_energies(SLICE))
+    schemes = {name: SCHEMES.get(name)() for name in ("electrostatic", "mechanical")}
+    res = EV.evaluate(load_model(model_path), frames, gas_energy=EV.read_gas_energies(SLICE), schemes=schemes)
     for (solute, mode), row in expected.items():
         got = res[mode][solute]
         assert got["n"] == row["n"], (solute, mode)

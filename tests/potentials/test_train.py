@@ -11,13 +11,17 @@ import numpy as np
 import pytest
 import torch
 
-from driver.errors import SetupError
-from driver.units import COULOMB_EV_ANGSTROM
+from coupling.schemes import SCHEMES
+from potentials.core.errors import SetupError
+from potentials.core.units import COULOMB_EV_ANGSTROM
 from potentials import evaluate as EV
 from potentials import train as T
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "tests" / "data" / "tiny_qmmm.nc"
+ELECTROSTATIC = SCHEMES.get("electrostatic")()
+MECHANICAL = SCHEMES.get("mechanical")()
+BOTH = {"electrostatic": ELECTROSTATIC, "mechanical": MECHANICAL}
 
 
 def _cfg(tmp_path: Path, **over) -> T.TrainConfig:
@@ -47,6 +51,14 @@ def test_config_rejects_unknown_keys(tmp_path):
     with pytest.raises(SetupError, match="preset"):
         T.TrainConfig.from_dict({"model": {"preset": "no-such-preset"}, "data": {"path": "x"},
                                  "output": {"model": "y"}}, base=tmp_path)
+    # types are checked by the one config loader; the error names the file and the key
+    path = tmp_path / "train.toml"
+    path.write_text('[model]\npreset = "tiny"\n[data]\npath = "d.nc"\n[output]\nmodel = "m.pt"\n'
+                    '[optim]\nlr = "fast"\n')
+    with pytest.raises(SetupError, match=r"train\.toml lr: expected a number"):
+        T.TrainConfig.from_toml(path)
+    assert _cfg(tmp_path).embedding == "electrostatic"
+    assert _cfg(tmp_path, train={"embedding": "mechanical"}).embedding == "mechanical"
 
 
 def test_self_energy_fit_recovers_exact_atomic_energies(frames):
@@ -70,7 +82,7 @@ def test_loss_falls_in_a_few_steps(tmp_path, frames):
     b = T.collate(train_frames[:8], "cpu")
 
     def loss():
-        return T.total_loss(T.loss_terms(T.predict(model, b, create_graph=True), b), cfg)
+        return T.total_loss(T.loss_terms(T.predict(model, b, ELECTROSTATIC, create_graph=True), b), cfg)
 
     first = float(loss().detach())
     for _ in range(15):
@@ -87,12 +99,12 @@ def test_train_writes_model_curve_checkpoint_and_resume_is_exact(tmp_path):
 
     # uninterrupted: 2 epochs
     full = _cfg(tmp_path / "a", output={"model": str(tmp_path / "a" / "m.pt")})
-    T.train(full)
+    T.train(full, scheme=ELECTROSTATIC)
     # interrupted after 1 epoch, then resumed to 2
     part = _cfg(tmp_path / "b", output={"model": str(tmp_path / "b" / "m.pt")}, train={"epochs": 1})
-    T.train(part)
+    T.train(part, scheme=ELECTROSTATIC)
     part.epochs = 2
-    T.train(part, resume=True)
+    T.train(part, resume=True, scheme=ELECTROSTATIC)
 
     for d in ("a", "b"):
         assert (tmp_path / d / "m_curve.png").stat().st_size > 1000
@@ -107,6 +119,12 @@ def test_train_writes_model_curve_checkpoint_and_resume_is_exact(tmp_path):
     for (k, v), w in zip(ma.state_dict().items(), mb.state_dict().values()):
         assert torch.equal(v, w), k
     assert ma.metadata["best_epoch"] >= 1
+    assert ma.metadata["embedding"] == "electrostatic" == ma.metadata["training"]["embedding"]
+    # the scheme object must be the one the config names
+    with pytest.raises(SetupError, match="embedding 'electrostatic' needs that scheme"):
+        T.train(full, scheme=MECHANICAL)
+    with pytest.raises(SetupError, match="needs that scheme"):
+        T.train(full)
 
 
 def test_mechanical_baseline_is_coulomb_of_vacuum_charges(tmp_path, frames):
@@ -115,8 +133,8 @@ def test_mechanical_baseline_is_coulomb_of_vacuum_charges(tmp_path, frames):
     model = T.build_model(_cfg(tmp_path), "cpu").double()
     f = next(f for f in frames if len(f["mm_charges"]) > 0)
     b = T.collate([f], "cpu", torch.float64)
-    gas = T.predict(model, b, "gas")
-    mech = T.predict(model, b, "mechanical")
+    gas = T.predict(model, b, None)
+    mech = T.predict(model, b, MECHANICAL)
     q = gas["charges"].detach().numpy()
     r = np.asarray(f["positions"], float)
     R = np.asarray(f["mm_positions"], float)
@@ -125,15 +143,15 @@ def test_mechanical_baseline_is_coulomb_of_vacuum_charges(tmp_path, frames):
     dist = np.linalg.norm(d, axis=-1)
     e_coul = COULOMB_EV_ANGSTROM * np.sum(q[:, None] * Q[None, :] / dist)
     f_mm = COULOMB_EV_ANGSTROM * np.sum((q[:, None] * Q[None, :] / dist ** 3)[..., None] * d, axis=0)
-    # 1e-7: k_e in kJ/mol·nm (OpenMM's, used by the embedding) and in eV·Å (i-PI's a.u.) differ by ~1e-8
-    assert float((mech["energy"] - gas["energy"]).detach()) == pytest.approx(e_coul, rel=1e-7)
-    np.testing.assert_allclose(mech["mm_forces"].detach().numpy(), f_mm, rtol=1e-7, atol=1e-12)
+    # training's phi/E use k_e in eV·Å, as this reference does: float64 round-off only
+    assert float((mech["energy"] - gas["energy"]).detach()) == pytest.approx(e_coul, rel=1e-10)
+    np.testing.assert_allclose(mech["mm_forces"].detach().numpy(), f_mm, rtol=1e-10, atol=1e-12)
 
 
 def test_evaluate_table_has_every_solute_and_modes_agree_in_gas_phase(tmp_path, frames):
     torch.manual_seed(2)
     model = T.build_model(_cfg(tmp_path), "cpu")
-    res = EV.evaluate(model, frames, batch_size=5)
+    res = EV.evaluate(model, frames, batch_size=5, schemes=BOTH)
     solutes = {str(f["solute"]) for f in frames}
     assert solutes <= set(res["electrostatic"]) and "all" in res["mechanical"]
     assert res["electrostatic"]["all"]["n"] == len(frames)
@@ -142,5 +160,5 @@ def test_evaluate_table_has_every_solute_and_modes_agree_in_gas_phase(tmp_path, 
         assert f"| {s} | electrostatic |" in table and f"| {s} | mechanical |" in table
     gas = [f for f in frames if len(f["mm_charges"]) == 0]
     if gas:
-        g = EV.evaluate(model, gas)
+        g = EV.evaluate(model, gas, schemes=BOTH)
         assert g["electrostatic"]["all"]["energy"] == pytest.approx(g["mechanical"]["all"]["energy"], abs=1e-9)

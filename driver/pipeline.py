@@ -1,0 +1,75 @@
+"""The data-and-model pipeline commands: ``mlmm label``, ``mlmm train`` and ``mlmm evaluate``.
+
+The work lives in the potentials layer (:mod:`potentials.qmmm_reference`, :mod:`potentials.train`,
+:mod:`potentials.evaluate`), which knows no embedding scheme; this module parses the command's arguments and
+hands it the coupling layer's objects: the embedding's point charges for labelling and the
+:class:`potentials.core.contracts.TrainingScheme` objects of :data:`coupling.schemes.SCHEMES` for training
+and evaluation. ``--print-config`` (label, train) prints the effective configuration and exits.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from potentials.core.config import describe
+from potentials.core.errors import SetupError
+
+# the rows of the `mlmm evaluate` table, in this order: what the ML client runs, and the mechanical baseline
+EVALUATED_SCHEMES = ("electrostatic", "mechanical")
+# reference data are always electrostatically embedded: the scheme whose point charges `mlmm label` uses
+LABEL_SCHEME = "electrostatic"
+
+
+def label_main(args: argparse.Namespace) -> int:
+    """``mlmm label --out FILE [--config TOML] [--frames N] [--print-config]``."""
+    import torch
+
+    from coupling.schemes import SCHEMES
+    from potentials.qmmm_reference import DEFAULT_CONFIG, LabelConfig, run
+
+    config_path = args.config if args.config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+    cfg = LabelConfig.from_toml(config_path)
+    if getattr(args, "print_config", False):
+        print(describe(cfg, title=f"mlmm label configuration ({config_path or 'defaults'})"))
+        return 0
+    threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
+    torch.set_num_threads(threads)
+    config_text = Path(config_path).read_text() if config_path else ""
+    run(cfg, args.out, SCHEMES.get(LABEL_SCHEME).point_charges, frames=args.frames, config_text=config_text,
+        threads=threads)
+    return 0
+
+
+def train_main(args: argparse.Namespace) -> int:
+    """``mlmm train CONFIG [--device D] [--resume] [--print-config]``."""
+    from coupling.schemes import SCHEMES
+    from potentials.train import TrainConfig, train
+
+    cfg = TrainConfig.from_toml(args.config)
+    if getattr(args, "print_config", False):
+        print(describe(cfg, title=f"mlmm train configuration ({args.config})"))
+        return 0
+    scheme = SCHEMES.get(cfg.embedding)()
+    train(cfg, device=args.device, resume=args.resume, scheme=scheme)
+    return 0
+
+
+def evaluate_main(args: argparse.Namespace) -> int:
+    """``mlmm evaluate MODEL DATASET [--split test] [--device D]``: print the error table per solute."""
+    import torch
+
+    from coupling.schemes import SCHEMES
+    from potentials.evaluate import evaluate, format_table, load_frames, read_gas_energies
+    from potentials.model_io import load_model
+
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    model = load_model(args.model, device=args.device)
+    frames = load_frames(args.dataset, args.split)
+    if not frames:
+        raise SetupError(f"{args.dataset}: no frames in split {args.split!r}")
+    schemes = {name: SCHEMES.get(name)() for name in EVALUATED_SCHEMES}
+    res = evaluate(model, frames, args.device, gas_energy=read_gas_energies(args.dataset), schemes=schemes)
+    print(f"{args.model} on {args.dataset} (split {args.split}, {len(frames)} frames)\n")
+    print(format_table(res))
+    return 0
