@@ -32,11 +32,12 @@ class EngineOptions:
 
 
 @ENGINES.register("mm")
-def build_mm_engine(spec, options: EngineOptions | None = None):
+def build_mm_engine(spec, options: EngineOptions | None = None, part: str = "all"):
     """The MM client's engine: the full OpenMM system, or the ML/MM-split one if the spec has an ML zone.
 
     ``options.model``/``device`` are only used by mechanical embedding with network charges on the ML atoms;
-    ``options.threads``: OpenMM CPU threads (ignored on GPU platforms).
+    ``options.threads``: OpenMM CPU threads (ignored on GPU platforms). ``part``: the whole MM force ("all"),
+    or its fast or slow part (``potentials.openmm_engine``: parts).
     """
     from potentials.openmm_engine import OpenMMEngine
     from potentials.openmm_system import load_system
@@ -46,7 +47,8 @@ def build_mm_engine(spec, options: EngineOptions | None = None):
     if spec.ml.indices:
         system = mm_system_from_spec(spec, topology, system, positions, model_path=options.model,
                                      device=options.device)
-    return OpenMMEngine(system, platform=options.platform, threads=options.threads, virial=options.virial)
+    return OpenMMEngine(system, platform=options.platform, threads=options.threads, virial=options.virial,
+                        part=part)
 
 
 def mm_system_from_spec(spec, topology, system, positions_nm=None, *, model_path=None, device: str = "cpu"):
@@ -89,6 +91,20 @@ def build_ml_engine(spec, options: EngineOptions | None = None):
 
     return MLEngine.from_spec(spec, options.model, options.device, compile=options.compile,
                               model_type=options.model_type, dtype=options.dtype)
+
+
+@ENGINES.register("mm-fast")
+def build_mm_fast_engine(spec, options: EngineOptions | None = None):
+    """The fast part of the MM force: bonded terms + real-space nonbonded (PME direct space, LJ); for ring-polymer
+    contraction, on every bead (pair with mm-slow)."""
+    return build_mm_engine(spec, options, part="fast")
+
+
+@ENGINES.register("mm-slow")
+def build_mm_slow_engine(spec, options: EngineOptions | None = None):
+    """The slow part of the MM force: PME reciprocal space; for ring-polymer contraction, on few beads (pair with
+    mm-fast)."""
+    return build_mm_engine(spec, options, part="slow")
 
 
 def build_engine(kind: str, spec, options: EngineOptions | None = None):

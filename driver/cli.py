@@ -203,11 +203,14 @@ def _add_train(sub) -> None:
 
 def _add_evaluate(sub) -> None:
     """``mlmm evaluate`` (driver/pipeline.py -> potentials/evaluate.py)."""
+    from potentials.model_formats import MODEL_TYPES
+
     s = sub.add_parser("evaluate", help="print held-out errors of a model on a dataset")
-    s.add_argument("model")
+    s.add_argument("model", help="model file: ours, or a MACE, AIMNet2 or ANI file")
     s.add_argument("dataset")
     s.add_argument("--split", default="test")
     s.add_argument("--device", default="cpu")
+    s.add_argument("--model-type", default=None, choices=MODEL_TYPES, help="model family, instead of detecting it")
 
 
 def _add_analyze(sub) -> None:

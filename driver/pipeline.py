@@ -55,20 +55,35 @@ def train_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def evaluated_model(path, device: str, model_type: str | None = None):
+    """(model in the network's units, the schemes to evaluate it in) for ``mlmm evaluate``: our network in
+    electrostatic and mechanical embedding; another package's model (no field inputs) in vacuum plus its own
+    charges coupled to the MM charges (``model-charges``: held fixed -> ``mechanical``, following the geometry ->
+    ``model-charges``) where it predicts charges, else in ``mechanical`` embedding with no ML charges (the zone in
+    vacuum: its errors then include the whole ML–MM interaction)."""
+    from potentials.adapter_base import ModelUnitsModule
+    from potentials.adapters import EmbeddedAIMNet2Adapter, load_adapter
+
+    adapter = load_adapter(path, device, model_type=model_type)
+    if isinstance(adapter, EmbeddedAIMNet2Adapter):
+        return adapter.module, EVALUATED_SCHEMES
+    return ModelUnitsModule(adapter), (("model-charges", "mechanical") if adapter.predicts_charges
+                                       else ("mechanical",))
+
+
 def evaluate_main(args: argparse.Namespace) -> int:
     """``mlmm evaluate MODEL DATASET [--split test] [--device D]``: print the error table per solute."""
     import torch
 
     from coupling.schemes import SCHEMES
     from potentials.evaluate import evaluate, format_table, load_frames, read_gas_energies
-    from potentials.model_io import load_model
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    model = load_model(args.model, device=args.device)
+    model, names = evaluated_model(args.model, args.device, getattr(args, "model_type", None))
     frames = load_frames(args.dataset, args.split)
     if not frames:
         raise SetupError(f"{args.dataset}: no frames in split {args.split!r}")
-    schemes = {name: SCHEMES.get(name)() for name in EVALUATED_SCHEMES}
+    schemes = {name: SCHEMES.get(name)() for name in names}
     res = evaluate(model, frames, args.device, gas_energy=read_gas_energies(args.dataset), schemes=schemes)
     print(f"{args.model} on {args.dataset} (split {args.split}, {len(frames)} frames)\n")
     print(format_table(res))

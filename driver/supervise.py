@@ -320,20 +320,38 @@ class Supervisor:
                 if child.exited_at is None:
                     child.exited_at = now
                 if rc != 0 and self.ipi.rc is None:
-                    self.crashed = child
-                    return (f"client '{child.name}' died ({child.describe_exit()}) near step {self.last_step}: "
-                            f"{last_lines(child.log)}; log: {child.log}")
+                    return self._died(child)
                 if self.ipi.rc is None and now - child.exited_at > EARLY_EXIT_GRACE_S:
                     return (f"client '{child.name}' exited ({child.describe_exit()}) but i-PI did not finish "
                             f"within {EARLY_EXIT_GRACE_S:g} s; logs: {child.log}, {self.ipi.log}")
-            hung = self._hung_client() or self._broken_socket()
+            hung = self._hung_client()
             if hung:
                 return hung
+            broken = self._broken_socket()
+            if broken:
+                return self._dying_client() or broken
             if self.ipi.rc is not None:
                 return None     # finished or not: decided from RESTART by the caller
             if self.housekeeping is not None and now - self._kept > HOUSEKEEPING_S:
                 self._kept = now
                 self.housekeeping()
+            time.sleep(POLL_S)
+
+    def _died(self, child: Child) -> str:
+        self.crashed = child
+        return (f"client '{child.name}' died ({child.describe_exit()}) near step {self.last_step}: "
+                f"{last_lines(child.log)}; log: {child.log}")
+
+    def _dying_client(self, wait: float = 5.0) -> str | None:
+        """A broken socket is usually a local client that crashed mid-request and is still exiting: report that
+        death (the cause, with its last log lines) rather than the socket, if it shows within ``wait`` s."""
+        deadline = time.monotonic() + wait
+        while True:
+            dead = [c for c in self.clients.values() if c.rc not in (0, None)]
+            if dead:
+                return self._died(dead[0])
+            if time.monotonic() > deadline or all(c.rc == 0 for c in self.clients.values()):
+                return None
             time.sleep(POLL_S)
 
     def _hung_client(self) -> str | None:

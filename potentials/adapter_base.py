@@ -14,6 +14,7 @@ import torch
 
 from potentials.core.errors import SetupError
 from potentials.core.registry import Registry
+from potentials.core.units import ANGSTROM_PER_NM, EV_PER_KJMOL, KJMOL_PER_EV, NM_PER_ANGSTROM
 
 log = logging.getLogger(__name__)
 
@@ -135,3 +136,24 @@ class ForeignAdapter:
         self.device = torch_device(device)
         self.module.to(self.device)
         return self
+
+
+class ModelUnitsModule(torch.nn.Module):
+    """An adapter seen as a module in the network's units, for training-side code that works in model units
+    (``mlmm evaluate``: :func:`potentials.evaluate.evaluate` with a scheme's ``network_energy``)::
+
+        module(numbers, positions Å, mol_idx, charge e, phi V, field V/Å) -> {"energy": [B] eV, "charges": [N] e}
+
+    A model without charges reports zeros (its dipole is then zero)."""
+
+    def __init__(self, adapter):
+        super().__init__()
+        self.adapter = adapter            # not a submodule: the adapter keeps its model on its device and dtype
+        self._dtype = torch.nn.Parameter(torch.zeros((), dtype=torch.float64), requires_grad=False)   # inputs
+
+    def forward(self, numbers, positions, mol_idx, charge, phi, field) -> dict:
+        out = self.adapter.forward(numbers, positions * NM_PER_ANGSTROM, mol_idx, charge, phi * KJMOL_PER_EV,
+                                   field * (KJMOL_PER_EV * ANGSTROM_PER_NM))
+        q = out.get("charges")
+        return {"energy": out["energy"] * EV_PER_KJMOL,
+                "charges": q if q is not None else torch.zeros_like(positions[:, 0])}

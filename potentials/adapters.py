@@ -29,7 +29,7 @@ import torch
 from potentials.adapter_base import MODELS, parse_dtype, torch_device, weights_dtype
 from potentials.core.errors import SetupError
 from potentials.core.units import ANGSTROM_PER_NM, EV_PER_KJMOL, KJMOL_PER_EV, NM_PER_ANGSTROM
-from potentials.model_formats import MODEL_TYPES, classify
+from potentials.model_formats import MODEL_TYPES, classify, weights_family
 from potentials.model_io import ARCHITECTURE, file_architecture, load_model, read_model_file
 from potentials.network import EmbeddedAIMNet2
 
@@ -240,11 +240,10 @@ def load_adapter(path, device="cpu", model_type: str | None = None, dtype=None):
 
 
 def weights_architecture(contents: dict) -> str:
-    """The family of a weights-only model file: its ``architecture`` entry; the ``aimnet`` package's format
-    (``model_yaml``) is ``aimnet2``; files of ours written before the key existed are the network."""
-    if "architecture" not in contents and "model_yaml" in contents:
-        return "aimnet2"
-    return file_architecture(contents)
+    """The family of a weights-only model file: its ``architecture`` entry, else what its keys say
+    (:func:`potentials.model_formats.weights_family`: AIMNet2, ANI); files of ours written before the key
+    existed are the network."""
+    return weights_family(contents) or file_architecture(contents)
 
 
 def model_class(name: str):
@@ -259,7 +258,7 @@ def model_class(name: str):
                              f"'ipi-mlmm[{extra}]'") from None
     if name not in MODELS:
         known = list(dict.fromkeys(MODEL_TYPES + MODELS.names()))
-        raise SetupError(f"unknown model type {name!r}; known: {', '.join(known)}")
+        raise SetupError(f"unknown model architecture {name!r}; known: {', '.join(known)}")
     return MODELS.get(name)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -37,7 +38,9 @@ def _import_mace():
     saved = os.environ.get(_ENV)
     os.environ[_ENV] = "1"                 # e3nn reads its constants.pt with a bare torch.load at import
     try:
-        import mace.modules
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")    # e3nn/mace import-time warnings (the forced torch.load among them)
+            import mace.modules
     finally:
         if saved is None:
             os.environ.pop(_ENV, None)
@@ -111,3 +114,8 @@ class MACEAdapter(ForeignAdapter):
                 "external_field": pos.new_zeros(n_struct, 3), "fermi_level": pos.new_zeros(n_struct)}
         out = self.module(data, training=False, compute_force=False)
         return {"energy": out["energy"].to(torch.float64) * KJMOL_PER_EV, "terms": {}}
+
+    def to(self, device) -> "MACEAdapter":
+        super().to(device)
+        self._index = self._index.to(self.device)
+        return self

@@ -122,6 +122,45 @@ def spread(u, q, order, mesh):
 
 
 @_compiled
+def reciprocal_virial(a, b, g, recip, alpha, k3):
+    """-dE/d(strain) of the reciprocal energy sum_m g_m [Re(conj(a_m) b_m) + |a_m|^2 / 2] / K (zone transform a,
+    fixed-charge transform b, kernel g, all on the rfft half spectrum of a (K1, K2, K3) mesh): per mode
+    E_m [delta - 2 (1 + pi^2 m^2 / alpha^2) m m^T / m^2] (Essmann eq. 2.6), m the reciprocal vector."""
+    n1, n2, n3 = a.shape
+    norm = 1.0 / (n1 * n2 * k3)
+    c = math.pi * math.pi / (alpha * alpha)
+    vir = np.zeros((3, 3))
+    total = 0.0
+    for i1 in range(n1):
+        m1 = i1 if 2 * i1 < n1 else i1 - n1
+        for i2 in range(n2):
+            m2 = i2 if 2 * i2 < n2 else i2 - n2
+            for i3 in range(n3):
+                gm = g[i1, i2, i3]
+                if gm == 0.0:
+                    continue
+                w = 1.0 if i3 == 0 or 2 * i3 == k3 else 2.0          # modes m and -m of the half spectrum
+                x, y = a[i1, i2, i3], b[i1, i2, i3]
+                e = w * gm * norm * (x.real * y.real + x.imag * y.imag + 0.5 * (x.real * x.real + x.imag * x.imag))
+                v0 = m1 * recip[0, 0] + m2 * recip[1, 0] + i3 * recip[2, 0]
+                v1 = m1 * recip[0, 1] + m2 * recip[1, 1] + i3 * recip[2, 1]
+                v2 = m1 * recip[0, 2] + m2 * recip[1, 2] + i3 * recip[2, 2]
+                msq = v0 * v0 + v1 * v1 + v2 * v2
+                t = e * 2.0 * (1.0 + c * msq) / msq
+                total += e
+                vir[0, 0] -= t * v0 * v0
+                vir[0, 1] -= t * v0 * v1
+                vir[0, 2] -= t * v0 * v2
+                vir[1, 1] -= t * v1 * v1
+                vir[1, 2] -= t * v1 * v2
+                vir[2, 2] -= t * v2 * v2
+    vir[1, 0], vir[2, 0], vir[2, 1] = vir[0, 1], vir[0, 2], vir[1, 2]
+    for k in range(3):
+        vir[k, k] += total
+    return vir
+
+
+@_compiled
 def _min_image(d, box):
     """Minimum image of d (3,) in a reduced box (rows a, b, c with a = (ax,0,0), b = (bx,by,0)), in place:
     exact for |d| below half the shortest box width, as in OpenMM."""
@@ -137,14 +176,15 @@ def _min_image(d, box):
 
 
 @_compiled
-def real_space(r, x, q, qx, pair_i, pair_j, box, alpha, cutoff):
+def real_space(r, x, q, qx, pair_i, pair_j, box, alpha, cutoff, width):
     """Ewald real-space sum over candidate pairs (ML atom i, MM atom j) at their minimum image, within
-    ``cutoff``: sum q_i qx_j [erfc(alpha d)/d - erfc(alpha rc)/rc] (shifted: continuous at the cutoff).
+    ``cutoff``: sum q_i qx_j S(d) erfc(alpha d)/d, S the quintic switch from 1 at ``cutoff - width`` to 0 at the
+    cutoff (C2: forces continuous as pairs leave).
 
     Returns the energy, its derivatives w.r.t. q (n,), r (n,3), x (M,3) and the pair virial (3,3)
     (-dE/d strain)."""
-    shift = math.erfc(alpha * cutoff) / cutoff
     c = 2.0 * alpha / math.sqrt(math.pi)
+    inner = cutoff - width
     energy = 0.0
     dq = np.zeros(len(r))
     dr = np.zeros((len(r), 3))
@@ -162,8 +202,14 @@ def real_space(r, x, q, qx, pair_i, pair_j, box, alpha, cutoff):
         dist = math.sqrt(r2)
         e = math.erfc(alpha * dist) / dist
         de = -(e + c * math.exp(-alpha * alpha * r2)) / dist           # d/dr of erfc(a r)/r
-        energy += q[i] * qx[j] * (e - shift)
-        dq[i] += qx[j] * (e - shift)
+        if dist > inner:
+            t = (dist - inner) / width
+            u = 1.0 - t
+            sw = u * u * u * (1.0 + 3.0 * t + 6.0 * t * t)
+            de = de * sw - e * 30.0 * t * t * u * u / width
+            e = e * sw
+        energy += q[i] * qx[j] * e
+        dq[i] += qx[j] * e
         f = q[i] * qx[j] * de / dist                                    # dE/dd = f d
         for k in range(3):
             dr[i, k] += f * d[k]

@@ -124,3 +124,16 @@ def _from_globals(path: Path, globs: list[str]) -> FileKind:
     root = next((g for g in globs if not _weights_only(g)), "")
     family = PICKLE_FAMILIES.get(root.split(".")[0].split(" ")[0])
     return FileKind("pickle", family, root)
+
+
+def weights_family(contents: dict) -> str | None:
+    """The family of a weights-only file's dict, when its keys say it: ``model_yaml`` (the ``aimnet`` package's
+    current format) -> ``aimnet2``; a TorchANI state dict (the released ``*_state_dict.pt``) -> ``ani``; None
+    otherwise (our files record ``architecture``)."""
+    if "architecture" in contents:
+        return None
+    if "model_yaml" in contents:
+        return "aimnet2"
+    if any(str(k).startswith(("energy_shifter.", "potentials.nnp.")) for k in contents):
+        return "ani"
+    return None

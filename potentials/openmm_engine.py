@@ -50,6 +50,15 @@ density of 1.0063 +- 0.0017 g/cm^3, OpenMM's MonteCarloBarostat 1.0072 +- 0.0017
 results/npt_density.md); a pair-force virial would be ~0.008 denser. Energies are read in float64 (the CPU platform's mixed
 precision moves tr W by ~1e-4 relative to the Reference platform). A strained box must stay wider than twice the
 cutoff.
+
+Parts (``part``), for ring-polymer contraction: ``"fast"`` is every bonded term plus the real-space nonbonded
+terms (erfc-screened Coulomb within the cutoff, LJ, exceptions, exclusion corrections, dispersion correction);
+``"slow"`` is the reciprocal-space sum of the NonbondedForce (``setReciprocalSpaceForceGroup``), a smooth,
+long-ranged force: even inside a water molecule its erf(αr)/r term is a spring of ~5e2 kJ/mol/nm² (α = 3.1/nm at
+a 1 nm cutoff), 1e-3 of the O–H bond's; stretching an O–H bond by 2 pm changes it ~1 % as much as the whole
+force (tests/potentials/test_openmm_parts.py). fast + slow = all, energy, forces and virial: each virial mode
+computes its part's share (the exact Σ f⊗r of the bonded terms goes with "fast", the strain differences act on
+the part's own box-dependent groups). "slow" needs a periodic system with PME, LJPME or Ewald.
 """
 from __future__ import annotations
 
@@ -70,8 +79,13 @@ _KJ = unit.kilojoule_per_mole
 _KJ_NM = unit.kilojoule_per_mole / unit.nanometer
 
 VIRIAL_MODES = ("full", "isotropic", "none")
+PARTS = ("all", "fast", "slow")          # which part of the MM force an engine serves (module docstring: parts)
 STRAIN_STEP = 2e-3            # relative strain of the finite differences (module docstring: accuracy)
-_FREE_GROUP, _BOX_GROUP = 0, 1          # force groups of a periodic context that computes a virial
+# force groups of a grouped context: box-independent (bonded), box-dependent direct space (real-space PME,
+# LJ, dispersion correction, periodic custom forces), reciprocal space of the NonbondedForce (PME, LJPME, Ewald)
+_FREE_GROUP, _BOX_GROUP, _RECIP_GROUP = 0, 1, 2
+_PART_GROUPS = {"all": (_FREE_GROUP, _BOX_GROUP, _RECIP_GROUP), "fast": (_FREE_GROUP, _BOX_GROUP),
+                "slow": (_RECIP_GROUP,)}
 # upper-triangular unit strains (a <= b): they keep a along x and b in the xy plane
 _STRAINS = tuple((a, b) for a in range(3) for b in range(a, 3))
 
@@ -104,10 +118,13 @@ class OpenMMEngine:
         the exact (free) cluster virial.
     strain_step : float
         Relative strain of the finite differences (default :data:`STRAIN_STEP`).
+    part : {"all", "fast", "slow"}
+        The part of the force computed (module docstring: parts); "all" (default) is the whole system.
     """
 
     def __init__(self, system: openmm.System, platform: str | None = None, properties: dict | None = None,
-                 threads: int | None = None, virial: str = "full", strain_step: float = STRAIN_STEP):
+                 threads: int | None = None, virial: str = "full", strain_step: float = STRAIN_STEP,
+                 part: str = "all"):
         if system.getNumConstraints():
             raise SetupError(
                 f"OpenMM system has {system.getNumConstraints()} constraints, but i-PI integrates without "
@@ -121,12 +138,20 @@ class OpenMMEngine:
         if not 0.0 < strain_step <= 0.05:
             raise SetupError(f"strain_step = {strain_step}; use a small positive relative strain (default "
                              f"{STRAIN_STEP})")
+        if part not in PARTS:
+            raise SetupError(f"part = {part!r}; choose one of {', '.join(PARTS)}")
         self.natoms: int = system.getNumParticles()
         self.periodic: bool = system.usesPeriodicBoundaryConditions()
         self.virial: str = virial if self.periodic else "cluster"
         self.strain_step = float(strain_step)
-        if self.periodic and virial != "none":
+        self.part = part
+        self._groups = -1                                 # force-group mask of the part's energy and forces
+        if part != "all" and not _has_reciprocal(system):
+            raise SetupError("a fast/slow split of the MM force needs reciprocal space: a periodic system with "
+                             "[mm] nonbonded_method = PME, LJPME or Ewald")
+        if (self.periodic and virial != "none") or part != "all":
             system = self._grouped(system)
+            self._groups = sum(1 << g for g in _PART_GROUPS[part])
         self._default_box = np.array([v.value_in_unit(unit.nanometer)
                                       for v in system.getDefaultPeriodicBoxVectors()])
         self._box: np.ndarray | None = None          # box currently set in the context (nm rows, unreduced)
@@ -134,8 +159,9 @@ class OpenMMEngine:
         self.threads = threads
         self.context = self._make_context(system, platform, dict(properties or {}))
         self.platform: str = self.context.getPlatform().getName()
-        log.info("OpenMM engine: %d atoms, %s, platform %s, virial %s", self.natoms,
-                 "periodic" if self.periodic else "non-periodic", self.platform, self.virial)
+        log.info("OpenMM engine: %d atoms, %s, platform %s, virial %s%s", self.natoms,
+                 "periodic" if self.periodic else "non-periodic", self.platform, self.virial,
+                 "" if part == "all" else f", part {part} (force groups {_PART_GROUPS[part]})")
 
     @property
     def provides_virial(self) -> bool:
@@ -144,12 +170,13 @@ class OpenMMEngine:
 
     @staticmethod
     def _grouped(system: openmm.System) -> openmm.System:
-        """A copy of ``system`` whose box-dependent forces are in group _BOX_GROUP and the others in _FREE_GROUP."""
+        """A copy of ``system`` whose box-dependent forces are in group _BOX_GROUP (their reciprocal space in
+        _RECIP_GROUP) and the others in _FREE_GROUP."""
         system = copy.deepcopy(system)
         for force in system.getForces():
             force.setForceGroup(_BOX_GROUP if force.usesPeriodicBoundaryConditions() else _FREE_GROUP)
             if isinstance(force, openmm.NonbondedForce):
-                force.setReciprocalSpaceForceGroup(-1)          # reciprocal space with the rest of it
+                force.setReciprocalSpaceForceGroup(_RECIP_GROUP)
         return system
 
     def _make_context(self, system: openmm.System, platform: str | None, properties: dict) -> openmm.Context:
@@ -204,7 +231,9 @@ class OpenMMEngine:
             else:
                 strained = self._strain_virial(pos, box)
                 energy, forces = self._evaluate(pos, box)    # last: the context is left at this structure
-                virial = strained + self._free_forces().T @ pos
+                virial = strained
+                if _FREE_GROUP in _PART_GROUPS[self.part]:
+                    virial = virial + self._free_forces().T @ pos
             out.append(ForceResult(energy, forces, virial, {}))
         return out
 
@@ -215,7 +244,7 @@ class OpenMMEngine:
             if self.periodic:
                 self._set_box(box)
             self.context.setPositions(pos)
-            state = self.context.getState(getEnergy=True, getForces=True)
+            state = self.context.getState(getEnergy=True, getForces=True, groups=self._groups)
         except openmm.OpenMMException as exc:
             raise CalculationFailed(f"OpenMM evaluation failed: {exc}") from None
         return (state.getPotentialEnergy().value_in_unit(_KJ),
@@ -240,7 +269,7 @@ class OpenMMEngine:
                     deform = np.eye(3) + sign * s * unit_strain
                     self._apply_box(box @ deform.T)
                     self.context.setPositions(pos @ deform.T)
-                    state = self.context.getState(getEnergy=True, groups=1 << _BOX_GROUP)
+                    state = self.context.getState(getEnergy=True, groups=self._box_groups)
                     e.append(state.getPotentialEnergy().value_in_unit(_KJ))
                 dw = -(e[0] - e[1]) / (2.0 * s)
                 if ab is None:
@@ -251,6 +280,11 @@ class OpenMMEngine:
             raise CalculationFailed(f"OpenMM evaluation failed while straining the cell by {s:g} for the virial "
                                     f"(the box must stay wider than twice the cutoff): {exc}") from None
         return w
+
+    @property
+    def _box_groups(self) -> int:
+        """Force-group mask of the part's box-dependent forces (what the strain differences act on)."""
+        return sum(1 << g for g in _PART_GROUPS[self.part] if g != _FREE_GROUP)
 
     def _free_forces(self) -> np.ndarray:
         """Forces (kJ/mol/nm) of the box-independent forces at the context's current state."""
@@ -276,3 +310,9 @@ class OpenMMEngine:
         reduced = reducePeriodicBoxVectors([openmm.Vec3(*row) for row in box]).value_in_unit(unit.nanometer)
         self.context.setPeriodicBoxVectors(*reduced)
         self._box = box.copy()
+
+
+def _has_reciprocal(system: openmm.System) -> bool:
+    """Whether ``system`` has a NonbondedForce with a reciprocal-space part (PME, LJPME, Ewald)."""
+    kinds = (openmm.NonbondedForce.PME, openmm.NonbondedForce.LJPME, openmm.NonbondedForce.Ewald)
+    return any(isinstance(f, openmm.NonbondedForce) and f.getNonbondedMethod() in kinds for f in system.getForces())

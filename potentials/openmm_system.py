@@ -2,9 +2,15 @@
 
 The returned system is the plain MM description of every atom. ML-zone residues that have an MM template keep
 their normal parameters (``coupling.mmsystem`` removes what the ML client owns). ML-zone residues that the force
-field does not know (a ligand) get a template made on the fly by :class:`MLZoneTemplates`: one atom type per
-element carrying only Lennard-Jones parameters, zero charge and no bonded terms, so a ligand never needs MM
-parameters. Its LJ terms are what the MM client uses for ML–MM van der Waals.
+field does not know (a ligand) get a template made on the fly by :class:`MLZoneTemplates`: Lennard-Jones
+parameters only, zero charge and no bonded terms, so a ligand never needs MM parameters. Its LJ terms are what the
+MM client uses for ML–MM van der Waals. ``[ml] lj = "gaff"`` (the default) types each atom as a force field would
+(``potentials.lj_typing``): GAFF 1.81 hybridisation-aware types for heavy atoms and C–H hydrogens, and CHARMM's
+small polar-H radius (Rmin/2 = 0.2245 Å, ε = 0.046 kcal/mol) for hydrogens on O and N, so that an ML hydroxyl or
+ammonium H can donate a hydrogen bond to MM water (the aliphatic hc radius costs +168 kJ/mol at an H…O distance
+of 0.185 nm) without falling onto an MM charge. ``lj = "element"`` is the older one-type-per-element table
+(:data:`GAFF_LJ`, every H hc), kept so that old runs can be reproduced. ``[ml] lj_table`` entries override
+either, per element. Templates keep their force-field parameters.
 
 Units: positions nm, sigma nm, epsilon kJ/mol.
 """
@@ -26,12 +32,13 @@ from potentials.atom_selection import select
 from potentials.core.errors import SetupError
 from potentials.core.spec import MMSpec, SystemSpec
 from potentials.core.units import ANGSTROM_PER_NM, KJMOL_PER_KCALMOL
+from potentials.lj_typing import TYPE_RMIN_EPS, assign_types, sigma_eps
 
 log = logging.getLogger(__name__)
 
 # GAFF 1.81 (AmberTools gaff.dat, NONBON section): Rmin/2 in Å and well depth in kcal/mol of one representative
-# atom type per element (in brackets). Hydrogens all get hc, never the zero-radius ho/hw, so that a polar ligand
-# H cannot sit on top of an MM charge (ML atoms carry no MM charge, but the network sees the MM charges).
+# atom type per element (in brackets): the legacy lj = "element" table, and the fallback of lj = "gaff" for
+# elements it has no type for. Every H is hc here, which forbids hydrogen bonds from polar ML hydrogens.
 GAFF_LJ = {
     "H": (1.4870, 0.0157),   # hc
     "C": (1.9080, 0.1094),   # c3
@@ -45,6 +52,7 @@ GAFF_LJ = {
     "I": (2.15, 0.50),       # i  (Junmei 2010)
 }
 TYPE_PREFIX = "mlmm-"        # atom types and templates made here start with this
+LJ_MODES = ("gaff", "element")   # [ml] lj: typed (potentials.lj_typing, default) | one type per element (legacy)
 
 
 def element_lj_table(overrides: dict[str, Sequence[float]] | None = None) -> dict[str, tuple[float, float]]:
@@ -65,6 +73,12 @@ def element_lj_table(overrides: dict[str, Sequence[float]] | None = None) -> dic
             raise SetupError(f"[ml] lj_table: {el} = [{sigma}, {eps}]; sigma must be in (0, 1) nm, epsilon >= 0")
         table[el] = (sigma, eps)
     return table
+
+
+def lj_override_elements(overrides: dict[str, Sequence[float]] | None) -> set[str]:
+    """The element symbols of ``[ml] lj_table``, normalised ("CL" -> "Cl"); checked by :func:`element_lj_table`."""
+    element_lj_table(overrides)            # raises SetupError on a bad entry
+    return {app.element.Element.getBySymbol(el).symbol for el in (overrides or {})}
 
 
 # ----------------------------------------------------------------------------------------------- input files
@@ -137,19 +151,26 @@ class MLZoneTemplates:
 
     A residue qualifies when all of its atoms are in the ML zone and its name is not one of the force field's own
     templates (a standard residue that fails to match is missing atoms: that must stay an error). Each atom gets
-    the type ``mlmm-<element>`` with LJ parameters from ``lj_table`` and charge ``charge_per_atom`` (0 in the
-    simulation; prepare uses a spread net charge only so that Modeller neutralises a charged ligand). No bonded
-    parameters exist for these types, so no bonded term is created.
+    an LJ type: with ``typing="gaff"`` from :func:`potentials.lj_typing.assign_types` (the residue's bonds and
+    elements), with ``typing="element"`` its element's entry of ``lj_table``; elements in ``overrides`` (the user's
+    ``[ml] lj_table``) always take ``lj_table``. Charge ``charge_per_atom`` (0 in the simulation; prepare uses a
+    spread net charge only so that Modeller neutralises a charged ligand). No bonded parameters exist for these
+    types, so no bonded term is created.
 
     Use with ``forcefield.registerTemplateGenerator(MLZoneTemplates(ml_indices, element_lj_table()))``.
     """
 
     def __init__(self, ml_indices: Iterable[int], lj_table: dict[str, tuple[float, float]],
-                 charge_per_atom: float = 0.0):
+                 charge_per_atom: float = 0.0, typing: str = "gaff", overrides: Iterable[str] = ()):
+        if typing not in LJ_MODES:
+            raise SetupError(f"[ml] lj = '{typing}'; choose one of {', '.join(LJ_MODES)}")
         self.ml = {int(i) for i in ml_indices}
         self.lj = lj_table
         self.charge_per_atom = float(charge_per_atom)
+        self.typing = typing
+        self.overrides = set(overrides)       # elements whose [ml] lj_table entry wins over the typing
         self.generated: list[str] = []        # names of the templates made, for logs and tests
+        self.types: dict[int, str] = {}       # atom index -> LJ type given (for logs and tests)
 
     def __call__(self, forcefield: app.ForceField, residue: app.topology.Residue) -> bool:
         atoms = list(residue.atoms())
@@ -157,30 +178,55 @@ class MLZoneTemplates:
             return False
         if residue.name in _ff_template_names(forcefield):
             return False
-        missing = sorted({a.element.symbol for a in atoms} - set(self.lj))
+        params = self._parameters(residue, atoms)
+        name = f"{TYPE_PREFIX}{residue.name}-{len(self.generated)}"
+        forcefield.loadFile(io.StringIO(self._ffxml(forcefield, residue, atoms, name, params)))
+        self.generated.append(name)
+        log.info("residue %s %s (ML, no MM template): LJ types %s", residue.id, residue.name,
+                 " ".join(f"{a.name}:{t}" for a, (t, _, _) in zip(atoms, params)))
+        return True
+
+    def _parameters(self, residue, atoms) -> list[tuple[str, float, float]]:
+        """(type, sigma nm, epsilon kJ/mol) per atom: the typing, then [ml] lj_table overrides by element."""
+        elements = [a.element.symbol for a in atoms]
+        if self.typing == "gaff":
+            local = {a.index: i for i, a in enumerate(atoms)}
+            types = assign_types(elements, [(local[a.index], local[b.index]) for a, b in residue.internal_bonds()])
+        else:
+            types = list(elements)
+        out, missing = [], []
+        for atom, el, t in zip(atoms, elements, types):
+            if el in self.overrides or (t not in TYPE_RMIN_EPS and el in self.lj):
+                t = el
+                out.append((t, *self.lj[el]))
+            elif t in TYPE_RMIN_EPS:
+                out.append((t, *sigma_eps(t)))
+            else:
+                missing.append(el)
+            self.types[atom.index] = t
         if missing:
+            missing = sorted(set(missing))
             raise SetupError(f"residue {residue.id} {residue.name}: no Lennard-Jones parameters for element(s) "
                              f"{', '.join(missing)}; add them under [ml] lj_table = {{ {missing[0]} = [sigma_nm, "
                              "epsilon_kjmol] }} in system.toml")
-        name = f"{TYPE_PREFIX}{residue.name}-{len(self.generated)}"
-        forcefield.loadFile(io.StringIO(self._ffxml(forcefield, residue, atoms, name)))
-        self.generated.append(name)
-        log.debug("made LJ-only template %s for residue %s %s", name, residue.id, residue.name)
-        return True
+        if self.typing == "element" and any({a.element.symbol, b.element.symbol} in ({"H", "O"}, {"H", "N"})
+                                            for a, b in residue.internal_bonds()):
+            log.warning("residue %s %s: [ml] lj = \"element\" gives its O-H/N-H hydrogens the aliphatic hc radius, "
+                        "which forbids hydrogen bonds to MM atoms; use lj = \"gaff\"", residue.id, residue.name)
+        return out
 
-    def _ffxml(self, forcefield: app.ForceField, residue, atoms, name: str) -> str:
+    def _ffxml(self, forcefield: app.ForceField, residue, atoms, name: str, params) -> str:
         root = ET.Element("ForceField")
         types = ET.SubElement(root, "AtomTypes")
-        symbols = sorted({a.element.symbol for a in atoms})
-        for s in symbols:
+        used = sorted({(t, a.element.symbol) for a, (t, _, _) in zip(atoms, params)})
+        for t, s in used:          # type names are unique per template: no clash between generated templates
             mass = app.element.Element.getBySymbol(s).mass.value_in_unit(unit.dalton)
-            ET.SubElement(types, "Type", {"name": TYPE_PREFIX + s, "class": TYPE_PREFIX + s, "element": s,
+            ET.SubElement(types, "Type", {"name": f"{name}-{t}", "class": f"{name}-{t}", "element": s,
                                           "mass": repr(mass)})
         res = ET.SubElement(ET.SubElement(root, "Residues"), "Residue", name=name)
         local = {a.index: i for i, a in enumerate(atoms)}
-        for i, a in enumerate(atoms):   # names must be unique in a template; matching uses elements + bonds
-            ET.SubElement(res, "Atom", name=f"A{i}", type=TYPE_PREFIX + a.element.symbol,
-                          charge=repr(self.charge_per_atom))
+        for i, (a, (t, _, _)) in enumerate(zip(atoms, params)):   # names unique; matching uses elements + bonds
+            ET.SubElement(res, "Atom", name=f"A{i}", type=f"{name}-{t}", charge=repr(self.charge_per_atom))
         for a, b in residue.internal_bonds():
             ET.SubElement(res, "Bond", {"from": str(local[a.index]), "to": str(local[b.index])})
         for a, b in residue.external_bonds():
@@ -190,9 +236,8 @@ class MLZoneTemplates:
         c14, lj14 = (existing[0].coulomb14scale, existing[0].lj14scale) if existing else (1 / 1.2, 0.5)
         nb = ET.SubElement(root, "NonbondedForce", coulomb14scale=repr(c14), lj14scale=repr(lj14))
         ET.SubElement(nb, "UseAttributeFromResidue", name="charge")
-        for s in symbols:
-            sigma, eps = self.lj[s]
-            ET.SubElement(nb, "Atom", type=TYPE_PREFIX + s, sigma=repr(sigma), epsilon=repr(eps))
+        for t, sigma, eps in sorted(set(params)):
+            ET.SubElement(nb, "Atom", type=f"{name}-{t}", sigma=repr(sigma), epsilon=repr(eps))
         return ET.tostring(root, encoding="unicode")
 
 
@@ -305,8 +350,9 @@ def load_system(spec: SystemSpec) -> tuple[app.Topology, openmm.System, np.ndarr
     template get LJ-only templates (see :class:`MLZoneTemplates`); any other template-less residue is an error.
     A spec with ``[ml] selection`` but no ``indices`` gets its indices filled in (the spec is modified).
     """
-    if spec.ml.lj != "element":
-        raise SetupError(f"[ml] lj = '{spec.ml.lj}'; only \"element\" (per-element table) is supported")
+    if spec.ml.lj not in LJ_MODES:
+        raise SetupError(f"[ml] lj = '{spec.ml.lj}'; choose \"gaff\" (typed, default) or \"element\" (one type "
+                         "per element, every H aliphatic)")
     topology, positions = read_structure(spec.structure_path)
     ml = ml_indices_of(spec, topology)
     if spec.ml.selection and not spec.ml.indices:
@@ -328,7 +374,8 @@ def load_system(spec: SystemSpec) -> tuple[app.Topology, openmm.System, np.ndarr
     forcefield = open_forcefield(spec.structure.forcefield, spec.root)
     free = check_templates(forcefield, topology, ml, spec.structure.forcefield)
     infer_bonds(topology, positions, free)     # the generated templates need the ligand's bonds
-    generator = MLZoneTemplates(ml, element_lj_table(spec.ml.lj_table))
+    generator = MLZoneTemplates(ml, element_lj_table(spec.ml.lj_table), typing=spec.ml.lj,
+                                overrides=lj_override_elements(spec.ml.lj_table))
     forcefield.registerTemplateGenerator(generator)
     system = create_system(forcefield, topology, spec.mm, spec.structure.periodic)
     if system.getNumParticles() != len(positions):

@@ -21,7 +21,12 @@ Choices (documented here because the dataset depends on them):
 * Droplets: waters whose oxygen lies within ``droplet_radius`` of the solute centroid, no cutoff, no
   counter-ion, and a flat-bottom restraint (k = 500 kJ/mol/nm^2 beyond the radius) between the solute
   centre of mass and each water oxygen that keeps the droplet from evaporating at 400 K.
-* Solute parameters come from ``inputs/forcefields/solutes.xml`` (OPLS-like, for sampling only).
+* Solute parameters come from ``inputs/forcefields/solutes.xml`` (OPLS-like, for sampling only). Its polar
+  hydrogens (O–H, N–H) carry the CHARMM polar-H LJ (σ = 0.0400 nm, ε = 0.1925 kJ/mol), the same as the ML/MM
+  production typing of template-less ML atoms (``potentials.lj_typing``), so that the frames are drawn from the
+  shells production samples. The shipped data (inputs/data) were sampled with ε = 0 on them; the shells differ
+  little (tests/bench/bench_polar_h_sampling.py, PERFORMANCE.md). A chain cached before the change keeps the
+  System it was built with (``cache/<chain id>/system.xml``): delete the cache to sample with the new one.
 
 Units: nm, ps, kJ/mol, K (internal); the hand-built starting geometries are in Å.
 """

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def methanol_box_factory(tmp_path_factory):
     """make(name, seed, double) -> (system.toml, model file): the methanol example prepared in 117 TIP3P waters
-    (357 atoms, PME, MM cutoff 0.7 nm, embedding cutoff 0.5 nm) and a tiny network with random weights
+    (about 357 atoms, PME, MM cutoff 0.7 nm, embedding cutoff 0.5 nm) and a tiny network with random weights
     (float64 if ``double``, e.g. for finite differences)."""
     from driver.cli import main as cli
     from potentials.model_io import save_model

@@ -64,3 +64,30 @@ def build_aimnet2(folder: Path, seed: int = 0, name: str = "aimnet2_small.pt") -
         export_model.callback(str(folder / "weights.pt"), str(folder / name), str(folder / "model.yaml"),
                               str(folder / "model.sae"), None, None, ())
     return folder / name
+
+
+def build_ani(folder: Path, seed: int = 0) -> dict[str, Path]:
+    """A small ANI model (TorchANI's ``simple_ani``, H C N O) saved as a pickled model object and as a TorchScript
+    archive, and TorchANI's ANI-2x architecture with random weights saved as the released weights file
+    ``ani2x_state_dict.pt`` is (a state dict). Returns {"pickle", "torchscript", "ani2x"} -> path, and the two
+    modules under "modules"."""
+    from unittest import mock
+
+    import torchani
+    from torchani import models
+    from torchani.arch import simple_ani
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    small = simple_ani(["H", "C", "N", "O"], "wb97x-631gd", radial_shifts=8, angular_shifts=4, sections=2)
+    torch.save(small, folder / "ani_small.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.script(small).save(str(folder / "ani_small.jpt"))
+    with mock.patch.object(torchani.arch.ANI, "load_state_dict", lambda self, sd, **k: None), \
+            mock.patch.object(models, "_fetch_state_dict", lambda *a, **k: None):
+        ani2x = models.ANI2x()                    # the released architecture, random weights
+    torch.save(ani2x.state_dict(), folder / "ani2x_state_dict.pt")
+    return {"pickle": folder / "ani_small.pt", "torchscript": folder / "ani_small.jpt",
+            "ani2x": folder / "ani2x_state_dict.pt", "modules": {"small": small, "ani2x": ani2x}}

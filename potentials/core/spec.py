@@ -30,7 +30,7 @@ class MLSpec:
     indices: list[int] = field(default_factory=list)   # resolved 0-based atom indices of the ML zone
     charge: int = 0                             # total charge of the ML zone (e)
     zone: str = "whole-molecules"               # ML-zone mapping (coupling.zones.ZONES): whole molecules today
-    lj: str = "element"                         # where ML atoms without MM template get LJ: "element" table
+    lj: str = "gaff"                            # LJ of ML atoms without MM template: "gaff" typed | "element" (legacy)
     lj_table: dict[str, list[float]] = field(default_factory=dict)  # element -> [sigma_nm, epsilon_kjmol]
 
 

@@ -193,11 +193,20 @@ def test_cluster_split_is_the_full_coulomb_system(cluster):
     assert np.abs(f - f_full).max() < 1e-6 * np.abs(f_full).max()
 
 
-def test_registered_with_its_rows():
+def test_registered_with_its_rows_and_the_default_in_a_box():
+    """The scheme's rows in the ownership table; a system file without [coupling] embedding gets it in a
+    periodic box (what `mlmm prepare` writes there) and the cutoff-only scheme for a cluster; a name given stays."""
+    from potentials.core.spec import CouplingSpec, StructureSpec, SystemSpec
+
     scheme = SCHEMES.get(LR)()
     table = scheme.ownership_table()
     assert "beyond the cutoff" in table and "own periodic images" in table and "long-range term" in table
     assert scheme.field_inputs and np.all(scheme.ml_charges_in_mm(np.ones(3), None) == 0)
+    assert SystemSpec(StructureSpec(file="x.pdb")).coupling.embedding == LR
+    assert SystemSpec(StructureSpec(file="x.pdb", periodic=False)).coupling.embedding == "electrostatic"
+    named = SystemSpec(StructureSpec(file="x.pdb"), coupling=CouplingSpec(embedding="electrostatic"))
+    assert named.coupling.embedding == "electrostatic"
+    assert SystemSpec.from_dict(named.to_dict()).coupling.embedding == "electrostatic"
 
 
 # ------------------------------------------------------------------------------ the network: derivatives
@@ -223,7 +232,8 @@ def test_network_forces_and_virial_match_finite_differences(charged_box, tiny_ne
     w = strain_virial(engine, pos, box)
     assert np.allclose(res.virial, w, rtol=1e-5, atol=1e-3)
     eps = 1e-6
-    iso = -(energy(engine, pos * (1 + eps), box * (1 + eps)) - energy(engine, pos * (1 - eps), box * (1 - eps))) / (2 * eps)
+    iso = -(energy(engine, pos * (1 + eps), box * (1 + eps))
+            - energy(engine, pos * (1 - eps), box * (1 - eps))) / (2 * eps)
     assert np.trace(res.virial) == pytest.approx(iso, rel=1e-6, abs=1e-3)
 
 

@@ -17,3 +17,27 @@ def procs_in(folder: Path) -> dict[int, str]:
         except OSError:
             continue
     return out
+
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE_DIR = REPO / "inputs" / "examples" / "methanol" / "prepared"
+MINIMISED = REPO / "tests" / "data" / "methanol_minimised.npz"
+
+
+def minimised_example(folder: Path) -> Path:
+    """The shipped example's system as `mlmm prepare` left it, before the ML/MM equilibration whose final state
+    ``inputs/examples/methanol/prepared/system.pdb`` holds: same topology, box and system.toml, the positions of
+    ``tests/data/methanol_minimised.npz`` (the solvent minimised around the ML zone, no water at the hydroxyl H).
+    For runs with random-weight networks: their ML-MM forces are arbitrary, and from the equilibrated,
+    hydrogen-bonded structure they pull a water onto the hydroxyl H within ~15 steps. Returns the system.toml."""
+    import numpy as np
+    from openmm import app, unit
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "system.toml").write_text((EXAMPLE_DIR / "system.toml").read_text())
+    pdb = app.PDBFile(str(EXAMPLE_DIR / "system.pdb"))
+    x = np.load(MINIMISED)["positions_nm"].astype(np.float64)
+    assert x.shape == (pdb.topology.getNumAtoms(), 3)
+    with open(folder / "system.pdb", "w") as fh:
+        app.PDBFile.writeFile(pdb.topology, x * unit.nanometer, fh, keepIds=True)
+    return folder / "system.toml"

@@ -13,7 +13,8 @@ from coupling.embedding import MMEnvironment, select_environment
 from driver.cli import main as cli
 from driver.prepare import estimate_formal_charge
 from potentials.core.spec import SystemSpec
-from potentials.openmm_system import element_lj_table, load_system
+from potentials.lj_typing import sigma_eps
+from potentials.openmm_system import load_system
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "inputs" / "examples"
@@ -63,14 +64,15 @@ def test_methanol_in_water(tmp_path):
     assert np.allclose(pdb.topology.getPeriodicBoxVectors().value_in_unit(unit.nanometer), box, atol=1e-4)
     assert "CONECT    2    1    6" in (out / "system.pdb").read_text()   # ligand bonds written (O-C, O-H)
 
-    table = element_lj_table()
+    expected = dict(zip(["C1", "O1", "H11", "H12", "H13", "HO1"], ["c3", "oh", "h1", "h1", "h1", "hgp1"]))
     q = charges(system)
     nb = next(f for f in system.getForces() if isinstance(f, openmm.NonbondedForce))
+    assert spec.ml.lj == "gaff"
     for i, atom in zip(spec.ml.indices, list(top.atoms())[:6]):
         _, sigma, eps = nb.getParticleParameters(i)
         assert q[i] == 0.0
         assert (sigma.value_in_unit(unit.nanometer), eps.value_in_unit(unit.kilojoule_per_mole)) == \
-            pytest.approx(table[atom.element.symbol])
+            pytest.approx(sigma_eps(expected[atom.name]))
     assert ml_bonded_terms(system, set(spec.ml.indices)) == 0
     assert abs(q.sum()) < 1e-6                                       # neutral and integer
     # the embedding accepts the box: cutoff + ML radius < half width

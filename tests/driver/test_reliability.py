@@ -22,12 +22,11 @@ from openmm import app, unit
 
 from driver import launch, trajectory, xmlinput
 from potentials.core.errors import CalculationFailed, SetupError
-from run_helpers import procs_in
+from run_helpers import minimised_example, procs_in
 from potentials.core.spec import MMSpec, StructureSpec, SystemSpec
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATES = REPO / "inputs" / "templates"
-EXAMPLE = REPO / "inputs" / "examples" / "methanol" / "prepared" / "system.toml"
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -51,6 +50,13 @@ def cluster(tmp_path_factory) -> Path:
     SystemSpec(StructureSpec(file="water.pdb", forcefield=["amber14/tip3p.xml"], periodic=False),
                mm=MMSpec(nonbonded_method="NoCutoff", rigid_water=False)).save(folder / "system.toml")
     return folder / "system.toml"
+
+
+@pytest.fixture(scope="module")
+def example(tmp_path_factory) -> Path:
+    """The methanol example as `mlmm prepare` left it: the random network below would pull a water onto the
+    hydrogen-bonded hydroxyl H of the equilibrated one (run_helpers.minimised_example)."""
+    return minimised_example(tmp_path_factory.mktemp("example"))
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +177,7 @@ def _kill_when(folder: Path, rows: int, needle: str, killed: list[int], timeout:
         time.sleep(0.05)
 
 
-def test_killed_ml_client_recovers(model, tmp_path, caplog):
+def test_killed_ml_client_recovers(model, example, tmp_path, caplog):
     """kill -9 of the ML client mid-run (methanol in water, real network and OpenMM clients): the supervisor
     stops i-PI (RESTART), cuts the outputs back to RESTART's step (safe_stride 10 > properties stride 2, so rows
     past it exist), restarts everything and finishes. Every step's row once, one continuous trajectory, and
@@ -182,7 +188,7 @@ def test_killed_ml_client_recovers(model, tmp_path, caplog):
     killer = threading.Thread(target=_kill_when, args=(out, 8, " client ml ", killed), daemon=True)
     killer.start()
     with caplog.at_level("INFO"):
-        result = launch.run_simulation(xml, EXAMPLE, out=out, model=model, steps=40, seed=5, progress=False)
+        result = launch.run_simulation(xml, example, out=out, model=model, steps=40, seed=5, progress=False)
     killer.join(5)
     assert len(killed) == 2, "the ML client was never killed: the test did not test anything"
     assert result.steps_done == 40
@@ -195,7 +201,7 @@ def test_killed_ml_client_recovers(model, tmp_path, caplog):
     log = (out / "client_ml.log").read_text()
     assert log.count("summary:") == 1           # the first client died without one; its log was kept, appended
     assert (out / "resume.xml").is_file() and procs_in(out) == {}
-    launch.run_simulation(xml, EXAMPLE, out=ref, model=model, steps=40, seed=5, progress=False)
+    launch.run_simulation(xml, example, out=ref, model=model, steps=40, seed=5, progress=False)
     _assert_same_run(ref, out, np.arange(0, 41, 2))
     assert len(_nc(out)[0]) == 5
 

@@ -216,8 +216,8 @@ def _remote_client(system: Path, model: Path, port: int, log: Path):
 def test_remote_client_failure_ends_run_cleanly(how, cluster, tmp_path):
     """A remote ML client (started by hand, inet socket, --ml-clients 0 --remote-ml-clients 1) killed -9 or
     stopped mid-run: i-PI itself drops it (exit_on_disconnect, timeout), writes RESTART and stops; mlmm run ends
-    with one line naming the client, nothing left running. A new remote client and --resume finish the run with
-    every step once."""
+    with one line naming the client, nothing left running. After the kill, a new remote client and --resume
+    finish the run with every step once."""
     port = _free_port()
     system, model = cluster.parent / "ml_system.toml", SHIPPED_MODEL     # a random network would blow water up
     xml = _variant(TEMPLATES / "nvt_bussi.xml", tmp_path / "nvt.xml", props=5, pos=10, safe=5, inet_ml=port)
@@ -245,6 +245,8 @@ def test_remote_client_failure_ends_run_cleanly(how, cluster, tmp_path):
         else ("did not answer a request within 5 s" in msg), msg
     step = xmlinput.restart_step(out / "RESTART")
     assert 0 < step < 400 and procs_in(out) == {}
+    if how == "stop":
+        return                      # the continuation is the same as after a kill (CI time)
     client = _remote_client(system, model, port, tmp_path / "remote.log")
     try:
         result = launch.resume_simulation(out, progress=False)

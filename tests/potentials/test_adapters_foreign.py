@@ -4,6 +4,7 @@ does not weaken the loading of our own files, and each adapter gives its package
 forces (in nm / kJ/mol) for single and batched structures, neutral and charged."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import pickle
 import subprocess
@@ -14,10 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from model_builders import build_aimnet2, build_mace
+from model_builders import build_aimnet2, build_ani, build_mace
 from potentials.adapters import load_adapter, weights_architecture
+from potentials.core import units
 from potentials.core.errors import SetupError
-from potentials.core.units import ANGSTROM_PER_NM, EV_PER_ANGSTROM_PER_KJMOL_PER_NM, EV_PER_KJMOL, NM_PER_ANGSTROM
+from potentials.core.units import EV_PER_ANGSTROM_PER_KJMOL_PER_NM, EV_PER_KJMOL, NM_PER_ANGSTROM
 from potentials.model_formats import classify
 from potentials.model_io import read_model_file
 
@@ -32,16 +34,34 @@ ETHANOL = np.array([[1.168, -0.400, 0.0], [0.0, 0.559, 0.0], [-1.190, -0.230, 0.
                     [0.040, 1.200, 0.890], [0.050, 1.210, -0.880]])
 
 
+def require(package: str) -> None:
+    """Skip without ``package`` (found, not imported: ``import mace`` would change this process's torch.load)."""
+    if importlib.util.find_spec(package) is None:
+        pytest.skip(f"{package} is not installed")
+
+
 @pytest.fixture(scope="module")
 def mace_file(tmp_path_factory):
-    pytest.importorskip("mace")
+    require("mace")
     return build_mace(tmp_path_factory.mktemp("mace") / "small.model")
 
 
 @pytest.fixture(scope="module")
 def aimnet_file(tmp_path_factory):
-    pytest.importorskip("aimnet")
+    require("aimnet")
     return build_aimnet2(tmp_path_factory.mktemp("aimnet"))
+
+
+@pytest.fixture
+def mace_calculator(monkeypatch):
+    """mace's ASE calculator; what importing it and running it change process-wide (the torch.load environment
+    variable, torch's default dtype) is undone after the test."""
+    monkeypatch.setenv(ENV, "1")                 # MACECalculator loads the model with a bare torch.load
+    saved = torch.get_default_dtype()
+    from mace.calculators import MACECalculator
+
+    yield MACECalculator
+    torch.set_default_dtype(saved)
 
 
 class _Marker:
@@ -104,7 +124,7 @@ def test_importing_mace_keeps_our_loading_weights_only(tmp_path):
     """`import mace` sets TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1; the adapter module restores it. Checked in a fresh
     process (this one may have imported mace already): after loading a MACE file the variable is unset and a
     bare torch.load refuses a pickle with code."""
-    pytest.importorskip("mace")
+    require("mace")
     marker = tmp_path / "ran"
     torch.save({"x": _Marker(marker)}, tmp_path / "evil.pt")
     code = f"""
@@ -120,16 +140,19 @@ try:
 except Exception as exc:
     print('refused', type(exc).__name__)
 """
-    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    env = {k: v for k, v in os.environ.items() if k != ENV}
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env=env)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "refused" in res.stdout and not marker.exists()
 
 
 # ------------------------------------------------------------------------------------------------ MACE
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_mace_adapter_matches_mace_calculator(mace_file, dtype):
+def test_mace_adapter_matches_mace_calculator(mace_file, dtype, mace_calculator):
     from ase import Atoms
-    from mace.calculators import MACECalculator
+
+    MACECalculator = mace_calculator
 
     adapter = load_adapter(mace_file, "cpu", dtype=dtype)
     assert adapter.architecture == "mace" and adapter.elements == (1, 6, 7, 8)
@@ -137,13 +160,9 @@ def test_mace_adapter_matches_mace_calculator(mace_file, dtype):
     x, numbers, pos, mol, phi, field = _batch(ETHANOL, ETHANOL_Z, 2)
     out = adapter.forward(numbers, pos, mol, torch.zeros(2, dtype=torch.float64), phi, field)
     g, = torch.autograd.grad(out["energy"].sum(), x)
-    saved = torch.get_default_dtype()
-    try:
-        atoms = Atoms(numbers=ETHANOL_Z, positions=ETHANOL)
-        atoms.calc = MACECalculator(model_paths=str(mace_file), device="cpu", default_dtype=dtype)
-        e_ref, f_ref = atoms.get_potential_energy(), atoms.get_forces()
-    finally:
-        torch.set_default_dtype(saved)
+    atoms = Atoms(numbers=ETHANOL_Z, positions=ETHANOL)
+    atoms.calc = MACECalculator(model_paths=str(mace_file), device="cpu", default_dtype=dtype)
+    e_ref, f_ref = atoms.get_potential_energy(), atoms.get_forces()
     tol_e, tol_f = (1e-9, 1e-9) if dtype == "float64" else (1e-5 * len(ETHANOL_Z), 1e-4)
     assert out["energy"].dtype == torch.float64
     np.testing.assert_allclose(out["energy"].detach().numpy() * EV_PER_KJMOL, [e_ref, e_ref], rtol=0, atol=tol_e)
@@ -177,7 +196,7 @@ def test_aimnet2_adapter_matches_its_calculator(aimnet_file, charge):
     x, numbers, pos, mol, phi, field = _batch(ETHANOL, ETHANOL_Z, 2)
     out = adapter.forward(numbers, pos, mol, torch.full((2,), float(charge), dtype=torch.float64), phi, field)
     g_e, = torch.autograd.grad(out["energy"].sum(), x, retain_graph=True)
-    g_q, = torch.autograd.grad(out["charges"][:9].sum() * 0 + (out["charges"][:9] * torch.arange(9.0)).sum(), x)
+    g_q, = torch.autograd.grad((out["charges"][:9] * torch.arange(9.0)).sum(), x)
     assert torch.isfinite(g_q).all() and float(g_q.abs().max()) > 0          # charges depend on positions
     calc = AIMNet2Calculator(model=load_adapter(aimnet_file, "cpu").module, device="cpu")
     ref = calc({"coord": torch.tensor(ETHANOL), "numbers": torch.tensor(ETHANOL_Z),
@@ -185,13 +204,12 @@ def test_aimnet2_adapter_matches_its_calculator(aimnet_file, charge):
     np.testing.assert_allclose(out["energy"].detach().numpy() * EV_PER_KJMOL, [float(ref["energy"])] * 2,
                                rtol=0, atol=1e-5 * 9)
     f = -g_e.numpy() / 2 * EV_PER_ANGSTROM_PER_KJMOL_PER_NM
-    np.testing.assert_allclose(f, ref["forces"].numpy(), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(f, ref["forces"].detach().numpy(), rtol=0, atol=1e-4)
     q = out["charges"].detach().numpy()
-    np.testing.assert_allclose(q[:9], ref["charges"].numpy(), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(q[:9], ref["charges"].detach().numpy(), rtol=0, atol=1e-5)
     assert abs(q[:9].sum() - charge) < 1e-2
     vac = adapter.vacuum_charges(ETHANOL_Z, ETHANOL * NM_PER_ANGSTROM, charge)
-    np.testing.assert_allclose(vac, ref["charges"].numpy(), rtol=0, atol=1e-5)
-    assert ANGSTROM_PER_NM == 10.0
+    np.testing.assert_allclose(vac, ref["charges"].detach().numpy(), rtol=0, atol=1e-5)
 
 
 def test_aimnet2_refuses_float64_and_unknown_elements(aimnet_file):
@@ -199,3 +217,60 @@ def test_aimnet2_refuses_float64_and_unknown_elements(aimnet_file):
         load_adapter(aimnet_file, "cpu", dtype="float64")
     with pytest.raises(SetupError, match=r"element Cl \(Z=17\)"):
         load_adapter(aimnet_file, "cpu").check_zone([6, 17], 0)
+
+
+# ------------------------------------------------------------------------------------------------ ANI
+@pytest.fixture(scope="module")
+def ani_files(tmp_path_factory):
+    require("torchani")
+    return build_ani(tmp_path_factory.mktemp("ani"))
+
+
+@pytest.mark.parametrize("which", ["pickle", "torchscript", "ani2x"])
+def test_ani_adapter_matches_torchani(ani_files, which):
+    """Pickled model, TorchScript archive and the released ANI-2x weights file: TorchANI's own ASE calculator's
+    energy and forces."""
+    from ase import Atoms
+
+    assert classify(ani_files[which]).kind == {"pickle": "pickle", "torchscript": "torchscript",
+                                               "ani2x": "weights"}[which]
+    adapter = load_adapter(ani_files[which], "cpu", dtype="float64")
+    assert adapter.architecture == "ani" and not adapter.predicts_charges and not adapter.supports_charge
+    module = ani_files["modules"]["ani2x" if which == "ani2x" else "small"]
+    assert adapter.elements == tuple(sorted(int(z) for z in module.atomic_numbers))
+    x, numbers, pos, mol, phi, field = _batch(ETHANOL, ETHANOL_Z, 2)
+    out = adapter.forward(numbers, pos, mol, torch.zeros(2, dtype=torch.float64), phi, field)
+    g, = torch.autograd.grad(out["energy"].sum(), x)
+    atoms = Atoms(numbers=ETHANOL_Z, positions=ETHANOL)
+    atoms.calc = module.to(torch.float64).ase()
+    e_ref, f_ref = atoms.get_potential_energy(), atoms.get_forces()      # eV, eV/Å (TorchANI's hartree->eV)
+    from torchani.units import hartree2ev
+
+    e_ev = hartree2ev(out["energy"].detach().numpy() / units.KJMOL_PER_HARTREE)
+    np.testing.assert_allclose(e_ev, [e_ref, e_ref], rtol=0, atol=1e-5 * 9)
+    f = -hartree2ev(g.numpy() / 2 / units.KJMOL_PER_HARTREE) / units.ANGSTROM_PER_NM
+    np.testing.assert_allclose(f, f_ref, rtol=0, atol=1e-4)
+    with pytest.raises(SetupError, match="neutral zones only"):
+        adapter.check_zone([6, 1], 1)
+
+
+# ------------------------------------------------------------------------------------------------ evaluate
+def test_evaluate_runs_other_families_on_qmmm_data(aimnet_file, mace_file):
+    """`mlmm evaluate` on QM/MM frames: AIMNet2 in mechanical (fixed charges) and model-charges embedding, MACE
+    in mechanical embedding (no ML charges: the zone in vacuum)."""
+    from driver.pipeline import evaluated_model
+    from potentials.evaluate import evaluate, format_table, load_frames
+
+    frames = load_frames(ROOT / "tests" / "data" / "tiny_qmmm.nc", "test")[:4]
+    assert frames
+    model, names = evaluated_model(aimnet_file, "cpu")
+    assert names == ("model-charges", "mechanical")
+    from coupling.schemes import SCHEMES
+
+    res = evaluate(model, frames, "cpu", schemes={n: SCHEMES.get(n)() for n in names})
+    assert set(res) == set(names) and all(np.isfinite(v["energy"]) for v in res["model-charges"].values())
+    assert "model-charges" in format_table(res)
+    model, names = evaluated_model(mace_file, "cpu")
+    assert names == ("mechanical",)
+    res = evaluate(model, frames, "cpu", schemes={"mechanical": SCHEMES.get("mechanical")()})
+    assert np.isfinite(res["mechanical"]["all"]["forces"]) and res["mechanical"]["all"]["dipole"] >= 0
