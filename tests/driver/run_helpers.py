@@ -41,3 +41,22 @@ def minimised_example(folder: Path) -> Path:
     with open(folder / "system.pdb", "w") as fh:
         app.PDBFile.writeFile(pdb.topology, x * unit.nanometer, fh, keepIds=True)
     return folder / "system.toml"
+
+
+def write_water_cluster(folder: Path, n_waters: int = 6) -> Path:
+    """``n_waters`` flexible TIP3P waters, no box, minimised (a fast MM client start), as ``folder/water.pdb``."""
+    import openmm
+    from openmm import app, unit
+
+    ff = app.ForceField("amber14/tip3p.xml")
+    m = app.Modeller(app.Topology(), [])
+    m.addSolvent(ff, boxSize=openmm.Vec3(1.0, 1.0, 1.0) * unit.nanometer)
+    m.delete(list(m.topology.residues())[n_waters:])
+    m.topology.setPeriodicBoxVectors(None)
+    system = ff.createSystem(m.topology, nonbondedMethod=app.NoCutoff, constraints=None, rigidWater=False)
+    ctx = openmm.Context(system, openmm.VerletIntegrator(1e-3), openmm.Platform.getPlatformByName("Reference"))
+    ctx.setPositions(m.positions)
+    openmm.LocalEnergyMinimizer.minimize(ctx, 10.0, 200)
+    with open(folder / "water.pdb", "w") as fh:
+        app.PDBFile.writeFile(m.topology, ctx.getState(getPositions=True).getPositions(), fh)
+    return folder / "water.pdb"

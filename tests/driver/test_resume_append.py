@@ -152,21 +152,11 @@ def test_resume_appends_in_place(tmp_path, caplog):
     """A real run stopped at step 40 and resumed to 80: the NetCDF file and properties.csv are the same files,
     extended (their first frames and rows untouched), every step once."""
     import netCDF4
-    import openmm
-    from openmm import app, unit
     from potentials.core.spec import MMSpec, StructureSpec, SystemSpec
 
-    ff = app.ForceField("amber14/tip3p.xml")
-    m = app.Modeller(app.Topology(), [])
-    m.addSolvent(ff, boxSize=openmm.Vec3(1.0, 1.0, 1.0) * unit.nanometer)
-    m.delete(list(m.topology.residues())[6:])
-    m.topology.setPeriodicBoxVectors(None)
-    system = ff.createSystem(m.topology, nonbondedMethod=app.NoCutoff, constraints=None, rigidWater=False)
-    ctx = openmm.Context(system, openmm.VerletIntegrator(1e-3), openmm.Platform.getPlatformByName("Reference"))
-    ctx.setPositions(m.positions)
-    openmm.LocalEnergyMinimizer.minimize(ctx, 10.0, 200)
-    with open(tmp_path / "water.pdb", "w") as fh:
-        app.PDBFile.writeFile(m.topology, ctx.getState(getPositions=True).getPositions(), fh)
+    from run_helpers import write_water_cluster
+
+    write_water_cluster(tmp_path)
     SystemSpec(StructureSpec(file="water.pdb", forcefield=["amber14/tip3p.xml"], periodic=False),
                mm=MMSpec(nonbonded_method="NoCutoff", rigid_water=False)).save(tmp_path / "system.toml")
     tree = ET.parse(TEMPLATES / "nvt_bussi_mm.xml")

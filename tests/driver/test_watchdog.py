@@ -13,14 +13,12 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
-import openmm
 import pytest
-from openmm import app, unit
 
 from driver import checkpoints, heartbeat, launch, outputs, tails, trajectory, xmlinput
 from potentials.core.errors import CalculationFailed
 from potentials.core.spec import MLSpec, MMSpec, StructureSpec, SystemSpec
-from run_helpers import procs_in
+from run_helpers import procs_in, write_water_cluster
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATES = REPO / "inputs" / "templates"
@@ -33,18 +31,8 @@ pytestmark = pytest.mark.timeout(240)
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory) -> Path:
     """6 flexible TIP3P waters, no box, minimised; the first water is the ML zone of ``ml_system.toml``."""
-    ff = app.ForceField("amber14/tip3p.xml")
-    m = app.Modeller(app.Topology(), [])
-    m.addSolvent(ff, boxSize=openmm.Vec3(1.0, 1.0, 1.0) * unit.nanometer)
-    m.delete(list(m.topology.residues())[6:])
-    m.topology.setPeriodicBoxVectors(None)
-    system = ff.createSystem(m.topology, nonbondedMethod=app.NoCutoff, constraints=None, rigidWater=False)
-    ctx = openmm.Context(system, openmm.VerletIntegrator(1e-3), openmm.Platform.getPlatformByName("Reference"))
-    ctx.setPositions(m.positions)
-    openmm.LocalEnergyMinimizer.minimize(ctx, 10.0, 200)
     folder = tmp_path_factory.mktemp("cluster")
-    with open(folder / "water.pdb", "w") as fh:
-        app.PDBFile.writeFile(m.topology, ctx.getState(getPositions=True).getPositions(), fh)
+    write_water_cluster(folder)
     spec = SystemSpec(StructureSpec(file="water.pdb", forcefield=["amber14/tip3p.xml"], periodic=False),
                       mm=MMSpec(nonbonded_method="NoCutoff", rigid_water=False))
     spec.save(folder / "system.toml")
