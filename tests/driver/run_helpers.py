@@ -60,3 +60,36 @@ def write_water_cluster(folder: Path, n_waters: int = 6) -> Path:
     with open(folder / "water.pdb", "w") as fh:
         app.PDBFile.writeFile(m.topology, ctx.getState(getPositions=True).getPositions(), fh)
     return folder / "water.pdb"
+
+
+def template_variant(src: Path, dst: Path, *, props: int, pos: int, safe: int, inet_ml: int | None = None) -> Path:
+    """Template ``src`` with properties every ``props`` steps, positions every ``pos``, ``safe_stride`` = ``safe``
+    (> props: a RESTART then lags the last written row, which resuming must cope with); with ``inet_ml`` the 'ml'
+    socket listens on 127.0.0.1:inet_ml (clients from "other nodes")."""
+    import xml.etree.ElementTree as ET
+
+    from driver import xmlinput
+
+    tree = xmlinput.load(src)
+    root = tree.getroot()
+    root.set("safe_stride", str(safe))
+    root.find("output/properties").set("stride", str(props))
+    for t in root.findall("output/trajectory"):
+        t.set("stride", str(pos))
+    if inet_ml is not None:
+        el = next(e for e in root.iter("ffsocket") if e.get("name") == "ml")
+        el.set("mode", "inet")
+        el.find("address").text = "127.0.0.1"
+        ET.SubElement(el, "port").text = str(inet_ml)
+    xmlinput.write(tree, dst)
+    return dst
+
+
+def tiny_model(folder: Path) -> Path:
+    """A random-weight tiny network (seed 1) saved as ``folder/tiny.pt``: the ML client's real code path, cheap."""
+    from potentials.model_io import save_model
+    from potentials.network import EmbeddedAIMNet2, ModelConfig
+
+    path = folder / "tiny.pt"
+    save_model(path, EmbeddedAIMNet2(ModelConfig.from_toml(REPO / "inputs/models/configs/tiny.toml"), seed=1))
+    return path

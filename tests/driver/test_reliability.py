@@ -21,7 +21,7 @@ from openmm import app, unit
 
 from driver import launch, trajectory, xmlinput
 from potentials.core.errors import CalculationFailed, SetupError
-from run_helpers import minimised_example, procs_in, write_water_cluster
+from run_helpers import minimised_example, procs_in, template_variant, tiny_model, write_water_cluster
 from potentials.core.spec import MMSpec, StructureSpec, SystemSpec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -51,25 +51,7 @@ def example(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
     """A random-weight tiny network: the ML client's real code path, cheap."""
-    from potentials.model_io import save_model
-    from potentials.network import EmbeddedAIMNet2, ModelConfig
-
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    save_model(path, EmbeddedAIMNet2(ModelConfig.from_toml(REPO / "inputs/models/configs/tiny.toml"), seed=1))
-    return path
-
-
-def _variant(src: Path, dst: Path, *, props: int, pos: int, safe: int) -> Path:
-    """Template ``src`` with properties every ``props`` steps, positions every ``pos``, ``safe_stride`` = ``safe``
-    (> props: a RESTART then lags the last written row, which resuming must cope with)."""
-    tree = xmlinput.load(src)
-    root = tree.getroot()
-    root.set("safe_stride", str(safe))
-    root.find("output/properties").set("stride", str(props))
-    for t in root.findall("output/trajectory"):
-        t.set("stride", str(pos))
-    xmlinput.write(tree, dst)
-    return dst
+    return tiny_model(tmp_path_factory.mktemp("model"))
 
 
 def _props(folder: Path) -> dict[str, np.ndarray]:
@@ -136,7 +118,7 @@ def test_resume_matches_uninterrupted(cluster, tmp_path):
     properties to i-PI's printed precision, each row once, one continuous NetCDF trajectory."""
     from driver import cli
 
-    xml = _variant(TEMPLATES / "nvt_bussi_mm.xml", tmp_path / "nvt.xml", props=2, pos=4, safe=10)
+    xml = template_variant(TEMPLATES / "nvt_bussi_mm.xml", tmp_path / "nvt.xml", props=2, pos=4, safe=10)
     full, split = tmp_path / "full", tmp_path / "split"
     launch.run_simulation(xml, cluster, out=full, steps=40, seed=11, progress=False)
     launch.run_simulation(xml, cluster, out=split, steps=20, seed=11, progress=False)
@@ -171,7 +153,7 @@ def test_killed_ml_client_recovers(model, example, tmp_path, caplog):
     stops i-PI (RESTART), cuts the outputs back to RESTART's step (safe_stride 10 > properties stride 2, so rows
     past it exist), restarts everything and finishes. Every step's row once, one continuous trajectory, and
     the same numbers as an uninterrupted run with the same seed."""
-    xml = _variant(TEMPLATES / "nvt_bussi.xml", tmp_path / "nvt.xml", props=2, pos=10, safe=10)
+    xml = template_variant(TEMPLATES / "nvt_bussi.xml", tmp_path / "nvt.xml", props=2, pos=10, safe=10)
     out, ref = tmp_path / "killed", tmp_path / "ref"
     killed: list[int] = []
     killer = threading.Thread(target=_kill_when, args=(out, 8, " client ml ", killed), daemon=True)
@@ -235,7 +217,7 @@ def test_exploding_structure_stops_with_last_good_frame(cluster, tmp_path):
     """A 10 fs step with flexible water blows up: the MM client refuses forces above the threshold, the run stops
     (no automatic restart: the same state would explode again) with one line naming the request, atoms and a
     cause, and the last accepted state is saved as a readable PDB."""
-    xml = _timestep(_variant(TEMPLATES / "nvt_bussi_mm.xml", tmp_path / "a.xml", props=1, pos=1, safe=1),
+    xml = _timestep(template_variant(TEMPLATES / "nvt_bussi_mm.xml", tmp_path / "a.xml", props=1, pos=1, safe=1),
                     tmp_path / "nvt.xml", 10.0)
     out = tmp_path / "run"
     with pytest.raises(CalculationFailed) as exc:
@@ -373,7 +355,7 @@ def test_killed_mm_client_recovers_cli(cluster, tmp_path):
     exactly once, the NetCDF continuous, no process left."""
     import subprocess
 
-    xml = _variant(TEMPLATES / "nvt_bussi_mm.xml", tmp_path / "nvt.xml", props=5, pos=10, safe=20)
+    xml = template_variant(TEMPLATES / "nvt_bussi_mm.xml", tmp_path / "nvt.xml", props=5, pos=10, safe=20)
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "driver.cli", "run", str(xml), "--system", str(cluster),
                              "--out", str(out), "--steps", "1000", "--seed", "2", "--no-progress"], cwd=REPO,

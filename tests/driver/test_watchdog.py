@@ -9,7 +9,6 @@ import socket
 import sys
 import threading
 import time
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ import pytest
 from driver import checkpoints, heartbeat, launch, outputs, tails, trajectory, xmlinput
 from potentials.core.errors import CalculationFailed
 from potentials.core.spec import MLSpec, MMSpec, StructureSpec, SystemSpec
-from run_helpers import procs_in, write_water_cluster
+from run_helpers import procs_in, template_variant, tiny_model, write_water_cluster
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATES = REPO / "inputs" / "templates"
@@ -44,30 +43,7 @@ def cluster(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
     """A random-weight tiny network: the ML client's real code path, cheap."""
-    from potentials.model_io import save_model
-    from potentials.network import EmbeddedAIMNet2, ModelConfig
-
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    save_model(path, EmbeddedAIMNet2(ModelConfig.from_toml(REPO / "inputs/models/configs/tiny.toml"), seed=1))
-    return path
-
-
-def _variant(src: Path, dst: Path, *, props: int, pos: int, safe: int, inet_ml: int | None = None) -> Path:
-    """Template ``src`` with properties every ``props`` steps, positions every ``pos``, ``safe_stride`` = ``safe``;
-    with ``inet_ml`` the 'ml' socket listens on 127.0.0.1:inet_ml (clients from "other nodes")."""
-    tree = xmlinput.load(src)
-    root = tree.getroot()
-    root.set("safe_stride", str(safe))
-    root.find("output/properties").set("stride", str(props))
-    for t in root.findall("output/trajectory"):
-        t.set("stride", str(pos))
-    if inet_ml is not None:
-        el = next(e for e in root.iter("ffsocket") if e.get("name") == "ml")
-        el.set("mode", "inet")
-        el.find("address").text = "127.0.0.1"
-        ET.SubElement(el, "port").text = str(inet_ml)
-    xmlinput.write(tree, dst)
-    return dst
+    return tiny_model(tmp_path_factory.mktemp("model"))
 
 
 def _steps(folder: Path) -> np.ndarray:
@@ -137,7 +113,7 @@ def test_stopped_client_is_detected_and_replaced(cluster, tmp_path, caplog):
     """SIGSTOP of the MM client mid-run (alive but answering nothing: i-PI alone would wait forever): the watchdog
     names it with its last log line, kills it, and the run goes on from RESTART to the end with every step's row
     and frame once."""
-    xml = _variant(TEMPLATES / "nvt_bussi_mm.xml", tmp_path / "nvt.xml", props=5, pos=10, safe=10)
+    xml = template_variant(TEMPLATES / "nvt_bussi_mm.xml", tmp_path / "nvt.xml", props=5, pos=10, safe=10)
     out = tmp_path / "run"
     hit: list = []
     stopper = threading.Thread(target=_signal_when, args=(out, 8, " client mm ", signal.SIGSTOP, hit), daemon=True)
@@ -164,7 +140,7 @@ def test_killed_ipi_is_recovered(cluster, tmp_path, caplog):
     """SIGKILL of i-PI itself mid-run (no soft exit, no RESTART written): the run continues from the newest
     automatic checkpoint with a fresh i-PI and fresh clients; every step's row and frame once, the same numbers
     as an uninterrupted run with the same seed, the checkpoints cleaned up at the end."""
-    xml = _variant(TEMPLATES / "nvt_bussi_mm.xml", tmp_path / "nvt.xml", props=2, pos=4, safe=10)
+    xml = template_variant(TEMPLATES / "nvt_bussi_mm.xml", tmp_path / "nvt.xml", props=2, pos=4, safe=10)
     out, ref = tmp_path / "killed", tmp_path / "ref"
     hit: list = []
     killer = threading.Thread(target=_signal_when, args=(out, 30, "i-pi input.xml", signal.SIGKILL, hit),
@@ -208,7 +184,7 @@ def test_remote_client_failure_ends_run_cleanly(how, cluster, tmp_path):
     finish the run with every step once."""
     port = _free_port()
     system, model = cluster.parent / "ml_system.toml", SHIPPED_MODEL     # a random network would blow water up
-    xml = _variant(TEMPLATES / "nvt_bussi.xml", tmp_path / "nvt.xml", props=5, pos=10, safe=5, inet_ml=port)
+    xml = template_variant(TEMPLATES / "nvt_bussi.xml", tmp_path / "nvt.xml", props=5, pos=10, safe=5, inet_ml=port)
     out = tmp_path / "run"
     client = _remote_client(system, model, port, tmp_path / "remote.log")
     hit: list = []
@@ -308,7 +284,7 @@ def test_remote_client_reset_stops_run_cleanly(cluster, tmp_path):
     pes.write_text(DYING_PES)
     port = _free_port()
     driver = Path(sys.executable).parent / "i-pi-py_driver"
-    xml = _variant(TEMPLATES / "nvt_bussi.xml", tmp_path / "nvt.xml", props=5, pos=10, safe=5, inet_ml=port)
+    xml = template_variant(TEMPLATES / "nvt_bussi.xml", tmp_path / "nvt.xml", props=5, pos=10, safe=5, inet_ml=port)
     tree = xmlinput.load(xml)                              # the py driver sends no extras
     output = tree.getroot().find("output")
     for t in output.findall("trajectory"):
