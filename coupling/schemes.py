@@ -267,3 +267,9 @@ class MechanicalEmbedding(EmbeddingScheme):
 def get_scheme(scheme: "str | EmbeddingScheme") -> EmbeddingScheme:
     """The scheme object for a name (SetupError naming the known ones) or the object itself."""
     return scheme if isinstance(scheme, EmbeddingScheme) else SCHEMES.get(scheme)()
+
+
+# schemes in their own modules, imported (and registered) on first use: they import this module, and importing
+# them here would make a cycle and put their kernels on the start-up path of every command
+SCHEMES.register_lazy("electrostatic-lr", "coupling.schemes_lr")
+SCHEMES.register_lazy("model-charges", "coupling.schemes_charges")

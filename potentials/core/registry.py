@@ -7,11 +7,16 @@ A new capability is one module plus one registration::
     @SCHEMES.register("my-scheme")
     class MyScheme(EmbeddingScheme): ...
 
+An entry whose module is costly to import (torch kernels, another package) is registered lazily by name and
+module, ``SCHEMES.register_lazy("electrostatic-lr", "coupling.schemes_lr")``: the module is imported, and
+registers itself, on the first look-up of that name, so listing the names (``mlmm --help``) stays cheap.
+
 Look-ups of unknown names raise :class:`~potentials.core.errors.SetupError` naming the known ones, so a typo in
 a system.toml or on the command line ends in one clear line.
 """
 from __future__ import annotations
 
+import importlib
 from typing import Callable, Generic, Iterator, TypeVar
 
 from potentials.core.errors import SetupError
@@ -28,6 +33,7 @@ class Registry(Generic[T]):
     def __init__(self, kind: str):
         self.kind = kind
         self._items: dict[str, T] = {}
+        self._lazy: dict[str, str] = {}          # name -> module that registers it when imported
 
     def register(self, name: str, obj: T | None = None) -> Callable[[T], T] | T:
         """Register ``obj`` under ``name``; without ``obj``, a decorator. A name is registered once."""
@@ -39,11 +45,17 @@ class Registry(Generic[T]):
 
         return add if obj is None else add(obj)
 
+    def register_lazy(self, name: str, module: str) -> None:
+        """Register ``name`` as provided by ``module``, imported on the first :meth:`get` of that name."""
+        self._lazy[name] = module
+
     def unregister(self, name: str) -> None:
         """Remove ``name`` (tests that register a temporary entry clean up with this)."""
         self._items.pop(name, None)
 
     def get(self, name: str) -> T:
+        if name not in self._items and name in self._lazy:
+            importlib.import_module(self._lazy[name])
         try:
             return self._items[name]
         except KeyError:
@@ -52,13 +64,13 @@ class Registry(Generic[T]):
     __getitem__ = get
 
     def names(self) -> tuple[str, ...]:
-        return tuple(self._items)
+        return tuple(dict.fromkeys([*self._items, *self._lazy]))
 
     def __contains__(self, name: object) -> bool:
-        return name in self._items
+        return name in self._items or name in self._lazy
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._items)
+        return iter(self.names())
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self.names())
