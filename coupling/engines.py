@@ -9,10 +9,13 @@ device, OpenMM platform, threads, compile). Builders ignore what they do not nee
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from potentials.core.errors import SetupError
 from potentials.core.registry import Registry
+
+log = logging.getLogger(__name__)
 
 ENGINES: Registry = Registry("client kind")
 
@@ -58,8 +61,6 @@ def mm_system_from_spec(spec, topology, system, positions_nm=None, *, model_path
     A scheme that keeps fixed ML charges taken from the model (mechanical embedding with
     ``mechanical_charges = "model"``) needs the model (``model_path``) and the structure's positions (nm).
     """
-    import logging
-
     from coupling.bookkeeping import check_split
     from coupling.mmsystem import check_selection, mlmm_mm_system
     from coupling.schemes import get_scheme
@@ -69,8 +70,8 @@ def mm_system_from_spec(spec, topology, system, positions_nm=None, *, model_path
     charges = scheme.fixed_charges(spec, topology, positions_nm, model_path, device)
     mm = mlmm_mm_system(system, spec.ml.indices, scheme, charges)
     check_split(mm, spec.ml.indices, scheme, full_system=system, ml_charges=charges)
-    logging.getLogger(__name__).info("MM client: ML/MM split for %d ML atoms, %s embedding; terms:\n%s",
-                                     len(spec.ml.indices), scheme.name, scheme.ownership_table())
+    log.info("MM client: ML/MM split for %d ML atoms, %s embedding; terms:\n%s", len(spec.ml.indices), scheme.name,
+             scheme.ownership_table())
     return mm
 
 

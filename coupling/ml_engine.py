@@ -256,7 +256,6 @@ class MLEngine:
         self._check_finite(energy, forces, b)
         return ForceResult(float(energy), forces, virial, ml_extras(out, b, len(self.zone.atoms), energy,
                                                                    frame.images, frame.inputs.n_embedded,
-                                                                   self.scheme.field_inputs,
                                                                    np.asarray(self.env.charges)[self.zone.atoms]))
 
     def _refuse_positions(self, pos: np.ndarray) -> None:
@@ -293,14 +292,14 @@ def _chain(field, g_ml: torch.Tensor, g_phi: torch.Tensor, g_field: torch.Tensor
 
 
 def ml_extras(out: dict, b: int, n_ml: int, energy: float, images: np.ndarray, n_embedded: int,
-              embedded: bool, ff_charges: np.ndarray | None = None) -> dict:
+              ff_charges: np.ndarray | None = None) -> dict:
     """The ML client's extras for structure ``b`` in their documented units (the output edge): ``ml.energy``
     (kJ/mol: ``total`` and the model's per-structure terms), ``ml.charges`` (e: the model's, or for a model that
     predicts none (MACE, ANI) ``ff_charges``, the force field's charges of the ML atoms, those mechanical
     embedding couples), ``ml.dipole`` (e·Å, about the ML centroid), ``ml.n_embedded``."""
     terms = out.get("terms", {})
     extras = {"ml.energy": {"total": float(energy), **{k: float(v[b]) for k, v in terms.items()}},
-              "ml.n_embedded": int(n_embedded) if embedded else 0}
+              "ml.n_embedded": int(n_embedded)}
     if "charges" in out or ff_charges is not None:
         q = out["charges"].detach().to(torch.float64).reshape(-1, n_ml)[b].cpu().numpy() if "charges" in out \
             else np.asarray(ff_charges, dtype=np.float64)

@@ -27,14 +27,13 @@ import openmm
 from openmm import app
 
 from coupling.embedding import MMEnvironment
-from coupling.schemes import SCHEMES, get_scheme
+from coupling.schemes import get_scheme
 from coupling.selection import check_boundary, describe_atom
 from potentials.core.errors import SetupError
 from potentials.openmm_params import nonbonded_force, particle_charges
 
 log = logging.getLogger(__name__)
 
-MODES = SCHEMES.names()          # the registered embedding schemes (electrostatic, mechanical, ...)
 
 # Bonded forces whose ML-only terms are removed. Each serialises its terms as child elements of one list
 # element, the atoms as attributes p1.. (a1..a4/b1..b4 for CMAP); the list is edited in XML, which keeps
