@@ -32,6 +32,8 @@ class EngineOptions:
     virial: str = "full"              # MM client, periodic: "full" | "isotropic" | "none" (see OpenMMEngine)
     model_type: str | None = None     # model family (potentials.adapters.MODEL_TYPES); None: detected from the file
     dtype: str | None = None          # float32 / float64 for the model (ML client); None: the model's own
+    allow_embedding_mismatch: bool = False   # ML client: warn instead of refusing a system whose embedding
+    #                                          differs from the model's training embedding (ml_engine.check_embedding)
 
 
 @ENGINES.register("mm")
@@ -91,7 +93,8 @@ def build_ml_engine(spec, options: EngineOptions | None = None):
     from coupling.ml_engine import MLEngine
 
     return MLEngine.from_spec(spec, options.model, options.device, compile=options.compile,
-                              model_type=options.model_type, dtype=options.dtype)
+                              model_type=options.model_type, dtype=options.dtype,
+                              allow_embedding_mismatch=options.allow_embedding_mismatch)
 
 
 @ENGINES.register("mm-fast")

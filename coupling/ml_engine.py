@@ -117,10 +117,13 @@ class MLEngine:
     # ------------------------------------------------------------------------------------------ building
     @classmethod
     def from_spec(cls, spec, model_path: str | Path, device: str = "cpu", compile: bool = False,
-                  model_type: str | None = None, dtype: str | None = None) -> "MLEngine":
+                  model_type: str | None = None, dtype: str | None = None,
+                  allow_embedding_mismatch: bool = False) -> "MLEngine":
         """Build from a system.toml (:class:`potentials.core.spec.SystemSpec` or its path) and a model file
         (``model_type``: force a model family instead of detecting it; ``dtype``: float32/float64, default the
-        model's own; see :func:`potentials.adapters.load_adapter`)."""
+        model's own; see :func:`potentials.adapters.load_adapter`). A system whose embedding differs from the
+        model's training embedding is refused (:func:`check_embedding`; ``allow_embedding_mismatch``: a loud
+        warning instead)."""
         from coupling.mmsystem import mm_environment
         from potentials.adapters import load_adapter
         from potentials.core.spec import SystemSpec
@@ -136,6 +139,7 @@ class MLEngine:
         adapter.check_zone(zone.numbers, spec.ml.charge, where=str(model_path))
         warn_many_molecules(adapter.metadata, topology, ml, where=str(model_path))
         scheme = get_scheme(spec.coupling.embedding)
+        check_embedding(adapter, spec.coupling, scheme, where=f"model {model_path}", allow=allow_embedding_mismatch)
         log.info("ML client: %d ML atoms (charge %+d e), %s embedding, cutoff %.2f nm (switch %.2f nm); terms:\n%s",
                  len(ml), spec.ml.charge, scheme.name, env.cutoff, env.switch_width, scheme.ownership_table())
         return cls(adapter, zone.numbers, spec.ml.charge, env, mode=scheme, device=device,
@@ -164,7 +168,9 @@ class MLEngine:
         t1 = time.perf_counter()
         energies, grads, out = self._evaluate(frames)
         t2 = time.perf_counter()
-        grads = [g[0].cpu().numpy() if fr.inputs.field is None else _chain(fr.inputs.field, *g)
+        for fr, g in zip(frames, grads):
+            fr.dipole = None if len(g) < 4 else -g[3].detach().to(torch.float64).cpu().numpy()   # e·nm
+        grads = [g[0].cpu().numpy() if fr.inputs.field is None else _chain(fr.inputs.field, *g[:3])
                  for fr, g in zip(frames, grads)]
         t_chain = time.perf_counter() - t2 + self._t_terms          # the scheme's model terms count as coupling
         results = [self._result(b, frames[b], energies[b], -grads[b], out) for b in range(n)]
@@ -210,7 +216,12 @@ class MLEngine:
         if inputs.field is not None:
             phi = inputs.field.phi.requires_grad_(True)
             field = inputs.field.field.requires_grad_(True)
-            leaves = (leaf, phi, field)
+            # a uniform probe field e0 = 0 about the zone's centroid: -dE/de0 is the zone's dipole (charges,
+            # induced dipoles and every other field response of the model), the ml.dipole extra
+            e0 = torch.zeros(3, dtype=phi.dtype, device=self.device, requires_grad=True)
+            rel = (model_pos - model_pos.mean(dim=0)).detach().to(phi.dtype)
+            leaves = (leaf, phi, field, e0)
+            phi, field = phi - rel @ e0, field + e0
         else:
             phi, field = torch.zeros_like(leaf[:, 0]), torch.zeros_like(leaf)
             leaves = (leaf,)
@@ -256,7 +267,8 @@ class MLEngine:
         self._check_finite(energy, forces, b)
         return ForceResult(float(energy), forces, virial, ml_extras(out, b, len(self.zone.atoms), energy,
                                                                    frame.images, frame.inputs.n_embedded,
-                                                                   np.asarray(self.env.charges)[self.zone.atoms]))
+                                                                   np.asarray(self.env.charges)[self.zone.atoms],
+                                                                   frame.dipole))
 
     def _refuse_positions(self, pos: np.ndarray) -> None:
         bad = np.unique(np.nonzero(~np.isfinite(pos))[1])
@@ -277,11 +289,12 @@ class MLEngine:
 class _Frame:
     """Per-structure state of one request (see :meth:`MLEngine._frame`)."""
 
-    __slots__ = ("inputs", "leaves", "model_pos", "phi", "field", "images")
+    __slots__ = ("inputs", "leaves", "model_pos", "phi", "field", "images", "dipole")
 
     def __init__(self, inputs, leaves, model_pos, phi, field, images):
         self.inputs, self.leaves, self.model_pos = inputs, leaves, model_pos
         self.phi, self.field, self.images = phi, field, images
+        self.dipole: np.ndarray | None = None          # -dE/de0 (e·nm) when the model is fed phi and E
 
 
 def _chain(field, g_ml: torch.Tensor, g_phi: torch.Tensor, g_field: torch.Tensor) -> np.ndarray:
@@ -292,11 +305,13 @@ def _chain(field, g_ml: torch.Tensor, g_phi: torch.Tensor, g_field: torch.Tensor
 
 
 def ml_extras(out: dict, b: int, n_ml: int, energy: float, images: np.ndarray, n_embedded: int,
-              ff_charges: np.ndarray | None = None) -> dict:
+              ff_charges: np.ndarray | None = None, dipole: np.ndarray | None = None) -> dict:
     """The ML client's extras for structure ``b`` in their documented units (the output edge): ``ml.energy``
     (kJ/mol: ``total`` and the model's per-structure terms), ``ml.charges`` (e: the model's, or for a model that
     predicts none (MACE, ANI) ``ff_charges``, the force field's charges of the ML atoms, those mechanical
-    embedding couples), ``ml.dipole`` (e·Å, about the ML centroid), ``ml.n_embedded``."""
+    embedding couples), ``ml.dipole`` (e·Å, about the ML centroid: ``dipole`` (e·nm), the response to a uniform
+    field, which includes the induced dipoles, when the model is fed the MM field; else sum q (r - centroid)),
+    ``ml.n_embedded``."""
     terms = out.get("terms", {})
     extras = {"ml.energy": {"total": float(energy), **{k: float(v[b]) for k, v in terms.items()}},
               "ml.n_embedded": int(n_embedded)}
@@ -306,6 +321,8 @@ def ml_extras(out: dict, b: int, n_ml: int, energy: float, images: np.ndarray, n
         r_ml = images[:n_ml]
         extras["ml.charges"] = q.tolist()
         extras["ml.dipole"] = (q @ ((r_ml - r_ml.mean(axis=0)) * ANGSTROM_PER_NM)).tolist()
+    if dipole is not None:
+        extras["ml.dipole"] = (np.asarray(dipole, dtype=np.float64) * ANGSTROM_PER_NM).tolist()
     return extras
 
 
@@ -334,3 +351,83 @@ def warn_many_molecules(metadata: dict, topology, ml_indices, where: str = "mode
                     "and the dynamics may leave physical geometries. Train on zones like this one, or put "
                     "one molecule in the ML zone", where, n, trained)
     return n
+
+
+# the family of each embedding scheme, as far as the network's field inputs go: electrostatic-lr feeds the network
+# the same phi and E as electrostatic (the MM charges within the cutoff, switched) and adds PME beyond the cutoff
+# as a term of its own, so a model trained in either is the same model; any other scheme is its own family
+SCHEME_FAMILY = {"electrostatic-lr": "electrostatic"}
+LONG_RANGE = {"electrostatic-lr": "pme"}          # what a scheme adds beyond the cutoff at run time (else "none")
+MISMATCH_FLAG = "--allow-embedding-mismatch"
+
+
+def scheme_family(name: str) -> str:
+    return SCHEME_FAMILY.get(str(name), str(name))
+
+
+def check_embedding(adapter, coupling, scheme, where: str = "model", allow: bool = False) -> str | None:
+    """Refuse a system whose embedding is not the one the model was trained with (SetupError, one line naming
+    both values and the fix); with ``allow`` (``--allow-embedding-mismatch``) log it as a warning instead.
+
+    The rule (model metadata ``embedding``, :func:`potentials.model_io.trained_embedding`): a scheme that feeds
+    the network phi and E of the MM charges (the ``electrostatic`` family: ``electrostatic``,
+    ``electrostatic-lr``) needs a model trained in that family with the same embedding cutoff and switch width
+    (the field inputs then mean what they meant in training). The long-range treatment is not compared: the
+    labels hold nothing beyond the cutoff (``long_range = "none"``) and ``electrostatic-lr`` adds PME beyond it at
+    run time, on top of the short-range part the network learned. A scheme that feeds the network no field
+    (``mechanical``: the model in vacuum, fixed charges in the MM client) runs any model: the cutoff plays no
+    part. Any other scheme needs a model trained in it. Not checked (one info line): model files that record no
+    training embedding (older files; other packages' models, which take no field inputs at all). Returns the
+    mismatch message (None: compatible or unknown)."""
+    coupling_desc = f"cutoff {coupling.cutoff_nm:.2f} nm (switch {coupling.switch_width_nm:.2f} nm)"
+    if not getattr(adapter, "field_inputs", True):
+        log.info("%s takes no MM field (no field inputs): it sees the ML zone in vacuum and the embedding cutoff "
+                 "plays no part in it; %s embedding", where, scheme.name)
+        return None
+    from potentials.model_io import trained_embedding
+
+    trained = trained_embedding(adapter.metadata)
+    if trained is None:
+        log.info("%s records no training embedding (a file from before the metadata): the system's %s embedding, "
+                 "%s, is not checked against it", where, scheme.name, coupling_desc)
+        return None
+    message = _embedding_mismatch(trained, coupling, scheme, where)
+    if message is None:
+        log.info("%s was trained with %s embedding, cutoff %s nm (switch %s nm), long range %s; the system runs "
+                 "%s, %s, long range %s: compatible", where, trained["scheme"], _nm(trained["cutoff_nm"]),
+                 _nm(trained["switch_nm"]), trained.get("long_range") or "?", scheme.name, coupling_desc,
+                 LONG_RANGE.get(scheme.name, "none"))
+        return None
+    if not allow:
+        raise SetupError(message)
+    log.warning("EMBEDDING MISMATCH, running anyway (%s): %s. The model's field inputs are outside its training "
+                "and its energies and forces are not validated", MISMATCH_FLAG, message.split("; " + MISMATCH_FLAG)[0])
+    return message
+
+
+def _nm(value) -> str:
+    return "?" if value is None else f"{value:.2f}"
+
+
+def _embedding_mismatch(trained: dict, coupling, scheme, where: str) -> str | None:
+    """The one-line refusal of :func:`check_embedding`, or None when the system's embedding is compatible."""
+    suffix = f"; {MISMATCH_FLAG} runs anyway"
+    family = scheme_family(scheme.name)
+    if family != scheme_family(trained["scheme"]):
+        if not scheme.field_inputs:                   # mechanical: the network in vacuum, the cutoff unused
+            return None
+        return (f"{where} was trained with {trained['scheme']} embedding; system.toml has [coupling] embedding = "
+                f"\"{scheme.name}\": set [coupling] embedding = \"{trained['scheme']}\" (or \"mechanical\"), or "
+                f"retrain for {scheme.name}{suffix}")
+    if family != "electrostatic":
+        return None
+    cutoff, switch = trained["cutoff_nm"], trained["switch_nm"]
+    bad_cutoff = cutoff is not None and abs(cutoff - coupling.cutoff_nm) > 1e-6
+    bad_switch = switch is not None and abs(switch - coupling.switch_width_nm) > 1e-6
+    if not (bad_cutoff or bad_switch):
+        return None
+    return (f"{where} was trained with embedding cutoff {_nm(cutoff)} nm (switch {_nm(switch)} nm); system.toml has "
+            f"cutoff {coupling.cutoff_nm:.2f} nm (switch {coupling.switch_width_nm:.2f} nm): set [coupling] "
+            f"cutoff_nm = {float(coupling.cutoff_nm if cutoff is None else cutoff)!r} and switch_width_nm = "
+            f"{float(coupling.switch_width_nm if switch is None else switch)!r} (the box must fit it: mlmm prepare "
+            f"--solvate auto), or retrain on data labelled with the system's cutoff{suffix}")

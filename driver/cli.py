@@ -76,7 +76,9 @@ def _add_prepare(sub) -> None:
     s.add_argument("--mm-cutoff", type=float, default=_default(MMSpec, "cutoff_nm"),
                    help="MM nonbonded cutoff (nm; default %(default)s)")
     s.add_argument("--embedding-cutoff", type=float, default=_default(CouplingSpec, "cutoff_nm"),
-                   help="ML–MM embedding cutoff (nm; default %(default)s)")
+                   help="ML–MM embedding cutoff (nm; default %(default)s): the one the model was trained with "
+                        "(the ML client refuses another; a small box needs more --solvate padding, not a smaller "
+                        "cutoff)")
 
 
 def _padding(text: str) -> float | str:
@@ -135,13 +137,17 @@ def _add_run(sub) -> None:
 
 
 def _add_model_options(s: argparse.ArgumentParser) -> None:
-    """``--model-type`` and ``--dtype`` of the ML client's model (potentials/adapters.py load_adapter)."""
+    """``--model-type`` and ``--dtype`` of the ML client's model (potentials/adapters.py load_adapter), and
+    ``--allow-embedding-mismatch`` (coupling/ml_engine.py check_embedding)."""
     from potentials.model_formats import MODEL_TYPES
 
     s.add_argument("--model-type", default=None, choices=MODEL_TYPES, help="model family of --model, instead of "
                    "detecting it from the file")
     s.add_argument("--dtype", default=None, choices=("float32", "float64"), help="precision of the model's "
                    "weights and inputs (default: the file's own; AIMNet2 runs in float32 only)")
+    s.add_argument("--allow-embedding-mismatch", action="store_true", help="run a model whose recorded training "
+                   "embedding (scheme, cutoff, switch width) differs from the system's [coupling], with a loud "
+                   "warning, instead of refusing it (its field inputs are then outside its training)")
 
 
 def _kind_help() -> str:

@@ -351,7 +351,8 @@ def main(args: argparse.Namespace) -> int:
         raise SetupError(f"--threads {threads}: must be >= 1")
     options = EngineOptions(model=args.model, device=args.device, platform=args.platform, threads=threads,
                             compile=getattr(args, "compile", False), model_type=getattr(args, "model_type", None),
-                            dtype=getattr(args, "dtype", None), virial=getattr(args, "virial", EngineOptions.virial))
+                            dtype=getattr(args, "dtype", None), virial=getattr(args, "virial", EngineOptions.virial),
+                            allow_embedding_mismatch=getattr(args, "allow_embedding_mismatch", False))
     engine = build_engine(args.kind, spec, options)
     max_force = getattr(args, "max_force", None)
     guard = ForceGuard(spec, MAX_FORCE_KJMOL_NM if max_force is None else max_force)

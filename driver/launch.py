@@ -123,7 +123,10 @@ def main(args) -> int:
                                     remote_ml_clients=getattr(args, "remote_ml_clients", 0),
                                     compile=getattr(args, "compile", False),
                                     model_options={"model_type": getattr(args, "model_type", None),
-                                                   "dtype": getattr(args, "dtype", None)}, **common)
+                                                   "dtype": getattr(args, "dtype", None),
+                                                   "allow_embedding_mismatch":
+                                                       getattr(args, "allow_embedding_mismatch", False) or None},
+                                    **common)
     except RunInterrupted as exc:
         print(f"mlmm: interrupted: {exc}", file=sys.stderr)
         return 128 + exc.signum          # 130 for Ctrl-C, 143 for SIGTERM (shell convention)
@@ -161,7 +164,7 @@ def run_simulation(xml: str | Path, system: str | Path, *, out: str | Path | Non
     xml : i-PI input (e.g. ``inputs/templates/nvt_bussi.xml``); run-specific parts are filled in.
     system : ``system.toml`` written by ``mlmm prepare``.
     out : run folder (created; must be new or empty). Default: ``runs/run-<timestamp>`` in the current directory.
-    model : model file for the ``ml`` client (required with an ``ml`` socket); model_options: its model_type, dtype.
+    model : model file for the ``ml`` client (required with an ``ml`` socket); model_options: its options.
     steps, seed : override ``<total_steps>`` and ``<prng><seed>``.
     threads : ``"ML+MM"``, CPU threads of each local ML client and of the MM client (see :func:`client_threads`).
     compile : torch.compile the network in the ML clients.

@@ -462,7 +462,9 @@ def _check_parity(topology: app.Topology, ml: np.ndarray, charge: int) -> None:
 
 def _check_box(box: np.ndarray, ml_pos: np.ndarray, mm_cutoff: float, cutoff: float) -> None:
     """The MM cutoff and the embedding (cutoff + ML-zone radius, see coupling/embedding.py) must fit in half the
-    box. Padding P gives a box of max(solute diameter + P, 2 P) (OpenMM 8), so P = W/2 always gives width W."""
+    box. Padding P gives a box of max(solute diameter + P, 2 P) (OpenMM 8), so P = W/2 always gives width W.
+    The fix advised is a bigger box, never a smaller embedding cutoff: the cutoff is part of how the model was
+    trained (the ML client refuses another one, coupling/ml_engine.py check_embedding)."""
     half = half_min_width(box)
     if mm_cutoff >= half:
         raise SetupError(f"--mm-cutoff {mm_cutoff} nm must be below half the shortest box width ({half:.2f} nm); use "
@@ -473,7 +475,8 @@ def _check_box(box: np.ndarray, ml_pos: np.ndarray, mm_cutoff: float, cutoff: fl
     if cutoff + radius >= half:
         raise SetupError(f"box too small for the embedding: cutoff {cutoff:.2f} nm + ML-zone radius {radius:.2f} nm "
                          f">= half the shortest box width {half:.2f} nm; use a larger --solvate padding (at least "
-                         f"{cutoff + radius + 0.1:.1f} nm, or --solvate auto) or a smaller --embedding-cutoff")
+                         f"{cutoff + radius + 0.1:.1f} nm, or --solvate auto): the embedding cutoff must stay the "
+                         "one the model was trained with")
 
 
 # ----------------------------------------------------------------------------------------------- helpers

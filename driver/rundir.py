@@ -121,11 +121,12 @@ def client_argv_factory(system: Path, model, device: str, platform: str | None, 
                         virial: str | None = None) -> ClientArgv:
     """The command line of the client of each `<ffsocket>`: ``mlmm client NAME`` (the socket's name is the client
     kind, checked by :func:`driver.xmlinput.sockets`). The ``ml`` clients get the model (and ``model_options``:
-    ``model_type``, ``dtype``), a device each (round robin over the comma-separated ``device``) and
-    ``threads[0]``; the others the OpenMM ``platform``, ``threads[1]`` and ``--virial`` (what the input reads of
+    ``model_type``, ``dtype``; True: a bare flag, ``--allow-embedding-mismatch``), a device each (round robin
+    over the comma-separated ``device``) and ``threads[0]``; the others the OpenMM ``platform``, ``threads[1]`` and ``--virial`` (what the input reads of
     the virial, :func:`driver.xmlinput.virial_kind`; ``none`` when nothing does, which saves the MM client its
     finite-difference box derivative)."""
-    model_args = [a for k, v in (model_options or {}).items() if v for a in (f"--{k.replace('_', '-')}", str(v))]
+    model_args = [a for k, v in (model_options or {}).items() if v
+                  for a in ((f"--{k.replace('_', '-')}",) if v is True else (f"--{k.replace('_', '-')}", str(v)))]
     devices = [d.strip() for d in device.split(",") if d.strip()] or ["cpu"]
     started = {"ml": 0}             # ML clients made so far: the next one gets the next device
 
@@ -172,17 +173,21 @@ def preflight(socks: list[xmlinput.SocketSpec], spec: SystemSpec, start: ase.Ato
 
 
 def check_model_file(model: str | Path, spec: SystemSpec, start: ase.Atoms, model_type: str | None = None,
-                     dtype: str | None = None) -> None:
-    """The ML client would refuse a model file of another format version or one that does not know an element
-    (or the charge) of the ML zone; find out before anything is started, so the error is one line and no run
-    folder is written. The model is loaded as the client will load it (:func:`potentials.adapters.load_adapter`:
-    weights-only for our files)."""
-    from coupling.ml_engine import check_model
+                     dtype: str | None = None, allow_embedding_mismatch: bool = False) -> None:
+    """The ML client would refuse a model file of another format version, one that does not know an element
+    (or the charge) of the ML zone, or one trained with another embedding (scheme, cutoff, switch width:
+    :func:`coupling.ml_engine.check_embedding`, a warning with ``allow_embedding_mismatch``); find out before
+    anything is started, so the error is one line and no run folder is written. The model is loaded as the
+    client will load it (:func:`potentials.adapters.load_adapter`: weights-only for our files)."""
+    from coupling.ml_engine import check_embedding, check_model
+    from coupling.schemes import get_scheme
     from potentials.adapters import load_adapter
 
     numbers = start.numbers[np.asarray(spec.ml.indices, dtype=int)]
     adapter = load_adapter(model, "cpu", model_type=model_type, dtype=dtype)
     check_model(adapter, numbers, spec.ml.charge, where=f"model file {model}")
+    check_embedding(adapter, spec.coupling, get_scheme(spec.coupling.embedding), where=f"model {model}",
+                    allow=allow_embedding_mismatch)
 
 
 def check_ports(socks: list[xmlinput.SocketSpec]) -> None:

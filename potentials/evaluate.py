@@ -2,8 +2,16 @@
 
 :func:`evaluate` gives MAEs per solute for each embedding scheme it is handed (``mlmm evaluate``,
 :mod:`driver.pipeline`, hands the electrostatic embedding, what the ML client runs, and the mechanical
-baseline, the same network in vacuum plus the Coulomb energy of its fixed vacuum charges), with the batches
+baseline, the same network in vacuum plus the Coulomb energy of fixed charges), with the batches
 of :mod:`potentials.batches` and the predictions of :mod:`potentials.train`.
+
+The mechanical baseline runs the way mechanical mode runs in a simulation (``[coupling] mechanical_charges =
+"model"``, the default: :meth:`coupling.schemes.MechanicalEmbedding.fixed_charges`): the ML atoms carry the
+model's vacuum charges at ONE geometry, the start, held fixed for the whole run. Here the start of each trajectory
+(the dataset's ``trajectory``: one MD block of one solute) is its first MD frame (lowest ``index_in_block``, not
+displaced; :func:`mechanical_charges`), and every frame of the trajectory, displaced ones included, uses those
+charges; not the charges of each frame's own geometry, which no run uses. Its dipole is that of the fixed
+charges at the frame's geometry (what the MM client's electrostatics sees).
 
 ``python -m potentials.evaluate SRC DST [--per-solute N]`` writes a held-out set with paired vacuum QM energies,
 so that ``mlmm evaluate`` can report the ML–MM interaction energy error (E_int column).
@@ -30,12 +38,70 @@ log = logging.getLogger(__name__)
 
 
 METRICS = ("energy", "forces", "mm_forces", "dipole", "e_int")
+# schemes whose ML charges a simulation fixes once, at the start (coupling.schemes.MechanicalEmbedding): evaluated
+# with the charges of :func:`mechanical_charges`
+FIXED_CHARGE_SCHEMES = ("mechanical",)
+BASELINE_NOTE = ("mechanical: the network in vacuum + Coulomb of fixed ML charges, as `[coupling] mechanical_charges "
+                 "= \"model\"` (the default) runs: the model's vacuum charges at the first MD frame of each "
+                 "trajectory, held fixed for all its frames")
+
+
+def trajectory_key(frame: dict) -> tuple[str, str, int]:
+    """The trajectory a frame belongs to (dataset variable ``trajectory``; the solute for datasets without it)."""
+    solute = str(frame.get("solute", "?"))
+    return str(frame.get("trajectory", solute)), solute, len(frame["numbers"])
+
+
+def vacuum_charges(model: torch.nn.Module, frame: dict, device="cpu", dtype=None) -> np.ndarray:
+    """The model's atomic charges (e) of a frame's ML atoms in vacuum (φ = E = 0); zeros for a model without."""
+    dtype = dtype or next(model.parameters()).dtype
+    n = len(frame["numbers"])
+    pos = torch.as_tensor(np.asarray(frame["positions"]), dtype=dtype, device=device)
+    zeros = torch.zeros(n, dtype=dtype, device=device)
+    out = model(torch.as_tensor(np.asarray(frame["numbers"], dtype=np.int64), device=device), pos,
+                torch.zeros(n, dtype=torch.long, device=device),
+                torch.tensor([float(frame["total_charge"])], dtype=dtype, device=device), zeros,
+                torch.zeros(n, 3, dtype=dtype, device=device))
+    q = out.get("charges")
+    return np.zeros(n) if q is None else q.detach().to(torch.float64).cpu().numpy().reshape(-1)
+
+
+def mechanical_charges(model: torch.nn.Module, frames: list[dict], device="cpu", dtype=None) -> list[np.ndarray]:
+    """The fixed ML charges (e) the mechanical baseline uses for each of ``frames``: the model's vacuum charges at
+    the start of the frame's trajectory (:func:`trajectory_key`), its first MD frame (lowest ``index_in_block``
+    among frames not displaced, then lowest dataset index), as mechanical mode fixes them at a run's start."""
+    def order(f: dict) -> tuple:
+        return (bool(f.get("displaced", 0)) or f.get("kind") == "displaced", int(f.get("index_in_block", 0)),
+                int(f.get("index", 0)))
+
+    starts: dict = {}
+    for f in frames:
+        key = trajectory_key(f)
+        if key not in starts or order(f) < order(starts[key]):
+            starts[key] = f
+    charges = {key: vacuum_charges(model, f, device, dtype) for key, f in starts.items()}
+    return [charges[trajectory_key(f)] for f in frames]
+
+
+class _FixedCharges(torch.nn.Module):
+    """A model whose output ``charges`` are replaced by given fixed charges (the mechanical baseline's)."""
+
+    def __init__(self, model: torch.nn.Module, charges: torch.Tensor):
+        super().__init__()
+        self.model, self.charges = model, charges
+
+    def forward(self, *args) -> dict:
+        out = dict(self.model(*args))
+        out["charges"] = self.charges.to(dtype=out["energy"].dtype)
+        return out
 
 
 def evaluate(model: torch.nn.Module, frames: list[dict], device="cpu", batch_size: int = 16,
-             gas_energy: dict[int, float] | None = None, *, schemes: "dict[str, TrainingScheme]"
-             ) -> dict[str, dict[str, dict[str, float]]]:
-    """Errors per solute (and "all") for each embedding scheme of ``schemes`` (name -> scheme object).
+             gas_energy: dict[int, float] | None = None, *, schemes: "dict[str, TrainingScheme]",
+             fixed: tuple[str, ...] = FIXED_CHARGE_SCHEMES) -> dict[str, dict[str, dict[str, float]]]:
+    """Errors per solute (and "all") for each embedding scheme of ``schemes`` (name -> scheme object); the
+    schemes named in ``fixed`` run with the fixed charges of :func:`mechanical_charges` (module docstring; ``()``:
+    the charges of each frame's own geometry, the old baseline).
 
     Returns ``{mode: {solute: {"n", "energy", "forces", "mm_forces", "dipole"[, "e_int"]}}}`` with MAEs in
     kcal/mol, kcal/mol/Å (per Cartesian component) and e·Å (per component). ``e_int`` is the MAE of the ML–MM
@@ -45,12 +111,17 @@ def evaluate(model: torch.nn.Module, frames: list[dict], device="cpu", batch_siz
     dtype = next(model.parameters()).dtype
     model.eval()
     acc: dict = {}
+    q_fixed = mechanical_charges(model, frames, device, dtype) if any(m in fixed for m in schemes) else None
     for idx in _batches(len(frames), batch_size, 0, 0, shuffle=False):
         sub = [frames[i] for i in idx]
         b = collate(sub, device, dtype)
         gas = predict(model, b, None)["energy"].detach()
         for mode, scheme in schemes.items():
-            p = predict(model, b, scheme)
+            net = model
+            if mode in fixed:
+                q = np.concatenate([q_fixed[i] for i in idx])
+                net = _FixedCharges(model, torch.as_tensor(q, dtype=torch.float64, device=device))
+            p = predict(net, b, scheme)
             e_int = (p["energy"].detach() - gas)
             for k, f in enumerate(sub):
                 a0, a1, m0, m1 = b.ml_off[k], b.ml_off[k + 1], b.mm_off[k], b.mm_off[k + 1]
@@ -83,8 +154,9 @@ def evaluate(model: torch.nn.Module, frames: list[dict], device="cpu", batch_siz
     return out
 
 
-def format_table(res: dict) -> str:
-    """Markdown table: one row per solute and embedding mode (in the order of ``res``)."""
+def format_table(res: dict, fixed: tuple[str, ...] = FIXED_CHARGE_SCHEMES) -> str:
+    """Markdown table: one row per solute and embedding mode (in the order of ``res``), and below it which
+    charges the mechanical baseline used (when ``res`` has a scheme of ``fixed``)."""
     head = ("| solute | embedding | frames | energy MAE (kcal/mol) | ML force MAE (kcal/mol/Å) | "
             "MM force MAE (kcal/mol/Å) | dipole MAE (e·Å) | E_int MAE (kcal/mol) |")
     lines = [head, "|" + "---|" * 8]
@@ -94,6 +166,8 @@ def format_table(res: dict) -> str:
             r = res[mode][s]
             cells = [f"{r[m]:.3f}" if m in r else "–" for m in METRICS]
             lines.append(f"| {s} | {mode} | {r['n']} | " + " | ".join(cells) + " |")
+    if any(mode in fixed for mode in res):
+        lines += ["", BASELINE_NOTE]
     return "\n".join(lines)
 
 

@@ -5,16 +5,26 @@ file: ``"embedded-aimnet2"``; files without the key are that architecture), ``co
 ``state_dict``, ``elements``, ``cutoff`` (Å), ``units`` (:data:`UNITS`: Å, eV, e, V, V/Å), ``metadata``
 (training information: plain str/int/float/bool/None, lists and dicts of them).
 Loading runs no pickled code and needs no network access.
+
+``metadata["embedding"]`` records how the model's field inputs were made in training (:func:`embedding_metadata`,
+stamped by ``mlmm train`` from the dataset's attributes): the scheme, the embedding cutoff and switch width of the
+QM/MM labels (nm), the long-range treatment of the labels ("none": only the switched MM charges within the
+cutoff) and the MM charge model. The ML client compares it with the system's ``[coupling]`` at start-up
+(:func:`coupling.ml_engine.check_embedding`). Files written before the key (or with only the scheme's name as a
+string) are read by :func:`trained_embedding` as far as they tell.
 """
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
 
 from potentials.core.errors import SetupError
 from potentials.network import EmbeddedAIMNet2, ModelConfig
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 ARCHITECTURE = "embedded-aimnet2"         # this network's entry in potentials.adapters.MODELS
@@ -34,6 +44,83 @@ def save_model(path, model: EmbeddedAIMNet2, metadata: dict | None = None) -> No
     torch.save({"format_version": FORMAT_VERSION, "architecture": ARCHITECTURE, "config": cfg,
                 "state_dict": state, "elements": list(cfg["elements"]), "cutoff": float(cfg["cutoff"]),
                 "units": dict(UNITS), "metadata": meta}, str(path))
+
+
+def embedding_metadata(scheme: str, cutoff_nm: float, switch_nm: float, long_range: str = "none",
+                       mm_charges: str = "force-field point charges of the MM atoms", source: str = "") -> dict:
+    """The ``metadata["embedding"]`` entry of a model file: how the network's field inputs were made in training.
+
+    ``scheme``: the training embedding (``coupling.schemes.SCHEMES`` name); ``cutoff_nm``/``switch_nm``: the
+    embedding cutoff and switch width the QM/MM labels were computed with; ``long_range``: what the labels hold
+    beyond the cutoff ("none": nothing; the run-time ``electrostatic-lr`` adds PME on top, see
+    :func:`coupling.ml_engine.check_embedding`); ``mm_charges``: the MM charge model of the labels;
+    ``source``: where the values come from (e.g. the dataset's attributes)."""
+    return {"scheme": str(scheme), "cutoff_nm": float(cutoff_nm), "switch_nm": float(switch_nm),
+            "long_range": str(long_range), "mm_charges": str(mm_charges), "source": str(source)}
+
+
+def dataset_embedding(path, scheme: str, name: str | None = None) -> dict:
+    """:func:`embedding_metadata` of a model trained in ``scheme`` on the QM/MM dataset ``path`` (``name``: how to
+    call it, e.g. the original of a snapshot): the embedding cutoff, switch width and MM model its labels were
+    computed with (global attributes ``embedding_cutoff_nm``, ``embedding_switch_nm``, ``mm_model``, written by
+    ``mlmm label``). A dataset without them: the labelling defaults (those of ``[coupling]``), with a warning.
+    The labels hold nothing beyond the cutoff: ``long_range = "none"``."""
+    from potentials.core.spec import CouplingSpec
+
+    name = str(path if name is None else name)
+    try:
+        import netCDF4
+
+        with netCDF4.Dataset(str(path)) as nc:
+            attrs = {k: nc.getncattr(k) for k in nc.ncattrs()}
+    except (OSError, ImportError) as exc:
+        log.warning("cannot read the attributes of %s (%s)", path, exc)
+        attrs = {}
+    if "embedding_cutoff_nm" in attrs and "embedding_switch_nm" in attrs:
+        cutoff, switch = float(attrs["embedding_cutoff_nm"]), float(attrs["embedding_switch_nm"])
+        source = f"attributes of the dataset {name}"
+    else:
+        default = CouplingSpec()
+        cutoff, switch = default.cutoff_nm, default.switch_width_nm
+        source = f"labelling defaults ({name} records no embedding_cutoff_nm/embedding_switch_nm)"
+        log.warning("%s records no embedding cutoff/switch; the model's metadata assumes the labelling defaults "
+                    "%.2f/%.2f nm", name, cutoff, switch)
+    mm_model = str(attrs.get("mm_model", "")).split(";")[0].strip()
+    mm_charges = "force-field point charges of the MM atoms" + (f": {mm_model}" if mm_model else "")
+    return embedding_metadata(scheme, cutoff, switch, "none", mm_charges, source)
+
+
+def trained_embedding(metadata: dict | None) -> dict | None:
+    """The training embedding a model file records (:func:`embedding_metadata`), or None when it records none.
+
+    Older files may hold only the scheme's name (``metadata["embedding"] = "electrostatic"``): then the cutoff
+    and switch are None (unknown)."""
+    emb = (metadata or {}).get("embedding")
+    if isinstance(emb, str) and emb:
+        return {"scheme": emb, "cutoff_nm": None, "switch_nm": None, "long_range": None, "mm_charges": None}
+    if not isinstance(emb, dict) or not emb.get("scheme"):
+        return None
+
+    def number(key):
+        value = emb.get(key)
+        return None if value is None else float(value)
+
+    return {"scheme": str(emb["scheme"]), "cutoff_nm": number("cutoff_nm"), "switch_nm": number("switch_nm"),
+            "long_range": emb.get("long_range"), "mm_charges": emb.get("mm_charges")}
+
+
+def stamp_embedding(path, dataset, scheme: str = "electrostatic") -> dict:
+    """Record in the model file ``path`` (ours) the embedding of its training (:func:`dataset_embedding` of the
+    QM/MM ``dataset`` it was trained on, in ``scheme``), for a file trained before ``mlmm train`` stamped it;
+    weights and other metadata are left as they are. Returns the entry written."""
+    d = read_model_file(path)
+    if file_architecture(d) != ARCHITECTURE:
+        raise SetupError(f"model file {path} holds a {file_architecture(d)!r} model; only {ARCHITECTURE!r} files "
+                         "record a training embedding")
+    entry = dataset_embedding(dataset, scheme)
+    d["metadata"] = {**(d.get("metadata") or {}), "embedding": entry}
+    torch.save(d, str(path))
+    return entry
 
 
 def read_model_file(path, device="cpu") -> dict:

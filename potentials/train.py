@@ -21,8 +21,9 @@ dataset's own (by trajectory). A checkpoint is written every epoch (``--resume``
 the batch order depends only on seed and epoch); the best validation state is saved as the model.
 
 The mechanical-embedding baseline (:func:`predict` with the "mechanical" scheme) evaluates the SAME model in
-vacuum (φ = E = 0) and adds the Coulomb energy of its vacuum charges, held fixed, with the MM charges: what
-the coupling layer's mechanical mode computes in a simulation. Without a scheme, :func:`predict` gives the
+vacuum (φ = E = 0) and adds the Coulomb energy of its vacuum charges, held fixed, with the MM charges; a
+simulation fixes them once, at its start, and ``mlmm evaluate`` does the same per trajectory
+(:func:`potentials.evaluate.mechanical_charges`). Without a scheme, :func:`predict` gives the
 model's vacuum energy at the same geometry (no interaction).
 """
 from __future__ import annotations
@@ -65,6 +66,7 @@ class TrainConfig:
     dataset: str                         # QM/MM dataset (NetCDF4)
     output: str                          # model file written at the end (best validation state)
     model: dict = field(default_factory=dict)   # ModelConfig fields (after resolving `preset`)
+    extra: list = field(default_factory=list)   # more datasets whose train/val frames join ([data] extra)
     checkpoint: str = ""                 # default: <output stem>.ckpt
     curve: str = ""                      # default: <output stem>_curve.png
     snapshot: bool = True                # copy the dataset first (it may be growing while we train)
@@ -106,6 +108,7 @@ class TrainConfig:
         base = Path(base)
         cfg = build(cls, _flatten(dict(raw), base), where)
         cfg.dataset = str((base / cfg.dataset).resolve())
+        cfg.extra = [str((base / str(p)).resolve()) for p in cfg.extra]
         cfg.output = str((base / cfg.output).resolve())
         stem = str(Path(cfg.output).with_suffix(""))
         cfg.checkpoint = str((base / cfg.checkpoint).resolve()) if cfg.checkpoint else stem + ".ckpt"
@@ -192,22 +195,42 @@ def predict(model: torch.nn.Module, b: Batch, scheme: "TrainingScheme | None" = 
     the MM charges ("electrostatic": they enter the network; "mechanical": the network sees φ = E = 0 and its
     vacuum charges, held fixed, interact with the MM charges by plain Coulomb). None: φ = E = 0 and no
     interaction (the model's vacuum energy at the same geometry).
+
+    The dipole is the response to a uniform field, μ = −∂E/∂E0 at E0 = 0 (φ_i → φ_i − E0·(r_i − centroid),
+    E_i → E_i + E0), which is what the QM dipole label is (Hellmann–Feynman): the predicted charges' Σ q r plus
+    the induced dipoles of the polarisation term and every other field dependence of the energy. Models that
+    ignore φ/E (foreign potentials, vacuum models) fall back to Σ q (r − centroid). An analytic dispersion
+    term of the model (``out["dispersion"]``, D3) is left out of the energy: the labels are DFT without it.
     """
     pos = b.positions.detach().requires_grad_(True)
     mm = b.mm_positions.detach().requires_grad_(True)
+    n_struct = len(b.energy)
+    centroid = torch.zeros(n_struct, 3, dtype=pos.dtype, device=pos.device).index_add_(0, b.mol_idx, pos.detach())
+    centroid = centroid / b.n_atoms.to(pos.dtype)[:, None]
+    rel = pos - centroid[b.mol_idx]
+    e0 = torch.zeros(n_struct, 3, dtype=pos.dtype, device=pos.device, requires_grad=True)
     phi, ef = mm_potential_field(b, pos, mm)
+    e0_atoms = e0.index_select(0, b.mol_idx)
+    probe_phi, probe_ef = -(e0_atoms * rel).sum(-1), e0_atoms
     if scheme is None:
-        out = model(b.numbers, pos, b.mol_idx, b.charge, torch.zeros_like(phi), torch.zeros_like(ef))
+        out = model(b.numbers, pos, b.mol_idx, b.charge, probe_phi.to(phi.dtype), probe_ef.to(ef.dtype))
         energy = out["energy"]
     else:
-        energy, out = scheme.network_energy(model, b.numbers, pos, b.mol_idx, b.charge, phi, ef)
-    g_pos, g_mm = torch.autograd.grad(energy.sum(), [pos, mm], create_graph=create_graph, allow_unused=True)
+        energy, out = scheme.network_energy(model, b.numbers, pos, b.mol_idx, b.charge,
+                                            phi + probe_phi.to(phi.dtype), ef + probe_ef.to(ef.dtype))
+    if "dispersion" in out:
+        energy = energy - out["dispersion"]
+    g_pos, g_mm, g_e0 = torch.autograd.grad(energy.sum(), [pos, mm, e0], create_graph=create_graph,
+                                            allow_unused=True)
     if g_mm is None:                                    # batch of gas-phase frames only
         g_mm = torch.zeros_like(mm)
-    q = out["charges"]
-    centroid = torch.zeros(len(b.energy), 3, dtype=pos.dtype, device=pos.device).index_add_(0, b.mol_idx, pos)
-    centroid = centroid / b.n_atoms.to(pos.dtype)[:, None]
-    dipole = torch.zeros_like(centroid).index_add_(0, b.mol_idx, q.to(pos.dtype)[:, None] * (pos - centroid[b.mol_idx]))
+    q = out.get("charges")
+    if g_e0 is not None:
+        dipole = -g_e0
+    elif q is not None:
+        dipole = torch.zeros_like(centroid).index_add_(0, b.mol_idx, q.to(pos.dtype)[:, None] * rel)
+    else:
+        dipole = torch.zeros_like(centroid)
     return {"energy": energy, "forces": -g_pos, "mm_forces": -g_mm, "charges": q, "dipole": dipole}
 
 
@@ -366,6 +389,11 @@ def _training_frames(cfg: TrainConfig, resume: bool) -> dict[str, list[dict]]:
     elif cfg.snapshot:
         data_path = snapshot_dataset(cfg.dataset, snap)
     splits = {s: load_frames(data_path, s, cfg.max_frames.get(s)) for s in ("train", "val")}
+    for path in cfg.extra:                       # e.g. field probes (potentials/field_probes.py): no cap
+        if not Path(path).is_file():
+            raise SetupError(f"[data] extra: dataset {path} not found")
+        for s in splits:
+            splits[s] += load_frames(path, s)
     if not splits["train"] or not splits["val"]:
         raise SetupError(f"{cfg.dataset}: need frames in both train and val splits "
                          f"(found {len(splits['train'])} / {len(splits['val'])})")
@@ -383,7 +411,9 @@ def _initial_model(cfg: TrainConfig, train_frames: list[dict], device) -> tuple[
     from potentials.model_io import load_model
 
     init = load_model(cfg.init_model, device)
-    if init.config.to_dict() != model.config.to_dict():
+    analytic = ("d3", "d3_params")          # weight-free terms: may be switched on when fine-tuning
+    if {k: v for k, v in init.config.to_dict().items() if k not in analytic} != \
+            {k: v for k, v in model.config.to_dict().items() if k not in analytic}:
         raise SetupError(f"init_model {cfg.init_model} has another architecture than [model]; "
                          "use the same preset")
     model.load_state_dict(init.state_dict())
@@ -487,7 +517,7 @@ def _save_result(cfg: TrainConfig, model, state: "TrainState", splits: dict, sae
 
     metadata = {
         "training": {k: v for k, v in asdict(cfg).items() if k not in ("progress",)},
-        "embedding": cfg.embedding,
+        "embedding": training_embedding(cfg),
         "dataset": cfg.dataset, "n_train": len(splits["train"]), "n_val": len(splits["val"]),
         "self_energies_ev": dict(zip([int(z) for z in model.config.elements], map(float, sae))),
         "best_epoch": state.best_epoch, "epochs_run": state.epoch, "history": state.history,
@@ -497,6 +527,16 @@ def _save_result(cfg: TrainConfig, model, state: "TrainState", splits: dict, sae
     plot_curve(state.history, cfg.curve)
     log.info("saved %s (best epoch %d, validation score %.4g)", cfg.output, state.best_epoch, state.best_val)
     return Path(cfg.output)
+
+
+def training_embedding(cfg: TrainConfig) -> dict:
+    """``metadata["embedding"]`` of a trained model: the config's scheme and the embedding the dataset's labels
+    were computed with (:func:`potentials.model_io.dataset_embedding`; the training snapshot when there is one)."""
+    from potentials.model_io import dataset_embedding
+
+    snap = Path(cfg.checkpoint).with_suffix(".data.nc")
+    return dataset_embedding(snap if cfg.snapshot and snap.is_file() else cfg.dataset, cfg.embedding,
+                             name=cfg.dataset)
 
 
 def _save_checkpoint(path: Path, model, opt, sched, state: TrainState, best_state) -> None:

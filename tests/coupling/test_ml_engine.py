@@ -208,13 +208,44 @@ def test_mechanical_mode_is_the_zone_in_vacuum(cluster):
 
 
 def test_extras_are_json_and_consistent(cluster):
-    res = make_engine(cluster).compute(cluster.positions[None], None)[0]
+    engine = make_engine(cluster)
+    res = engine.compute(cluster.positions[None], None)[0]
     extras = json.loads(json.dumps(res.extras))
     q = np.array(extras["ml.charges"])
     r = cluster.positions[cluster.ml] * 10.0
-    assert np.allclose(extras["ml.dipole"], q @ (r - r.mean(axis=0)))
+    # ml.dipole is -dE/dE0 of a uniform probe field: for the oracle (fixed charges, energy
+    # sum q phi - alpha/2 |E|^2) that is sum q (r - centroid) + alpha sum_i E_i, with E_i (V/Å) of the embedded,
+    # switched MM charges computed here by plain Coulomb
+    atoms, scale = group_scales(engine, cluster.positions)
+    x = cluster.positions[atoms] * 10.0
+    qm = engine.env.charges[atoms] * scale
+    d = r[:, None, :] - x[None]
+    e_field = 14.399645 * (qm[None, :, None] * d / np.linalg.norm(d, axis=-1)[..., None] ** 3).sum(1)
+    induced = ALPHA * e_field.sum(0)
+    assert np.linalg.norm(induced) > 1e-3                               # the field matters here
+    assert np.allclose(extras["ml.dipole"], q @ (r - r.mean(axis=0)) + induced, atol=1e-6)
     assert extras["ml.energy"]["total"] == pytest.approx(res.energy)
     assert 0 < extras["ml.n_embedded"] < len(cluster.positions) - len(cluster.ml)
+
+
+def test_dipole_in_vacuum_is_the_networks_field_derivative(cluster):
+    """Far from every MM charge the engine's ml.dipole is the network's own uniform-field response
+    (potentials.network.field_dipole: the same derivative by another code path)."""
+    from potentials.network import EmbeddedAIMNet2, ModelConfig, field_dipole
+
+    torch.manual_seed(0)
+    net = EmbeddedAIMNet2(ModelConfig(elements=sorted(set(cluster.numbers().tolist())), nfeature=4, nshifts=4, ncomb_v=2, aim_size=8,
+                                      hidden=[[16], [16]], out_hidden=[8])).double().eval()
+    pos = cluster.positions.copy()
+    mm = np.setdiff1d(np.arange(len(pos)), cluster.ml)
+    pos[mm] += 100.0
+    res = make_engine(cluster, model=net).compute(pos[None], None)[0]
+    assert res.extras["ml.n_embedded"] == 0
+    r = torch.tensor(pos[cluster.ml] * 10.0)
+    ref = field_dipole(net, torch.as_tensor(cluster.numbers()), r, torch.zeros(len(r), dtype=torch.long),
+                       torch.tensor([float(cluster.charge)], dtype=torch.float64))[0].detach().numpy()
+    ref = ref - cluster.charge * r.mean(0).numpy()          # field_dipole is about the origin, ml.dipole the centroid
+    assert np.allclose(res.extras["ml.dipole"], ref, atol=1e-8)
 
 
 class _Broken(torch.nn.Module):

@@ -167,6 +167,11 @@ def test_bad_input(case, tmp_path, capsys):
     assert prepare(*args, "--out", out) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("mlmm: error: ") and message in err[-1], err
+    # a box too small for the embedding is fixed with a bigger box, never with a cutoff the model was not
+    # trained with
+    assert "smaller --embedding-cutoff" not in err[-1]
+    if case == "embedding box":
+        assert "--solvate auto): the embedding cutoff must stay the one the model was trained with" in err[-1]
     assert not (out / "system.toml").exists()
 
 

@@ -119,12 +119,35 @@ def test_train_writes_model_curve_checkpoint_and_resume_is_exact(tmp_path):
     for (k, v), w in zip(ma.state_dict().items(), mb.state_dict().values()):
         assert torch.equal(v, w), k
     assert ma.metadata["best_epoch"] >= 1
-    assert ma.metadata["embedding"] == "electrostatic" == ma.metadata["training"]["embedding"]
+    # the training embedding is stamped from the dataset's attributes (tiny_qmmm.nc: labelled at 0.6 / 0.2 nm)
+    emb = ma.metadata["embedding"]
+    assert emb["scheme"] == "electrostatic" == ma.metadata["training"]["embedding"]
+    assert (emb["cutoff_nm"], emb["switch_nm"], emb["long_range"]) == (0.6, 0.2, "none")
+    assert "TIP3P" in emb["mm_charges"] and str(TINY) in emb["source"]
     # the scheme object must be the one the config names
     with pytest.raises(SetupError, match="embedding 'electrostatic' needs that scheme"):
         T.train(full, scheme=MECHANICAL)
     with pytest.raises(SetupError, match="needs that scheme"):
         T.train(full)
+
+
+def test_training_embedding_falls_back_to_the_labelling_defaults(tmp_path):
+    """A dataset that records no embedding cutoff/switch: the model's metadata says so and assumes the defaults
+    `mlmm label` uses (those of [coupling])."""
+    import shutil
+
+    import netCDF4
+
+    from potentials.core.spec import CouplingSpec
+
+    bare = tmp_path / "bare.nc"
+    shutil.copyfile(TINY, bare)
+    with netCDF4.Dataset(bare, "a") as nc:
+        for key in ("embedding_cutoff_nm", "embedding_switch_nm", "mm_model"):
+            nc.delncattr(key)
+    emb = T.training_embedding(_cfg(tmp_path, data={"path": str(bare)}))
+    assert (emb["cutoff_nm"], emb["switch_nm"]) == (CouplingSpec().cutoff_nm, CouplingSpec().switch_width_nm)
+    assert emb["source"].startswith("labelling defaults") and emb["scheme"] == "electrostatic"
 
 
 def test_mechanical_baseline_is_coulomb_of_vacuum_charges(tmp_path, frames):
