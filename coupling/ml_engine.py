@@ -22,7 +22,7 @@ import torch
 
 from coupling.embedding import MMEnvironment
 from coupling.schemes import FrameInputs, get_scheme
-from coupling.zones import ZONES, WholeMolecules, zone_molecules
+from coupling.zones import ZONES, WholeMolecules, warn_new_domain, zone_molecules
 from potentials.adapters import adapt, torch_device, weights_dtype
 from potentials.core.contracts import ForceResult
 from potentials.core.errors import CalculationFailed, SetupError
@@ -80,6 +80,7 @@ class MLEngine:
         if compile:
             self.adapter.compile()
         self.zone = zone if zone is not None else WholeMolecules.from_numbers(env.ml_indices, numbers)
+        self.scheme = self.scheme.for_zone(self.zone.numbers)     # per-element parameters (emle) bind here
         self.env, self.periodic, self.charge = env, periodic, int(charge)
         self.dtype = self.adapter.dtype
         self.numbers = torch.as_tensor(self.zone.numbers, device=self.device)
@@ -138,6 +139,7 @@ class MLEngine:
         adapter = load_adapter(model_path, device, model_type=model_type, dtype=dtype)
         adapter.check_zone(zone.numbers, spec.ml.charge, where=str(model_path))
         warn_many_molecules(adapter.metadata, topology, ml, where=str(model_path))
+        warn_new_domain(adapter.metadata, topology, ml, spec.ml.charge, where=f"model {model_path}")
         scheme = get_scheme(spec.coupling.embedding)
         check_embedding(adapter, spec.coupling, scheme, where=f"model {model_path}", allow=allow_embedding_mismatch)
         log.info("ML client: %d ML atoms (charge %+d e), %s embedding, cutoff %.2f nm (switch %.2f nm); terms:\n%s",

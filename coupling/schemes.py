@@ -43,6 +43,8 @@ COMMON_TERMS: tuple[Term, ...] = (
     Term("MM–MM Coulomb (PME / cutoff / none)", "MM"),
     Term("MM–MM Lennard-Jones", "MM"),
     Term("ML–ML bonded + nonbonded (the ML zone's own energy)", "ML"),
+    Term("ML–ML dispersion, within and between ML molecules", "ML (the model's D3(BJ) term if its file has "
+                                                              "d3 = true, else whatever the model learned)"),
 )
 TRAILING_TERMS: tuple[Term, ...] = (
     Term("ML–MM Lennard-Jones", "MM"),
@@ -112,6 +114,11 @@ class EmbeddingScheme:
         rows = self.terms()
         width = max(len(t.term) for t in rows)
         return "\n".join(f"{t.term:<{width}}  {t.owner}" for t in rows)
+
+    def for_zone(self, numbers) -> "EmbeddingScheme":
+        """The scheme bound to a zone's atomic numbers (schemes with per-element parameters return a bound copy;
+        the others are the same for every zone)."""
+        return self
 
     # ------------------------------------------------------------------ MM side
     def fixed_charges(self, spec, topology, positions_nm, model_path=None, device="cpu") -> np.ndarray | None:
@@ -273,3 +280,4 @@ def get_scheme(scheme: "str | EmbeddingScheme") -> EmbeddingScheme:
 # them here would make a cycle and put their kernels on the start-up path of every command
 SCHEMES.register_lazy("electrostatic-lr", "coupling.schemes_lr")
 SCHEMES.register_lazy("model-charges", "coupling.schemes_charges")
+SCHEMES.register_lazy("emle", "coupling.schemes_emle")

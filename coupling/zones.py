@@ -8,11 +8,15 @@ and nowhere else: a new mapping is one class plus ``@ZONES.register(name)``, cho
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
 from potentials.core.errors import SetupError
 from potentials.core.registry import Registry
+
+log = logging.getLogger(__name__)
 
 ZONES: Registry = Registry("ML-zone mapping")
 
@@ -68,3 +72,33 @@ def zone_molecules(topology, ml_indices) -> int:
     """Number of molecules (residues: the zone never cuts a bond) in the ML zone."""
     atoms = list(topology.atoms())
     return len({atoms[int(i)].residue.index for i in np.asarray(ml_indices).reshape(-1)})
+
+
+def zone_formulas(topology, ml_indices, charge: int) -> list[tuple[str, int | None]]:
+    """(Hill formula, charge) of each molecule (residue) of the ML zone; the charge is the zone's when it holds
+    one molecule, else None (the force field's per-residue charges are not the model's business)."""
+    from potentials.domain import formula
+
+    atoms = list(topology.atoms())
+    by_res: dict[int, list[int]] = {}
+    for i in np.asarray(ml_indices).reshape(-1):
+        a = atoms[int(i)]
+        by_res.setdefault(a.residue.index, []).append(a.element.atomic_number if a.element is not None else 0)
+    one = len(by_res) == 1
+    return [(formula(z), int(charge) if one else None) for z in by_res.values()]
+
+
+def warn_new_domain(metadata: dict, topology, ml_indices, charge: int, where: str = "model") -> list[str]:
+    """One warning line naming what the ML zone has that the model's training data did not (its metadata
+    ``domain``, :func:`potentials.domain.domain_news`); returns the items (empty: inside the domain, or no
+    record)."""
+    from potentials.domain import domain_news
+
+    news = domain_news((metadata or {}).get("domain") or {}, zone_formulas(topology, ml_indices, charge),
+                       len(np.asarray(ml_indices).reshape(-1)))
+    if news:
+        seen = ", ".join(m["formula"] + (f" ({m['charge']:+d})" if m["charge"] is not None else "")
+                         for m in metadata["domain"].get("molecules", []))
+        log.warning("%s was not trained on %s (its training molecules: %s); expect larger errors there and "
+                    "check the run, or train a model for this system", where, "; ".join(news), seen)
+    return news

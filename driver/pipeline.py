@@ -59,7 +59,7 @@ def evaluated_model(path, device: str, model_type: str | None = None):
     """(model in the network's units, the schemes to evaluate it in) for ``mlmm evaluate``: our network in
     electrostatic and mechanical embedding; another package's model (no field inputs) in vacuum plus its own
     charges coupled to the MM charges (``model-charges``: held fixed -> ``mechanical``, following the geometry ->
-    ``model-charges``) where it predicts charges, else in ``mechanical`` embedding with no ML charges (the zone in
+    ``model-charges``; damped, with induction -> ``emle``) where it predicts charges, else in ``mechanical`` embedding with no ML charges (the zone in
     vacuum: its errors then include the whole ML–MM interaction)."""
     from potentials.adapter_base import ModelUnitsModule
     from potentials.adapters import EmbeddedAIMNet2Adapter, load_adapter
@@ -67,7 +67,7 @@ def evaluated_model(path, device: str, model_type: str | None = None):
     adapter = load_adapter(path, device, model_type=model_type)
     if isinstance(adapter, EmbeddedAIMNet2Adapter):
         return adapter.module, EVALUATED_SCHEMES
-    return ModelUnitsModule(adapter), (("model-charges", "mechanical") if adapter.predicts_charges
+    return ModelUnitsModule(adapter), (("model-charges", "emle", "mechanical") if adapter.predicts_charges
                                        else ("mechanical",))
 
 

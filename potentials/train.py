@@ -45,6 +45,7 @@ from potentials.batches import Batch, _batches, collate, load_frames, snapshot_d
 from potentials.core.config import build, read_toml
 from potentials.core.errors import SetupError
 from potentials.core.units import COULOMB_EV_ANGSTROM, KCALMOL_PER_EV
+from potentials.domain import training_domain
 from potentials.electrostatics import potential_and_field
 
 if TYPE_CHECKING:
@@ -518,11 +519,13 @@ def _save_result(cfg: TrainConfig, model, state: "TrainState", splits: dict, sae
     metadata = {
         "training": {k: v for k, v in asdict(cfg).items() if k not in ("progress",)},
         "embedding": training_embedding(cfg),
+        "domain": training_domain(splits["train"]),
         "dataset": cfg.dataset, "n_train": len(splits["train"]), "n_val": len(splits["val"]),
         "self_energies_ev": dict(zip([int(z) for z in model.config.elements], map(float, sae))),
         "best_epoch": state.best_epoch, "epochs_run": state.epoch, "history": state.history,
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }
+    metadata["ml_molecules"] = metadata["domain"]["ml_molecules"]
     save_model(cfg.output, model, metadata)
     plot_curve(state.history, cfg.curve)
     log.info("saved %s (best epoch %d, validation score %.4g)", cfg.output, state.best_epoch, state.best_val)

@@ -256,19 +256,20 @@ def test_ani_adapter_matches_torchani(ani_files, which):
 
 # ------------------------------------------------------------------------------------------------ evaluate
 def test_evaluate_runs_other_families_on_qmmm_data(aimnet_file, mace_file):
-    """`mlmm evaluate` on QM/MM frames: AIMNet2 in mechanical (fixed charges) and model-charges embedding, MACE
-    in mechanical embedding (no ML charges: the zone in vacuum)."""
+    """`mlmm evaluate` on QM/MM frames: AIMNet2 in mechanical (fixed charges), model-charges and emle embedding,
+    MACE in mechanical embedding (no ML charges: the zone in vacuum)."""
     from driver.pipeline import evaluated_model
     from potentials.evaluate import evaluate, format_table, load_frames
 
     frames = load_frames(ROOT / "tests" / "data" / "tiny_qmmm.nc", "test")[:4]
     assert frames
     model, names = evaluated_model(aimnet_file, "cpu")
-    assert names == ("model-charges", "mechanical")
+    assert names == ("model-charges", "emle", "mechanical")
     from coupling.schemes import SCHEMES
 
     res = evaluate(model, frames, "cpu", schemes={n: SCHEMES.get(n)() for n in names})
-    assert set(res) == set(names) and all(np.isfinite(v["energy"]) for v in res["model-charges"].values())
+    assert set(res) == set(names) and all(np.isfinite(v["energy"]) for n in ("model-charges", "emle")
+                                          for v in res[n].values())
     assert "model-charges" in format_table(res)
     model, names = evaluated_model(mace_file, "cpu")
     assert names == ("mechanical",)

@@ -1,0 +1,77 @@
+"""What a model was trained on (its *domain*), recorded in the model file, and what is new in an ML zone.
+
+``training_domain(frames)`` summarises the training frames: the elements, the molecules (Hill formula and,
+where a frame holds one molecule, its charge), the sizes of the ML zones and the most molecules one zone held.
+:func:`potentials.train` stores it as ``metadata["domain"]``; the ML client compares each zone with it at
+start-up (:func:`domain_news`) and warns with one line naming what the model has not seen. Molecules in a frame
+are the connected components of its covalent bonds (within 1.5 x the sum of covalent radii: hot and displaced
+training frames stretch bonds, hydrogen bonds (> 1.6 Å) stay apart).
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+BOND_FACTOR = 1.5          # bonded: closer than this times the sum of the covalent radii (ASE's table)
+
+
+def formula(numbers) -> str:
+    """Hill formula (C first, then H, then the rest alphabetically; no C: all alphabetically)."""
+    from ase.data import chemical_symbols
+
+    count = Counter(chemical_symbols[int(z)] for z in np.asarray(numbers).reshape(-1))
+    order = (["C", "H"] if "C" in count else []) + sorted(s for s in count if "C" in count and s not in "CH" or
+                                                          "C" not in count)
+    return "".join(f"{s}{count[s] if count[s] > 1 else ''}" for s in order)
+
+
+def molecules(numbers, positions) -> list[np.ndarray]:
+    """Atom indices of each covalently bonded molecule (positions Å), in order of their first atom."""
+    from ase.data import covalent_radii
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    z = np.asarray(numbers, dtype=int).reshape(-1)
+    x = np.asarray(positions, dtype=np.float64).reshape(-1, 3)
+    r = covalent_radii[z]
+    d = np.linalg.norm(x[:, None] - x[None], axis=-1)
+    i, j = np.nonzero(d < BOND_FACTOR * (r[:, None] + r[None]))
+    _, label = connected_components(coo_matrix((np.ones(len(i)), (i, j)), shape=(len(z), len(z))), directed=False)
+    first = {lab: k for k, lab in reversed(list(enumerate(label)))}
+    return [np.nonzero(label == lab)[0] for lab in sorted(first, key=first.get)]
+
+
+def training_domain(frames: list[dict]) -> dict:
+    """The ``metadata["domain"]`` record of ``frames`` (dicts with numbers, positions Å, total_charge)."""
+    elements, mols, sizes, most = set(), set(), [], 0
+    for f in frames:
+        z = np.asarray(f["numbers"], dtype=int)
+        elements.update(z.tolist())
+        parts = molecules(z, f["positions"])
+        most = max(most, len(parts))
+        sizes.append(len(z))
+        for p in parts:
+            mols.add((formula(z[p]), int(f["total_charge"]) if len(parts) == 1 else None))
+    return {"elements": sorted(elements),
+            "molecules": [{"formula": m, "charge": q} for m, q in sorted(mols, key=lambda t: (t[0], str(t[1])))],
+            "zone_atoms": [min(sizes), max(sizes)] if sizes else [0, 0], "ml_molecules": most}
+
+
+def domain_news(domain: dict, zone: list[tuple[str, int | None]], n_atoms: int) -> list[str]:
+    """What an ML zone has that ``domain`` does not: molecules (formula, charge) never trained on, and a zone
+    larger than any training zone. Empty when the zone is inside the record (or there is no record)."""
+    if not domain:
+        return []
+    seen = {(m["formula"], m["charge"]) for m in domain.get("molecules", [])}
+    formulas = {f for f, _ in seen}
+    news = []
+    for f, q in sorted(set(zone), key=lambda t: (t[0], str(t[1]))):
+        if f not in formulas:
+            news.append(f"molecule {f}" + (f" (charge {q:+d})" if q is not None else ""))
+        elif q is not None and (f, q) not in seen and (f, None) not in seen:
+            news.append(f"{f} with charge {q:+d}")
+    big = int(domain.get("zone_atoms", [0, 0])[1])
+    if big and n_atoms > big:
+        news.append(f"{n_atoms} ML atoms (training zones: at most {big})")
+    return news

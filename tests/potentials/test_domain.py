@@ -1,0 +1,69 @@
+"""The model knows its domain (issue 19): training records the molecules, charges and zone sizes it saw, and the
+ML client names, in one warning line, what a zone has that the training data did not."""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from coupling.ml_engine import MLEngine
+from potentials.batches import load_frames
+from potentials.core.spec import CouplingSpec, MLSpec, MMSpec, StructureSpec, SystemSpec
+from potentials.domain import domain_news, formula, molecules, training_domain
+from potentials.model_io import save_model
+from potentials.network import EmbeddedAIMNet2, ModelConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "driver"))
+from run_helpers import write_water_cluster  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+TEST_SET = ROOT / "inputs" / "data" / "test_b3lyp_svp.nc"
+
+
+def test_formula_and_molecules():
+    assert formula([6, 1, 1, 1, 8, 1]) == "CH4O" and formula([8, 1, 1]) == "H2O" and formula([11]) == "Na"
+    assert formula([7, 1, 1, 1, 6, 1, 1, 1]) == "CH6N" and formula([17, 11]) == "ClNa"
+    water = np.array([[0.0, 0.0, 0.0], [0.96, 0.0, 0.0], [-0.24, 0.93, 0.0]])
+    dimer = np.concatenate([water, water + [2.9, 0.0, 0.0]])            # O…O 2.9 Å: a hydrogen-bonded pair
+    parts = molecules([8, 1, 1] * 2, dimer)
+    assert [p.tolist() for p in parts] == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_training_domain_of_the_shipped_test_set():
+    dom = training_domain(load_frames(TEST_SET))
+    assert dom["elements"] == [1, 6, 7, 8] and dom["ml_molecules"] == 1
+    assert {(m["formula"], m["charge"]) for m in dom["molecules"]} == {
+        ("H2O", 0), ("CH4O", 0), ("C2H3O2", -1), ("CH6N", 1)}
+    assert dom["zone_atoms"] == [3, 8]
+    # what is new, named
+    assert domain_news(dom, [("CH4O", 0)], 6) == []
+    assert domain_news(dom, [("C2H5NO", 0)], 9) == ["molecule C2H5NO (charge +0)", "9 ML atoms (training zones: "
+                                                                                   "at most 8)"]
+    assert domain_news(dom, [("H2O", None)] * 10, 30) == ["30 ML atoms (training zones: at most 8)"]
+    assert domain_news(dom, [("CH4O", 1)], 6) == ["CH4O with charge +1"]
+    assert domain_news({}, [("C2H5NO", 0)], 9) == []                   # no record: nothing to say
+
+
+def test_ml_client_names_what_is_new_at_start_up(tmp_path, caplog):
+    write_water_cluster(tmp_path)
+    spec = SystemSpec(StructureSpec(file="water.pdb", forcefield=["amber14/tip3p.xml"], periodic=False),
+                      ml=MLSpec(selection="resid 1", indices=[0, 1, 2], charge=0),
+                      mm=MMSpec(nonbonded_method="NoCutoff", rigid_water=False),
+                      coupling=CouplingSpec(embedding="electrostatic", cutoff_nm=1.2))
+    spec.save(tmp_path / "system.toml")
+    net = EmbeddedAIMNet2(ModelConfig.from_toml(ROOT / "inputs/models/configs/tiny.toml"), seed=1)
+    methanol_only = {"elements": [1, 6, 8], "molecules": [{"formula": "CH4O", "charge": 0}],
+                     "zone_atoms": [6, 6], "ml_molecules": 1}
+    save_model(tmp_path / "m.pt", net, {"domain": methanol_only})
+    with caplog.at_level(logging.WARNING):
+        MLEngine.from_spec(tmp_path / "system.toml", tmp_path / "m.pt")
+    lines = [r.getMessage() for r in caplog.records if "was not trained on" in r.getMessage()]
+    assert len(lines) == 1 and "molecule H2O (charge +0)" in lines[0] and "CH4O" in lines[0]
+    caplog.clear()
+    save_model(tmp_path / "w.pt", net, {"domain": training_domain(load_frames(TEST_SET))})
+    with caplog.at_level(logging.WARNING):
+        MLEngine.from_spec(tmp_path / "system.toml", tmp_path / "w.pt")
+    assert not [r for r in caplog.records if "was not trained on" in r.getMessage()]
