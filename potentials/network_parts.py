@@ -151,15 +151,21 @@ def d3_energy(numbers: Tensor, pos: Tensor, mol_idx: Tensor, n_structures: int, 
     xyz = pos.new_zeros(n_structures, n_max, 3, dtype=torch.float64).index_put(
         (mol_idx, slot), pos.to(torch.float64) * BOHR_PER_ANGSTROM)
     p = {k: torch.tensor(v, dtype=torch.float64, device=pos.device) for k, v in params.items()}
-    return tad_dftd3.dftd3(z, xyz, p, ref=_d3_reference(pos.device)).sum(-1) * EV_PER_HARTREE
+    ref, vdw = _d3_tables(pos.device)
+    rvdw = vdw[z.unsqueeze(-1), z.unsqueeze(-2)]
+    return tad_dftd3.dftd3(z, xyz, p, ref=ref, rvdw=rvdw).sum(-1) * EV_PER_HARTREE
 
 
-_D3_REFERENCES: dict = {}
+_D3_TABLES: dict = {}
 
 
-def _d3_reference(device) -> object:
-    """tad-dftd3's reference C6 table, loaded once per device (loading it is a third of a small zone's D3 time)."""
+def _d3_tables(device) -> tuple:
+    """tad-dftd3's reference C6 table and pairwise van der Waals radii, loaded once per device (tad-dftd3 reads
+    both from disk on every call unless given them: two thirds of a small zone's D3 time)."""
     key = str(device)
-    if key not in _D3_REFERENCES:
-        _D3_REFERENCES[key] = _import_tad_dftd3().reference.Reference(dtype=torch.float64, device=device)
-    return _D3_REFERENCES[key]
+    if key not in _D3_TABLES:
+        from tad_mctc.data import radii
+
+        _D3_TABLES[key] = (_import_tad_dftd3().reference.Reference(dtype=torch.float64, device=device),
+                           radii.VDW_PAIRWISE(dtype=torch.float64, device=device))
+    return _D3_TABLES[key]
