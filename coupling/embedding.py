@@ -388,6 +388,7 @@ class EmbeddingField:
         self._k = (COULOMB_KJMOL_NM, COULOMB_KJMOL_NM)
         ml_positions = np.ascontiguousarray(ml_positions, dtype=np.float64)
         mm_positions = np.ascontiguousarray(mm_positions, dtype=np.float64)
+        self._n_mm = len(mm_positions)
         if self._kernels:
             self._arrays = sel.kernel_arrays or _kernel_arrays(env, sel)
             sel.kernel_arrays = self._arrays
@@ -401,8 +402,18 @@ class EmbeddingField:
             q, x = embedded_charges_at(env, sel, ml, mm)
             r = ml if sel.ml_shift is None else ml + torch.as_tensor(sel.ml_shift, device=self.device)
             phi, field = potential_and_field_fast(r, x, q)
+        self._charges = q.detach().to(torch.float64).cpu().numpy()
         self._graph = (ml, mm, phi, field)
         self.phi, self.field = self._graph[2].detach(), self._graph[3].detach()
+
+    @property
+    def charges(self) -> np.ndarray:
+        """The embedded (switch-scaled) charge (e) of each MM atom of the selection, in its order."""
+        if self._kernels:
+            q = np.zeros(self._n_mm)
+            q[self._stash[3]] = self._stash[2]
+            return q
+        return self._charges
 
     def backward(self, g_phi: torch.Tensor, g_field: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Gradients (numpy, float64) of ``sum(g_phi * phi) + sum(g_field * E)`` w.r.t. the ML positions (n_ml,3)

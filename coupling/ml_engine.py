@@ -27,6 +27,7 @@ from potentials.adapters import adapt, torch_device, weights_dtype
 from potentials.core.contracts import ForceResult
 from potentials.core.errors import CalculationFailed, SetupError
 from potentials.core.units import ANGSTROM_PER_NM
+from potentials.electrostatics import DAMPING_RANGE, damped_field_excess
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,8 @@ class MLEngine:
         self.scheme = self.scheme.for_zone(self.zone.numbers)     # per-element parameters (emle) bind here
         self.env, self.periodic, self.charge = env, periodic, int(charge)
         self.dtype = self.adapter.dtype
+        # the polarisation term's field damping (nm; 0: none): the engine hands the model E minus the damped part
+        self._damping = float(getattr(self.adapter, "pol_damping_nm", 0.0) or 0.0) if self.scheme.field_inputs else 0.0
         self.numbers = torch.as_tensor(self.zone.numbers, device=self.device)
         self.natoms = len(env.charges)
         self.skin = float(skin)
@@ -172,8 +175,12 @@ class MLEngine:
         t2 = time.perf_counter()
         for fr, g in zip(frames, grads):
             fr.dipole = None if len(g) < 4 else -g[3].detach().to(torch.float64).cpu().numpy()   # e·nm
-        grads = [g[0].cpu().numpy() if fr.inputs.field is None else _chain(fr.inputs.field, *g[:3])
-                 for fr, g in zip(frames, grads)]
+        chained = [g[0].cpu().numpy() if fr.inputs.field is None else _chain(fr.inputs.field, *g[:3])
+                   for fr, g in zip(frames, grads)]
+        for fr, g, total in zip(frames, grads, chained):
+            if fr.near is not None:                  # the damped field's close MM atoms (rows after the ML atoms)
+                np.add.at(total, len(self.zone.atoms) + fr.near, g[4].detach().to(torch.float64).cpu().numpy())
+        grads = chained
         t_chain = time.perf_counter() - t2 + self._t_terms          # the scheme's model terms count as coupling
         results = [self._result(b, frames[b], energies[b], -grads[b], out) for b in range(n)]
         t3 = time.perf_counter()
@@ -224,6 +231,17 @@ class MLEngine:
             rel = (model_pos - model_pos.mean(dim=0)).detach().to(phi.dtype)
             leaves = (leaf, phi, field, e0)
             phi, field = phi - rel @ e0, field + e0
+            if self._damping > 0:         # the polarisation term's damped field: E minus its close-contact part
+                x = torch.as_tensor(pos[inputs.atoms[n_ml:]] + inputs.shift[n_ml:], device=self.device)
+                with torch.no_grad():
+                    near = (torch.cdist(model_pos.detach().to(x.dtype), x) < DAMPING_RANGE * self._damping
+                            ).any(0).nonzero(as_tuple=True)[0]
+                mm_leaf = x.index_select(0, near).requires_grad_(True)
+                q = torch.as_tensor(inputs.field.charges, device=self.device).index_select(0, near)
+                excess = damped_field_excess(model_pos.to(x.dtype), mm_leaf, q, self._damping)
+                frame = _Frame(inputs, leaves + (mm_leaf,), model_pos, phi, field, pos[inputs.atoms] + inputs.shift)
+                frame.field_pol, frame.near = field - excess.to(field.dtype), near.cpu().numpy()
+                return frame
         else:
             phi, field = torch.zeros_like(leaf[:, 0]), torch.zeros_like(leaf)
             leaves = (leaf,)
@@ -235,8 +253,9 @@ class MLEngine:
         numbers, mol_idx, charge = self._batch_inputs(n)
         cat = (lambda ts: ts[0]) if n == 1 else torch.cat
         dt = self.adapter.dtype
+        pol = [cat([f.field_pol for f in frames]).to(dt)] if frames[0].field_pol is not None else []
         out = self.adapter.forward(numbers, cat([f.model_pos for f in frames]).to(dt), mol_idx, charge.to(dt),
-                                   cat([f.phi for f in frames]).to(dt), cat([f.field for f in frames]).to(dt))
+                                   cat([f.phi for f in frames]).to(dt), cat([f.field for f in frames]).to(dt), *pol)
         energy = self._add_terms(frames, out, out["energy"].to(torch.float64))
         flat = [t for f in frames for t in f.leaves]
         it = iter(torch.autograd.grad(energy.sum(), flat, allow_unused=True, materialize_grads=True))
@@ -291,12 +310,14 @@ class MLEngine:
 class _Frame:
     """Per-structure state of one request (see :meth:`MLEngine._frame`)."""
 
-    __slots__ = ("inputs", "leaves", "model_pos", "phi", "field", "images", "dipole")
+    __slots__ = ("inputs", "leaves", "model_pos", "phi", "field", "images", "dipole", "field_pol", "near")
 
     def __init__(self, inputs, leaves, model_pos, phi, field, images):
         self.inputs, self.leaves, self.model_pos = inputs, leaves, model_pos
         self.phi, self.field, self.images = phi, field, images
         self.dipole: np.ndarray | None = None          # -dE/de0 (e·nm) when the model is fed phi and E
+        self.field_pol: torch.Tensor | None = None     # damped field of the polarisation term (pol_damping)
+        self.near: np.ndarray | None = None            # MM atoms (of inputs.atoms after the ML ones) it reads
 
 
 def _chain(field, g_ml: torch.Tensor, g_phi: torch.Tensor, g_field: torch.Tensor) -> np.ndarray:

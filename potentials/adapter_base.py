@@ -77,6 +77,8 @@ class ForeignAdapter:
     converted (units, then dtype) inside ``forward``.
     """
 
+    pol_damping_nm = 0.0          # no field inputs, so no damped field either
+
     architecture = ""
     family = ""
     field_inputs = False

@@ -111,12 +111,18 @@ class NetworkAdapter:
                              "selection")
 
     # ------------------------------------------------------------------ running it
-    def forward(self, numbers, positions, mol_idx, charge, phi, field) -> dict:
+    pol_damping_nm = 0.0         # width of the polarisation term's field damping (nm); 0: none
+
+    def forward(self, numbers, positions, mol_idx, charge, phi, field, field_pol=None) -> dict:
         """Energies [B] kJ/mol (float64), charges [N] e and the per-structure energy terms (kJ/mol, detached:
         they are reported, not differentiated) of the structures ``mol_idx``; positions nm, phi kJ/mol/e,
-        field kJ/mol/e/nm (see the contract)."""
-        out = self._run(numbers, (positions * ANGSTROM_PER_NM).to(self.dtype), mol_idx, charge,
-                        (phi * PHI_V_PER_KJMOL_E).to(self.dtype), (field * FIELD_V_A_PER_KJMOL_E_NM).to(self.dtype))
+        field kJ/mol/e/nm (see the contract); ``field_pol``: the damped field of the polarisation term (only for
+        a model with ``pol_damping_nm`` > 0)."""
+        inputs = [numbers, (positions * ANGSTROM_PER_NM).to(self.dtype), mol_idx, charge,
+                  (phi * PHI_V_PER_KJMOL_E).to(self.dtype), (field * FIELD_V_A_PER_KJMOL_E_NM).to(self.dtype)]
+        if field_pol is not None:
+            inputs.append((field_pol * FIELD_V_A_PER_KJMOL_E_NM).to(self.dtype))
+        out = self._run(*inputs)
         n = charge.shape[0]
         res = {"energy": out["energy"].to(torch.float64) * KJMOL_PER_EV,
                "terms": {k: v.detach().to(torch.float64) * KJMOL_PER_EV for k, v in out.items()
@@ -190,6 +196,10 @@ class EmbeddedAIMNet2Adapter(NetworkAdapter):
     @property
     def field_inputs(self) -> bool:
         return bool(self.module.config.embedding)
+
+    @property
+    def pol_damping_nm(self) -> float:
+        return float(self.module.config.pol_damping) * NM_PER_ANGSTROM if self.field_inputs else 0.0
 
     @property
     def metadata(self) -> dict:

@@ -75,6 +75,8 @@ class ModelConfig:
     phi_scale, field_scale : fixed scales (V, V/Å) bringing φ−φ̄ and E to O(1) at the pass inputs.
     alpha_scale : polarisability of a neutral readout (α = alpha_scale · softplus(x)), e·Å²/V.
     d3, d3_params : add D3(BJ) dispersion (tad-dftd3) with these s6, s8, a1, a2 (a2 in Bohr).
+    pol_damping : width a (Å) of the short-range damping of the MM field in the polarisation term (callers
+        pass ``efield_pol`` = E minus :func:`potentials.electrostatics.damped_field_excess`); 0: the bare field.
     """
 
     elements: list[int]
@@ -94,6 +96,7 @@ class ModelConfig:
     alpha_scale: float = 0.1
     d3: bool = False
     d3_params: dict[str, float] = field(default_factory=lambda: dict(D3_WB97M))
+    pol_damping: float = 0.0
 
     def __post_init__(self):
         self.elements = [int(z) for z in self.elements]
@@ -113,6 +116,8 @@ class ModelConfig:
         if not 0 <= self.rmin < self.cutoff or not 0 < self.coulomb_cutoff <= self.cutoff:
             raise SetupError(f"model config: need 0 <= rmin < cutoff and 0 < coulomb_cutoff <= cutoff "
                              f"(rmin={self.rmin}, cutoff={self.cutoff}, coulomb_cutoff={self.coulomb_cutoff})")
+        if self.pol_damping < 0:
+            raise SetupError(f"model config: 'pol_damping' must be >= 0 (Å), got {self.pol_damping}")
         if min(self.phi_scale, self.field_scale, self.alpha_scale) <= 0:
             raise SetupError("model config: phi_scale, field_scale and alpha_scale must be > 0")
         unknown = set(self.d3_params) - set(D3_WB97M)
@@ -412,11 +417,13 @@ class EmbeddedAIMNet2(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, numbers: Tensor, positions: Tensor, mol_idx: Tensor, charge: Tensor,
-                phi: Tensor | None = None, efield: Tensor | None = None) -> dict[str, Tensor]:
+                phi: Tensor | None = None, efield: Tensor | None = None,
+                efield_pol: Tensor | None = None) -> dict[str, Tensor]:
         """Energies [B] (eV, float64), charges [N] (e, float64) and their parts; see the module docstring.
 
         numbers [N] long; positions [N,3] Å; mol_idx [N] sorted structure index; charge [B] e;
-        phi [N] V and efield [N,3] V/Å of the MM charges at each atom (None: vacuum).
+        phi [N] V and efield [N,3] V/Å of the MM charges at each atom (None: vacuum); efield_pol [N,3] V/Å: the
+        short-range-damped field the polarisation term uses (``config.pol_damping``; None: ``efield``).
         """
         c = self.config
         if not torch.jit.is_scripting():
@@ -476,7 +483,8 @@ class EmbeddedAIMNet2(nn.Module):
         if c.embedding:
             alpha = c.alpha_scale * F.softplus(head[:, 1]).to(torch.float64)
             ext = _per_structure(q * phi.to(torch.float64), mol_idx, n_struct)
-            pol = _per_structure(-0.5 * alpha * efield.to(torch.float64).square().sum(-1), mol_idx, n_struct)
+            e_pol = (efield if efield_pol is None else efield_pol).to(torch.float64)
+            pol = _per_structure(-0.5 * alpha * e_pol.square().sum(-1), mol_idx, n_struct)
             res.update(polarisability=alpha, external=ext, polarisation=pol)
             energy = energy + ext + pol
         if c.d3:

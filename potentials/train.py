@@ -46,7 +46,7 @@ from potentials.core.config import build, read_toml
 from potentials.core.errors import SetupError
 from potentials.core.units import COULOMB_EV_ANGSTROM, KCALMOL_PER_EV
 from potentials.domain import training_domain
-from potentials.electrostatics import potential_and_field
+from potentials.electrostatics import damped_field_excess, potential_and_field
 
 if TYPE_CHECKING:
     from potentials.core.contracts import TrainingScheme
@@ -188,6 +188,29 @@ def mm_potential_field(b: Batch, positions: torch.Tensor, mm_positions: torch.Te
     return torch.cat(phis), torch.cat(fields_)
 
 
+def mm_damped_excess(b: Batch, positions: torch.Tensor, mm_positions: torch.Tensor, width: float) -> torch.Tensor:
+    """The part of each frame's MM field (V/Å) that the polarisation term's short-range damping removes
+    (:func:`potentials.electrostatics.damped_field_excess`, width Å), differentiable in both position sets."""
+    parts = []
+    for k in range(len(b.ml_off) - 1):
+        a0, a1, m0, m1 = b.ml_off[k], b.ml_off[k + 1], b.mm_off[k], b.mm_off[k + 1]
+        parts.append(damped_field_excess(positions[a0:a1], mm_positions[m0:m1], b.mm_charges[m0:m1], width,
+                                         k=COULOMB_EV_ANGSTROM))
+    return torch.cat(parts)
+
+
+class _DampedPolarisation:
+    """The network called by a scheme with (phi, E), given the damped field E - excess for its polarisation
+    term (a uniform probe field added to E reaches both, as it should: damping concerns point charges)."""
+
+    def __init__(self, model, excess: torch.Tensor):
+        self.model, self.excess = model, excess
+
+    def __call__(self, numbers, positions, mol_idx, charge, phi, field):
+        return self.model(numbers, positions, mol_idx, charge, phi, field,
+                          efield_pol=field - self.excess.to(field.dtype))
+
+
 def predict(model: torch.nn.Module, b: Batch, scheme: "TrainingScheme | None" = None,
             create_graph: bool = False) -> dict[str, torch.Tensor]:
     """Energy [B] eV, forces [N,3] and MM forces [M,3] eV/Å, charges [N] e, dipole [B,3] e·Å.
@@ -211,6 +234,9 @@ def predict(model: torch.nn.Module, b: Batch, scheme: "TrainingScheme | None" = 
     rel = pos - centroid[b.mol_idx]
     e0 = torch.zeros(n_struct, 3, dtype=pos.dtype, device=pos.device, requires_grad=True)
     phi, ef = mm_potential_field(b, pos, mm)
+    width = float(getattr(getattr(model, "config", None), "pol_damping", 0.0) or 0.0)
+    if width > 0 and scheme is not None and scheme.field_inputs:
+        model = _DampedPolarisation(model, mm_damped_excess(b, pos, mm, width))
     e0_atoms = e0.index_select(0, b.mol_idx)
     probe_phi, probe_ef = -(e0_atoms * rel).sum(-1), e0_atoms
     if scheme is None:
@@ -412,7 +438,7 @@ def _initial_model(cfg: TrainConfig, train_frames: list[dict], device) -> tuple[
     from potentials.model_io import load_model
 
     init = load_model(cfg.init_model, device)
-    analytic = ("d3", "d3_params")          # weight-free terms: may be switched on when fine-tuning
+    analytic = ("d3", "d3_params", "pol_damping")     # weight-free settings: may change when fine-tuning
     if {k: v for k, v in init.config.to_dict().items() if k not in analytic} != \
             {k: v for k, v in model.config.to_dict().items() if k not in analytic}:
         raise SetupError(f"init_model {cfg.init_model} has another architecture than [model]; "

@@ -311,6 +311,41 @@ def test_network_forces_match_finite_differences(cluster, tiny_network):
     check_fd(engine, pos, picks)
 
 
+def test_damped_field_excess_is_thole_smearing():
+    """One charge: E - excess = k q / r^2 (1 - exp(-(r/a)^3)) along the pair, finite and -> 0 as r -> 0."""
+    from potentials.electrostatics import damped_field_excess, potential_and_field
+
+    q, a = torch.tensor([0.8], dtype=torch.float64), 0.12
+    for r in (0.02, 0.1, 0.2, 0.5):
+        site = torch.tensor([[r, 0.0, 0.0]], dtype=torch.float64)
+        src = torch.zeros(1, 3, dtype=torch.float64)
+        _, e = potential_and_field(site, src, q)
+        damped = (e - damped_field_excess(site, src, q, a))[0].numpy()
+        want = 138.935456 * 0.8 / r ** 2 * (1.0 - np.exp(-(r / a) ** 3))
+        assert damped[0] == pytest.approx(want, rel=1e-10) and abs(damped[1]) < 1e-12
+    far = torch.tensor([[10 * a, 0.0, 0.0]], dtype=torch.float64)
+    assert damped_field_excess(far, src, q, a).abs().max() == 0.0          # beyond DAMPING_RANGE widths
+
+
+def test_damped_polarisation_forces_match_finite_differences(cluster):
+    """A network whose polarisation term reads the short-range-damped MM field (pol_damping): forces on the ML
+    atoms and on the close MM atoms whose field is damped match the energy, and the damping changes it."""
+    from potentials.network import EmbeddedAIMNet2, ModelConfig
+
+    cfg = ModelConfig.from_toml(ROOT / "inputs/models/configs/tiny.toml", elements=[1, 6, 7, 8, 11],
+                                alpha_scale=2.0)
+    bare = EmbeddedAIMNet2(cfg, seed=1).double().eval()
+    damped = EmbeddedAIMNet2(ModelConfig.from_dict({**cfg.to_dict(), "pol_damping": 2.0}), seed=1).double().eval()
+    pos = cluster.positions
+    e_bare = make_engine(cluster, model=bare).compute(pos[None], None)[0].extras["ml.energy"]["polarisation"]
+    engine = make_engine(cluster, model=damped)
+    e_damped = engine.compute(pos[None], None)[0].extras["ml.energy"]["polarisation"]
+    assert e_damped > e_bare + 1e-3                   # less negative: the close charges' field is screened
+    mm = np.setdiff1d(np.arange(len(pos)), cluster.ml)
+    d = np.linalg.norm(pos[mm][:, None] - pos[cluster.ml][None], axis=-1).min(axis=1)
+    check_fd(engine, pos, np.concatenate([cluster.ml[[0, 6, -1]], mm[np.argsort(d)[:3]]]))
+
+
 def test_network_float32_weights_agree_with_float64(cluster, tiny_network):
     import copy
 

@@ -93,3 +93,27 @@ def test_training_dipole_is_the_field_derivative(tmp_path):
                                          phi - rel @ f, ef + f)[0].detach()
         fd = -(e(1.0) - e(-1.0)) / (2 * h)
         assert torch.allclose(mu[:, k], fd, atol=1e-6), (k, mu[:, k], fd)
+
+
+def test_training_feeds_the_damped_field_to_the_polarisation_term(tmp_path):
+    """With pol_damping, predict's energy is the network's with efield_pol = E(1 - exp(-(r/a)^3)) summed over
+    the MM charges (numpy here), and the field probe's dipole still includes the induced part."""
+    torch.manual_seed(2)
+    cfg = T.TrainConfig.from_dict({"model": {"preset": "tiny", "config": {"pol_damping": 1.5, "alpha_scale": 2.0}},
+                                   "data": {"path": str(TINY)}, "output": {"model": str(tmp_path / "m.pt")}},
+                                  base=tmp_path)
+    model = T.build_model(cfg, "cpu").double()
+    f = [fr for fr in load_frames(TEST_SET, "test") if fr["kind"] == "periodic"][0]
+    b = collate([f], "cpu", torch.float64)
+    pred = T.predict(model, b, SCHEMES.get("electrostatic")())
+    r, x, q = f["positions"], np.asarray(f["mm_positions"], np.float64), np.asarray(f["mm_charges"], np.float64)
+    d = r[:, None] - x[None]
+    dist = np.linalg.norm(d, axis=-1)
+    assert dist.min() < 2.5                                             # a close contact the damping sees
+    e_pol = (COULOMB_EV_ANGSTROM * q[None, :, None] * d / dist[..., None] ** 3
+             * (1.0 - np.exp(-(dist / 1.5) ** 3))[..., None]).sum(1)
+    phi, ef = T.mm_potential_field(b, b.positions, b.mm_positions)
+    out = model(b.numbers, b.positions, b.mol_idx, b.charge, phi, ef, efield_pol=torch.tensor(e_pol))
+    assert float(pred["energy"][0]) == pytest.approx(float(out["energy"][0]), abs=1e-9)
+    bare = model(b.numbers, b.positions, b.mol_idx, b.charge, phi, ef)
+    assert abs(float(bare["energy"][0] - out["energy"][0])) > 1e-4      # the damping matters for this frame
