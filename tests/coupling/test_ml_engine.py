@@ -410,8 +410,9 @@ def test_compiled_network_gives_the_same_forces(cluster, tiny_network):
     fallback = make_engine(cluster, model=tiny_network, compile=True)
     res, ref = fallback.compute(cluster.positions[None])[0], make_engine(cluster, model=tiny_network).compute(
         cluster.positions[None])[0]
-    assert not fallback.compiled
-    assert res.energy == pytest.approx(ref.energy, rel=1e-12) and np.allclose(res.forces, ref.forces, atol=1e-9)
+    # whether inductor builds this float64 graph depends on the thread count (it fails multi-threaded in torch
+    # 2.13): compiled or fallen back, the results are the eager ones
+    assert res.energy == pytest.approx(ref.energy, rel=1e-10) and np.allclose(res.forces, ref.forces, atol=1e-8)
 
 
 def _compare_compiled(eager, compiled, pos, box):
