@@ -415,9 +415,11 @@ class EmbeddingField:
             return q
         return self._charges
 
-    def backward(self, g_phi: torch.Tensor, g_field: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def backward(self, g_phi: torch.Tensor, g_field: torch.Tensor, retain: bool = False
+                 ) -> tuple[np.ndarray, np.ndarray]:
         """Gradients (numpy, float64) of ``sum(g_phi * phi) + sum(g_field * E)`` w.r.t. the ML positions (n_ml,3)
-        and the MM positions (M,3), through the charges' smooth scales as well."""
+        and the MM positions (M,3), through the charges' smooth scales as well. ``retain``: keep the torch
+        path's graph for another call (a committee's per-member forces)."""
         if self._kernels:
             r, xt, q, keep, c, prod = self._stash
             _, shift, q0, group, counts, pair_ml, pair_group, inner, cutoff, width = self._arrays
@@ -426,7 +428,8 @@ class EmbeddingField:
             return embedding_kernels.backward(r, xt, q, keep, len(shift), q0, group, counts, c, prod, pair_ml,
                                               pair_group, inner, cutoff, width, g_phi, g_field)
         ml, mm, phi, field = self._graph
-        g_ml, g_mm = torch.autograd.grad([phi, field], [ml, mm], [g_phi.to(phi.dtype), g_field.to(field.dtype)])
+        g_ml, g_mm = torch.autograd.grad([phi, field], [ml, mm], [g_phi.to(phi.dtype), g_field.to(field.dtype)],
+                                         retain_graph=retain)
         return g_ml.cpu().numpy(), g_mm.cpu().numpy()
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from coupling.committee_spread import committee_extras, member_ml_forces, spread
 from coupling.embedding import MMEnvironment
 from coupling.schemes import FrameInputs, get_scheme
 from coupling.zones import ZONES, WholeMolecules, warn_new_domain, zone_molecules
@@ -257,6 +258,9 @@ class MLEngine:
         out = self.adapter.forward(numbers, cat([f.model_pos for f in frames]).to(dt), mol_idx, charge.to(dt),
                                    cat([f.phi for f in frames]).to(dt), cat([f.field for f in frames]).to(dt), *pol)
         energy = self._add_terms(frames, out, out["energy"].to(torch.float64))
+        if "member_energies" in out:             # a committee: its spread, from each member's forces on the ML atoms
+            members = out["member_energies"]
+            out["committee"] = spread(members, member_ml_forces(members, frames, len(self.zone.atoms)))
         flat = [t for f in frames for t in f.leaves]
         it = iter(torch.autograd.grad(energy.sum(), flat, allow_unused=True, materialize_grads=True))
         grads = [[next(it) for _ in f.leaves] for f in frames]
@@ -334,7 +338,9 @@ def ml_extras(out: dict, b: int, n_ml: int, energy: float, images: np.ndarray, n
     predicts none (MACE, ANI) ``ff_charges``, the force field's charges of the ML atoms, those mechanical
     embedding couples), ``ml.dipole`` (e·Å, about the ML centroid: ``dipole`` (e·nm), the response to a uniform
     field, which includes the induced dipoles, when the model is fed the MM field; else sum q (r - centroid)),
-    ``ml.n_embedded``."""
+    ``ml.n_embedded``; for a committee model (:mod:`potentials.committee`) ``ml.committee``: ``energy_std``
+    (kJ/mol), ``force_std_max`` (kJ/mol/nm: the largest spread of an ML atom's force) and ``n_members``, and
+    ``ml.uncertainty``: ``[energy_std, force_std_max]`` (:mod:`coupling.committee_spread`)."""
     terms = out.get("terms", {})
     extras = {"ml.energy": {"total": float(energy), **{k: float(v[b]) for k, v in terms.items()}},
               "ml.n_embedded": int(n_embedded)}
@@ -346,6 +352,8 @@ def ml_extras(out: dict, b: int, n_ml: int, energy: float, images: np.ndarray, n
         extras["ml.dipole"] = (q @ ((r_ml - r_ml.mean(axis=0)) * ANGSTROM_PER_NM)).tolist()
     if dipole is not None:
         extras["ml.dipole"] = (np.asarray(dipole, dtype=np.float64) * ANGSTROM_PER_NM).tolist()
+    if "committee" in out:
+        extras.update(committee_extras(out["committee"], b))
     return extras
 
 

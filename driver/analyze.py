@@ -12,6 +12,7 @@ Writes into ``RUN_DIR/analysis`` (or ``--out``):
 ``temperature.png``         temperature, its running mean and the thermostat target
 ``quantum_kinetic.png``     centroid-virial kinetic energy (``kinetic_cv``, PIMD) vs the classical value
 ``ml_charges.png``          ML-zone atomic charges and dipole over time (from the ML client's extras)
+``uncertainty.png``         a committee model's spread over time (``ml.uncertainty`` extras), largest over beads
 ``rdf.png``                 g(r) of water oxygens around the ML zone's heavy atoms
 ``summary.txt``             the numbers (drift, mean temperature, ns/day, ...) and what was skipped
 ``summary.json``            the same numbers for scripts
@@ -39,7 +40,7 @@ BULK_WATER_O_PER_NM3 = 33.4     # number density of water at 300 K, 1 bar: g(r) 
 RDF_BIN_NM = 0.01
 RDF_MAX_CLUSTER_NM = 1.2
 MAX_PAIR_VALUES = 20_000_000    # distances held in memory at once by the RDF (frames x pairs)
-EXTRA_WIDTHS = {"ml.dipole": 3, "ml.n_embedded": 1}   # ml.charges: the rest of the row
+EXTRA_WIDTHS = {"ml.dipole": 3, "ml.n_embedded": 1, "ml.uncertainty": 2}   # ml.charges: the rest of the row
 WATER_NAMES = {"HOH", "WAT", "SOL", "TIP3", "TIP4", "TIP5", "SPC", "T3P", "T4P", "H2O"}
 
 
@@ -117,6 +118,7 @@ def analyze(run_dir: str | Path, *, system: str | Path | None = None, out: str |
     _temperature_plot(out, props, keep, run, s)
     _quantum_kinetic_plot(out, props, keep, run, s)
     _extras_plot(out, run, skip_ps, s)
+    _uncertainty_plot(out, run, skip_ps, s)
     _rdf_plot(out, run, system, skip_ps, s)
     _speed(run, s)
 
@@ -399,6 +401,45 @@ def _extras_plot(out: Path, run: _Run, skip_ps: float, s: Summary) -> None:
     if len(files) > 1:
         s.notes.append(f"ML extras averaged over {len(files)} beads")
     _save(fig, out / "ml_charges.png", s)
+
+
+def _uncertainty_plot(out: Path, run: _Run, skip_ps: float, s: Summary) -> None:
+    """The committee's energy and force spread (``ml.uncertainty``: kJ/mol, kJ/mol/nm), largest over beads, with
+    the run's ``--max-force-uncertainty`` (run.json) as a line."""
+    outputs = [(k, f) for k, f in run.extras() if "ml.uncertainty" in k and f]
+    if not outputs:
+        s.skip("uncertainty.png", "the run wrote no ml.uncertainty extras (committee models: add <trajectory "
+                                  "filename='unc' stride='10' extra_type='ml.uncertainty'> extras </trajectory>)")
+        return
+    keys, files = outputs[0]
+    if any(k not in EXTRA_WIDTHS for k in keys):
+        s.skip("uncertainty.png", f"extra_type '{','.join(keys)}': give ml.uncertainty in a trajectory of its own")
+        return
+    start = sum(EXTRA_WIDTHS[k] for k in keys[:keys.index("ml.uncertainty")])
+    per_bead = [read_extras(f) for f in files]
+    n = min(len(st) for st, _ in per_bead)
+    if n == 0:
+        s.skip("uncertainty.png", f"{files[0].name} holds no frames")
+        return
+    rows = np.max([r[:n, start:start + 2] for _, r in per_bead], axis=0)
+    t = per_bead[0][0][:n] * run.dt_ps
+    keep = t >= skip_ps if (t >= skip_ps).any() else np.ones(n, bool)
+    info = run.folder / "run.json"
+    limit = (json.loads(info.read_text()).get("model_options") or {}).get("max_force_uncertainty") \
+        if info.is_file() else None
+    fig, axes = _figure(2)
+    for ax, col, label in zip(axes, (0, 1), ("energy spread (kJ/mol)", "largest force spread (kJ/mol/nm)")):
+        ax.plot(t, rows[:, col], lw=1.0)
+        ax.set_ylabel(label)
+    if limit:
+        axes[1].axhline(float(limit), color="r", ls="--", lw=1.0, label=f"--max-force-uncertainty {limit:g}")
+        axes[1].legend(loc="best")
+    axes[0].set_title("committee spread (ml.uncertainty" + (f", largest of {len(files)} beads)" if len(files) > 1
+                                                            else ")"))
+    axes[-1].set_xlabel("time (ps)")
+    s.add("mean committee energy spread", float(rows[keep, 0].mean()), "kJ/mol")
+    s.add("largest committee force spread", float(rows[keep, 1].max()), "kJ/mol/nm")
+    _save(fig, out / "uncertainty.png", s)
 
 
 def _rdf_plot(out: Path, run: _Run, system, skip_ps: float, s: Summary) -> None:

@@ -137,8 +137,9 @@ def _add_run(sub) -> None:
 
 
 def _add_model_options(s: argparse.ArgumentParser) -> None:
-    """``--model-type`` and ``--dtype`` of the ML client's model (potentials/adapters.py load_adapter), and
-    ``--allow-embedding-mismatch`` (coupling/ml_engine.py check_embedding)."""
+    """``--model-type`` and ``--dtype`` of the ML client's model (potentials/adapters.py load_adapter),
+    ``--allow-embedding-mismatch`` (coupling/ml_engine.py check_embedding) and the uncertainty guard of a
+    committee (driver/uncertainty.py)."""
     from potentials.model_formats import MODEL_TYPES
 
     s.add_argument("--model-type", default=None, choices=MODEL_TYPES, help="model family of --model, instead of "
@@ -148,6 +149,13 @@ def _add_model_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--allow-embedding-mismatch", action="store_true", help="run a model whose recorded training "
                    "embedding (scheme, cutoff, switch width) differs from the system's [coupling], with a loud "
                    "warning, instead of refusing it (its field inputs are then outside its training)")
+    s.add_argument("--max-force-uncertainty", type=float, default=None, metavar="F", help="committee models: stop "
+                   "the run (see --uncertainty-action) when the committee's force spread (ml.committee "
+                   "force_std_max, kJ/mol/nm) stays above F for --uncertainty-steps consecutive requests")
+    s.add_argument("--uncertainty-steps", type=int, default=None, metavar="N", help="consecutive requests over "
+                   "--max-force-uncertainty before it acts (default 10)")
+    s.add_argument("--uncertainty-action", default=None, choices=("stop", "flag"), help="stop (default: one-line "
+                   "error, exit code 2) or flag (one warning line per episode, \"flagged\": true in the extra)")
 
 
 def _kind_help() -> str:
@@ -204,6 +212,9 @@ def _add_train(sub) -> None:
     s.add_argument("config", help="training config (TOML)")
     s.add_argument("--device", default="cpu")
     s.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    s.add_argument("--committee", type=int, default=None, metavar="K", help="train K models (seeds seed..seed+K-1, "
+                   "train/val re-split by trajectory) and write them as one committee file at [output] model, each "
+                   "also as <stem>.member<k>.pt; with --resume finished members are kept")
     _add_print_config(s)
 
 

@@ -23,6 +23,7 @@ from potentials.core.errors import CalculationFailed, MLMMError, ProtocolError, 
 
 from . import codec
 from .heartbeat import Heartbeat
+from .uncertainty import UncertaintyGuard
 
 if TYPE_CHECKING:
     import argparse
@@ -264,6 +265,8 @@ def evaluate(engine: Engine, positions: np.ndarray, boxes: np.ndarray | None, *,
                 f"(atoms {bad[:10].tolist()}{'...' if bad.size > 10 else ''}) or virial for structure {b}; the "
                 "structure has probably blown up (time step too large, bad starting geometry, ML model outside "
                 "its training domain). Not sending it to i-PI.")
+    if getattr(guard, "uncertainty", None) is not None:       # a committee's spread (driver/uncertainty.py)
+        guard.uncertainty.observe(results[:n_compute], request)
     extras = [codec.encode_extras(r.extras) for r in results]
     return codec.encode_forceready(energies, forces, virials, extras, batched)
 
@@ -275,12 +278,13 @@ class ForceGuard:
     model's training domain (the worst atom is an ML atom), or too large a time step.
 
     ``spec``: the system (`potentials.core.spec.SystemSpec`); its PDB is read only when something went wrong.
+    ``uncertainty``: a :class:`driver.uncertainty.UncertaintyGuard` watching a committee's spread, or None.
     """
 
-    def __init__(self, spec, max_force: float = MAX_FORCE_KJMOL_NM):
+    def __init__(self, spec, max_force: float = MAX_FORCE_KJMOL_NM, uncertainty=None):
         if not max_force > 0:
             raise SetupError(f"--max-force {max_force}: must be a positive force in kJ/mol/nm")
-        self.spec, self.max_force = spec, float(max_force)
+        self.spec, self.max_force, self.uncertainty = spec, float(max_force), uncertainty
 
     def _labels(self) -> list[str]:
         from openmm import app
@@ -353,9 +357,12 @@ def main(args: argparse.Namespace) -> int:
                             compile=getattr(args, "compile", False), model_type=getattr(args, "model_type", None),
                             dtype=getattr(args, "dtype", None), virial=getattr(args, "virial", EngineOptions.virial),
                             allow_embedding_mismatch=getattr(args, "allow_embedding_mismatch", False))
+    uncertainty = UncertaintyGuard.from_args(args) if args.kind == "ml" else None
     engine = build_engine(args.kind, spec, options)
+    if uncertainty is not None:
+        uncertainty.check_engine(engine)
     max_force = getattr(args, "max_force", None)
-    guard = ForceGuard(spec, MAX_FORCE_KJMOL_NM if max_force is None else max_force)
+    guard = ForceGuard(spec, MAX_FORCE_KJMOL_NM if max_force is None else max_force, uncertainty)
     served = serve(engine, args.address, timeout=args.timeout, guard=guard, heartbeat=Heartbeat.from_env())
     log.info("%s client done: %d requests served", args.kind, served)
     return 0

@@ -51,6 +51,7 @@ from . import checkpoints, heartbeat, rundir, xmlinput
 from .outputs import convert_outputs, save_last_good, trim_converted, trim_outputs  # noqa: F401  (public here too)
 from .rundir import ClientArgv, client_threads, initial_structure  # noqa: F401  (public here too)
 from .supervise import IPI_GRACE_S, Supervisor, ipi_lost_client, last_lines, recoverable  # noqa: F401
+from .uncertainty import uncertainty_options
 from potentials.core import config
 from potentials.core.errors import CalculationFailed, SetupError
 from potentials.core.spec import SystemSpec
@@ -107,7 +108,8 @@ def main(args) -> int:
     try:
         if resume:
             given = [f for f, v in (("XML", args.xml), ("--system", args.system), ("--model", args.model),
-                                    ("--out", args.out), ("--seed", args.seed), ("--beads", args.beads))
+                                    ("--out", args.out), ("--seed", args.seed), ("--beads", args.beads),
+                                    *((f"--{k.replace('_', '-')}", v) for k, v in uncertainty_options(args).items()))
                      if v is not None]
             if given:
                 raise SetupError(f"--resume {resume}: {', '.join(given)} cannot change a run being continued "
@@ -125,7 +127,8 @@ def main(args) -> int:
                                     model_options={"model_type": getattr(args, "model_type", None),
                                                    "dtype": getattr(args, "dtype", None),
                                                    "allow_embedding_mismatch":
-                                                       getattr(args, "allow_embedding_mismatch", False) or None},
+                                                       getattr(args, "allow_embedding_mismatch", False) or None,
+                                                   **uncertainty_options(args)},
                                     **common)
     except RunInterrupted as exc:
         print(f"mlmm: interrupted: {exc}", file=sys.stderr)

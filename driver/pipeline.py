@@ -42,7 +42,8 @@ def label_main(args: argparse.Namespace) -> int:
 
 
 def train_main(args: argparse.Namespace) -> int:
-    """``mlmm train CONFIG [--device D] [--resume] [--print-config]``."""
+    """``mlmm train CONFIG [--device D] [--resume] [--committee K] [--print-config]``; ``--committee K``:
+    K members (seeds seed..seed+K-1, their own splits) in one committee file (:mod:`potentials.committee_train`)."""
     from coupling.schemes import SCHEMES
     from potentials.train import TrainConfig, train
 
@@ -51,6 +52,12 @@ def train_main(args: argparse.Namespace) -> int:
         print(describe(cfg, title=f"mlmm train configuration ({args.config})"))
         return 0
     scheme = SCHEMES.get(cfg.embedding)()
+    committee = getattr(args, "committee", None)
+    if committee is not None:
+        from potentials.committee_train import train_committee
+
+        train_committee(cfg, committee, device=args.device, resume=args.resume, scheme=scheme)
+        return 0
     train(cfg, device=args.device, resume=args.resume, scheme=scheme)
     return 0
 
@@ -67,6 +74,8 @@ def evaluated_model(path, device: str, model_type: str | None = None):
     adapter = load_adapter(path, device, model_type=model_type)
     if isinstance(adapter, EmbeddedAIMNet2Adapter):
         return adapter.module, EVALUATED_SCHEMES
+    if getattr(adapter, "n_members", None) is not None:           # a committee of the network: its mean
+        return ModelUnitsModule(adapter), EVALUATED_SCHEMES
     return ModelUnitsModule(adapter), (("model-charges", "emle", "mechanical") if adapter.predicts_charges
                                        else ("mechanical",))
 

@@ -166,19 +166,26 @@ def preflight(socks: list[xmlinput.SocketSpec], spec: SystemSpec, start: ase.Ato
     """What would make i-PI or a client fail after the run folder is written, checked before: the model file
     against the ML zone (if ``model``), unix socket path lengths, free inet ports, i-PI installed."""
     if model is not None:
-        check_model_file(model, spec, start, **{k: v for k, v in (model_options or {}).items() if v})
+        opts = {k: v for k, v in (model_options or {}).items() if v}
+        check_model_file(model, spec, start, **{k: opts[k] for k in MODEL_FILE_OPTIONS if k in opts},
+                         committee="max_force_uncertainty" in opts)
     check_socket_paths(socks)
     check_ports(socks)
     ipi_argv(input_name)
 
 
+MODEL_FILE_OPTIONS = ("model_type", "dtype", "allow_embedding_mismatch")     # the model_options about the file
+
+
 def check_model_file(model: str | Path, spec: SystemSpec, start: ase.Atoms, model_type: str | None = None,
-                     dtype: str | None = None, allow_embedding_mismatch: bool = False) -> None:
+                     dtype: str | None = None, allow_embedding_mismatch: bool = False,
+                     committee: bool = False) -> None:
     """The ML client would refuse a model file of another format version, one that does not know an element
     (or the charge) of the ML zone, or one trained with another embedding (scheme, cutoff, switch width:
     :func:`coupling.ml_engine.check_embedding`, a warning with ``allow_embedding_mismatch``); find out before
     anything is started, so the error is one line and no run folder is written. The model is loaded as the
-    client will load it (:func:`potentials.adapters.load_adapter`: weights-only for our files)."""
+    client will load it (:func:`potentials.adapters.load_adapter`: weights-only for our files). ``committee``:
+    the run watches a committee's spread (``--max-force-uncertainty``), so the file must hold one."""
     from coupling.ml_engine import check_embedding, check_model
     from coupling.schemes import get_scheme
     from potentials.adapters import load_adapter
@@ -186,6 +193,9 @@ def check_model_file(model: str | Path, spec: SystemSpec, start: ase.Atoms, mode
     numbers = start.numbers[np.asarray(spec.ml.indices, dtype=int)]
     adapter = load_adapter(model, "cpu", model_type=model_type, dtype=dtype)
     check_model(adapter, numbers, spec.ml.charge, where=f"model file {model}")
+    if committee and getattr(adapter, "n_members", None) is None:
+        raise SetupError(f"--max-force-uncertainty needs a committee model (mlmm train --committee K); {model} holds "
+                         f"a single {getattr(adapter, 'architecture', 'model')!r} model")
     check_embedding(adapter, spec.coupling, get_scheme(spec.coupling.embedding), where=f"model {model}",
                     allow=allow_embedding_mismatch)
 

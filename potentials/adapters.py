@@ -293,3 +293,8 @@ def adapt(model, device=None):
         return model.to(device) if device is not None and callable(getattr(model, "to", None)) else model
     raise SetupError(f"{type(model).__name__} is neither a model adapter nor a torch module with the network's "
                      "forward signature")
+
+
+# committees of the network (potentials/committee.py), imported on the first look-up of the name; that module
+# imports this one, so it is named here, not imported
+MODELS.register_lazy("embedded-aimnet2-committee", "potentials.committee")
