@@ -3,6 +3,7 @@ committee's energy and forces are the mean of its members' (each run alone throu
 spread is the members' standard deviation. Real parts: tiny random networks, a TIP3P water cluster."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,9 @@ from potentials.core.errors import SetupError
 from potentials.model_io import save_model
 from potentials.network import EmbeddedAIMNet2, ModelConfig
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "driver"))
+from run_helpers import tip3p_waters  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "inputs" / "models" / "configs" / "tiny.toml"
 
@@ -32,18 +36,9 @@ def tiny(seed: int) -> EmbeddedAIMNet2:
 @pytest.fixture(scope="module")
 def waters():
     """Six flexible TIP3P waters (no box): positions (nm), MM charges, residue of each atom, atomic numbers."""
-    import openmm
-    from openmm import app, unit
-
-    ff = app.ForceField("amber14/tip3p.xml")
-    m = app.Modeller(app.Topology(), [])
-    m.addSolvent(ff, boxSize=openmm.Vec3(1.2, 1.2, 1.2) * unit.nanometer)
-    m.delete(list(m.topology.residues())[6:])
-    m.topology.setPeriodicBoxVectors(None)
-    system = ff.createSystem(m.topology, nonbondedMethod=app.NoCutoff, rigidWater=False)
-    pos = np.array(m.positions.value_in_unit(unit.nanometer), dtype=np.float64)
-    residues = np.array([a.residue.index for a in m.topology.atoms()])
-    numbers = np.array([a.element.atomic_number for a in m.topology.atoms()])
+    topology, system, pos = tip3p_waters(6, 1.2)
+    residues = np.array([a.residue.index for a in topology.atoms()])
+    numbers = np.array([a.element.atomic_number for a in topology.atoms()])
     return pos, mm_charges(system), residues, numbers
 
 

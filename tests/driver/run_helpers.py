@@ -43,22 +43,33 @@ def minimised_example(folder: Path) -> Path:
     return folder / "system.toml"
 
 
-def write_water_cluster(folder: Path, n_waters: int = 6) -> Path:
-    """``n_waters`` flexible TIP3P waters, no box, minimised (a fast MM client start), as ``folder/water.pdb``."""
+def tip3p_waters(n_waters: int, box_nm: float = 1.0):
+    """``n_waters`` flexible TIP3P waters cut from a ``box_nm`` solvent box, no periodic box, NoCutoff:
+    (topology, system, positions nm as an (N, 3) array)."""
+    import numpy as np
     import openmm
     from openmm import app, unit
 
     ff = app.ForceField("amber14/tip3p.xml")
     m = app.Modeller(app.Topology(), [])
-    m.addSolvent(ff, boxSize=openmm.Vec3(1.0, 1.0, 1.0) * unit.nanometer)
+    m.addSolvent(ff, boxSize=openmm.Vec3(box_nm, box_nm, box_nm) * unit.nanometer)
     m.delete(list(m.topology.residues())[n_waters:])
     m.topology.setPeriodicBoxVectors(None)
     system = ff.createSystem(m.topology, nonbondedMethod=app.NoCutoff, constraints=None, rigidWater=False)
+    return m.topology, system, np.array(m.positions.value_in_unit(unit.nanometer), dtype=np.float64)
+
+
+def write_water_cluster(folder: Path, n_waters: int = 6) -> Path:
+    """``n_waters`` flexible TIP3P waters, no box, minimised (a fast MM client start), as ``folder/water.pdb``."""
+    import openmm
+    from openmm import app, unit
+
+    topology, system, pos = tip3p_waters(n_waters)
     ctx = openmm.Context(system, openmm.VerletIntegrator(1e-3), openmm.Platform.getPlatformByName("Reference"))
-    ctx.setPositions(m.positions)
+    ctx.setPositions(pos * unit.nanometer)
     openmm.LocalEnergyMinimizer.minimize(ctx, 10.0, 200)
     with open(folder / "water.pdb", "w") as fh:
-        app.PDBFile.writeFile(m.topology, ctx.getState(getPositions=True).getPositions(), fh)
+        app.PDBFile.writeFile(topology, ctx.getState(getPositions=True).getPositions(), fh)
     return folder / "water.pdb"
 
 

@@ -43,13 +43,10 @@ def water_box():
 @pytest.fixture(scope="module")
 def water_cluster():
     """8 flexible TIP3P waters, no box, NoCutoff: (system, positions nm)."""
-    ff = app.ForceField("amber14/tip3p.xml")
-    m = app.Modeller(app.Topology(), [])
-    m.addSolvent(ff, boxSize=openmm.Vec3(1.0, 1.0, 1.0) * unit.nanometer)
-    m.delete(list(m.topology.residues())[8:])
-    m.topology.setPeriodicBoxVectors(None)
-    system = ff.createSystem(m.topology, nonbondedMethod=app.NoCutoff, constraints=None, rigidWater=False)
-    return system, np.array(m.positions.value_in_unit(unit.nanometer))
+    from run_helpers import tip3p_waters
+
+    _, system, pos = tip3p_waters(8)
+    return system, pos
 
 
 def direct(system, pos_nm, box_nm=None):

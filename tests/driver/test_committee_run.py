@@ -65,24 +65,17 @@ def test_train_committee_writes_a_loadable_committee_and_resumes(tmp_path):
 @pytest.fixture(scope="module")
 def committee_engine():
     """An ML engine running a 3-member tiny committee on water 0 of six TIP3P waters (no box), and positions."""
-    import openmm
-    from openmm import app, unit
-
     from coupling.embedding import MMEnvironment
     from coupling.ml_engine import MLEngine
     from coupling.mmsystem import mm_charges
     from potentials.committee import CommitteeAdapter
     from potentials.network import EmbeddedAIMNet2, ModelConfig
 
-    ff = app.ForceField("amber14/tip3p.xml")
-    m = app.Modeller(app.Topology(), [])
-    m.addSolvent(ff, boxSize=openmm.Vec3(1.2, 1.2, 1.2) * unit.nanometer)
-    m.delete(list(m.topology.residues())[6:])
-    m.topology.setPeriodicBoxVectors(None)
-    system = ff.createSystem(m.topology, nonbondedMethod=app.NoCutoff, rigidWater=False)
-    pos = np.array(m.positions.value_in_unit(unit.nanometer), dtype=np.float64)
-    residues = np.array([a.residue.index for a in m.topology.atoms()])
-    numbers = np.array([a.element.atomic_number for a in m.topology.atoms()])
+    from run_helpers import tip3p_waters
+
+    topology, system, pos = tip3p_waters(6, 1.2)
+    residues = np.array([a.residue.index for a in topology.atoms()])
+    numbers = np.array([a.element.atomic_number for a in topology.atoms()])
     env = MMEnvironment(mm_charges(system), residues, np.arange(3), cutoff=0.9, switch_width=0.3)
     nets = [EmbeddedAIMNet2(ModelConfig.from_toml(TINY), seed=s).double() for s in (1, 2, 3)]
     return MLEngine(CommitteeAdapter(nets), numbers[:3], 0, env, mode="electrostatic", periodic=False), pos
@@ -186,10 +179,9 @@ def test_mlmm_run_stops_on_the_uncertainty_guard(tmp_path):
     assert main(argv) == 2 and not (tmp_path / "r2").exists()
 
     # --uncertainty-action flag: the run goes on, the structures are flagged, `mlmm analyze` plots the spread
-    xml = (ROOT / "inputs" / "templates" / "nvt_bussi.xml").read_text()
-    xml = xml.replace("<properties stride='10'", "<properties stride='2'").replace(
-        "</output>", "<trajectory filename='unc' stride='2' extra_type='ml.uncertainty'> extras </trajectory>\n"
-                     "  </output>")
+    xml = (ROOT / "inputs" / "templates" / "nvt_bussi_committee.xml").read_text()      # the shipped template
+    assert "extra_type='ml.uncertainty'" in xml
+    xml = xml.replace("stride='10'", "stride='2'")
     (tmp_path / "flag.xml").write_text(xml)
     argv[1], argv[argv.index("--model") + 1] = str(tmp_path / "flag.xml"), str(tmp_path / "c.pt")
     argv[argv.index("--out") + 1], argv[argv.index("--steps") + 1] = str(tmp_path / "r3"), "10"
