@@ -42,8 +42,8 @@ def label_main(args: argparse.Namespace) -> int:
 
 
 def train_main(args: argparse.Namespace) -> int:
-    """``mlmm train CONFIG [--device D] [--resume] [--committee K] [--print-config]``; ``--committee K``:
-    K members (seeds seed..seed+K-1, their own splits) in one committee file (:mod:`potentials.committee_train`)."""
+    """``mlmm train CONFIG [--device D] [--resume] [--committee K] [--print-config]``; ``--committee K`` (or
+    ``[train] committee = K`` in the config; the flag wins): K members (seeds seed..seed+K-1, their own splits) in one committee file (:mod:`potentials.committee_train`)."""
     from coupling.schemes import SCHEMES
     from potentials.train import TrainConfig, train
 
@@ -53,6 +53,7 @@ def train_main(args: argparse.Namespace) -> int:
         return 0
     scheme = SCHEMES.get(cfg.embedding)()
     committee = getattr(args, "committee", None)
+    committee = committee if committee is not None else (cfg.committee if cfg.committee > 1 else None)
     if committee is not None:
         from potentials.committee_train import train_committee
 

@@ -20,11 +20,12 @@ TINY_DATA = ROOT / "tests" / "data" / "tiny_qmmm.nc"
 TINY = ROOT / "inputs" / "models" / "configs" / "tiny.toml"
 
 
-def _config(folder: Path, epochs: int = 2) -> Path:
+def _config(folder: Path, epochs: int = 2, committee: int = 1) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "train.toml"
     path.write_text(f'[model]\npreset = "tiny"\n[data]\npath = "{TINY_DATA}"\nsnapshot = false\n'
                     f'[train]\nseed = 7\nepochs = {epochs}\nbatch_size = 4\nthreads = 1\nprogress = false\n'
+                    f'committee = {committee}\n'
                     '[optim]\nlr = 3e-3\nplateau_patience = 100\n[output]\nmodel = "c.pt"\n')
     return path
 
@@ -33,7 +34,7 @@ def test_train_committee_writes_a_loadable_committee_and_resumes(tmp_path):
     from potentials.adapters import load_adapter
     from potentials.committee import CommitteeAdapter
 
-    assert main(["train", str(_config(tmp_path / "a")), "--committee", "2"]) == 0
+    assert main(["train", str(_config(tmp_path / "a", committee=2))]) == 0          # [train] committee = 2
     members = [tmp_path / "a" / f"c.member{k}.pt" for k in range(2)]
     assert all(p.is_file() and p.with_suffix(".ckpt").is_file() for p in members)
     d = torch.load(tmp_path / "a" / "c.pt", weights_only=True)
