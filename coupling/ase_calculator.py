@@ -38,6 +38,9 @@ class MLMMCalculator(Calculator):
         torch device of the network (``cpu``, ``cuda``, ``cuda:N``).
     platform : str, optional
         OpenMM platform (``CPU``, ``CUDA``, ``Reference``); default: the MM client's choice.
+    allow_embedding_mismatch : bool
+        run a model whose recorded training embedding differs from the system's (a loud warning instead of the
+        refusal; :func:`coupling.ml_engine.check_embedding`).
 
     ``results`` hold ``energy``/``free_energy`` (eV), ``forces`` (eV/Å) and, for inspection, ``energy_mm`` and
     ``energy_ml`` (eV) and ``ml_extras`` (the ML client's extras: ``ml.charges`` e, ``ml.dipole`` e·Å, ...).
@@ -46,7 +49,7 @@ class MLMMCalculator(Calculator):
     implemented_properties = ("energy", "free_energy", "forces")   # a tuple: nothing can extend it in place
 
     def __init__(self, system_toml: str | Path, model: str | Path | None = None, device: str = "cpu",
-                 platform: str | None = None, **kwargs):
+                 platform: str | None = None, allow_embedding_mismatch: bool = False, **kwargs):
         super().__init__(**kwargs)
         from coupling.engines import EngineOptions, build_ml_engine, build_mm_engine
         from potentials.core.spec import SystemSpec
@@ -58,7 +61,8 @@ class MLMMCalculator(Calculator):
         model = str(model) if model else None
         self.mm = build_mm_engine(self.spec, EngineOptions(model=model, device=device, platform=platform,
                                                            virial="none"))     # ASE reads no stress here
-        self.ml = build_ml_engine(self.spec, EngineOptions(model=model, device=device)) \
+        self.ml = build_ml_engine(self.spec, EngineOptions(model=model, device=device,
+                                                           allow_embedding_mismatch=allow_embedding_mismatch)) \
             if self.spec.ml.indices else None
         self.natoms = self.mm.natoms
         self.periodic = bool(self.spec.structure.periodic)

@@ -258,6 +258,9 @@ def _add_optimize(sub) -> None:
     s.add_argument("--optimizer", choices=["LBFGS", "BFGS", "FIRE"], default="LBFGS", help="ASE optimiser")
     s.add_argument("--device", default="cpu", help="torch device for the network")
     s.add_argument("--platform", default=None, help="OpenMM platform (CPU, CUDA, Reference)")
+    s.add_argument("--allow-embedding-mismatch", action="store_true",
+                   help="relax with a model whose recorded training embedding (cutoff, switch width) differs from "
+                        "the system's: a loud warning instead of the refusal")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,10 +27,11 @@ OPTIMIZERS = ("LBFGS", "BFGS", "FIRE")
 
 def main(args) -> int:
     """``mlmm optimize SYSTEM [--model M] [--out DIR] [--name N] [--free shell|ml|all] [--shell NM] [--fmax F]
-    [--steps K] [--optimizer LBFGS|BFGS|FIRE] [--device D] [--platform P]``."""
+    [--steps K] [--optimizer LBFGS|BFGS|FIRE] [--device D] [--platform P] [--allow-embedding-mismatch]``."""
     res = optimize(args.system, model=args.model, out=args.out, name=args.name, free=args.free,
                    shell_nm=args.shell, fmax=args.fmax, steps=args.steps, optimizer=args.optimizer,
-                   device=args.device, platform=args.platform)
+                   device=args.device, platform=args.platform,
+                   allow_embedding_mismatch=args.allow_embedding_mismatch)
     log.info("energy %.3f -> %.3f kJ/mol, max force %.3f -> %.3f eV/Å in %d steps (%d atoms free)%s; wrote %s",
              res["energy_start_kjmol"], res["energy_kjmol"], res["fmax_start"], res["fmax"], res["steps"],
              res["n_free"], "" if res["converged"] else " NOT converged (raise --steps)", res["system"])
@@ -59,7 +60,7 @@ def free_atoms(spec: SystemSpec, topology, positions_nm: np.ndarray, free: str, 
     cell = np.asarray(spec.structure.box_nm) if spec.structure.periodic and spec.structure.box_nm else None
     near = np.zeros(n, dtype=bool)
     for i in ml:                      # one ML atom at a time: memory stays O(N) for 1e5-atom systems
-        _, d = get_distances(positions_nm[i:i + 1], positions_nm, cell=cell, pbc=cell is not None)
+        _, d = get_distances(positions_nm[i:i + 1], positions_nm, cell=cell, pbc=None if cell is None else True)
         near |= d[0] < shell_nm
     residue_of = np.empty(n, dtype=np.int64)
     for res in topology.residues():
@@ -72,7 +73,8 @@ def free_atoms(spec: SystemSpec, topology, positions_nm: np.ndarray, free: str, 
 
 def optimize(system: str | Path, *, model: str | Path | None = None, out: str | Path | None = None,
              name: str = "optimized", free: str = "shell", shell_nm: float = 0.6, fmax: float = 0.05,
-             steps: int = 500, optimizer: str = "LBFGS", device: str = "cpu", platform: str | None = None) -> dict:
+             steps: int = 500, optimizer: str = "LBFGS", device: str = "cpu", platform: str | None = None,
+             allow_embedding_mismatch: bool = False) -> dict:
     """Relax ``system`` and write ``OUT/NAME.pdb`` + ``OUT/NAME.toml``.
 
     Parameters
@@ -105,7 +107,8 @@ def optimize(system: str | Path, *, model: str | Path | None = None, out: str | 
         raise SetupError(f"--fmax {fmax}, --steps {steps}, --shell {shell_nm}: need fmax > 0, steps >= 0, shell >= 0")
     spec = SystemSpec.load(system)
     out = Path(out) if out is not None else spec.root
-    calc = MLMMCalculator(system, model, device=device, platform=platform)
+    calc = MLMMCalculator(system, model, device=device, platform=platform,
+                          allow_embedding_mismatch=allow_embedding_mismatch)
     topology, _, positions = load_system(copy.deepcopy(spec))
     structure, new_toml = _outputs(topology, out, name)
     moving = free_atoms(spec, topology, positions, free, shell_nm)

@@ -160,3 +160,19 @@ def test_stamp_an_older_model_file(files, tmp_path):
     assert all(torch.equal(before[k], v) for k, v in after["state_dict"].items())
     with pytest.raises(SetupError, match="trained with embedding cutoff 0.60 nm .* system.toml has cutoff 1.20 nm"):
         MLEngine.from_spec(wide, old)
+
+
+def test_ase_calculator_and_optimize_refuse_and_override(files, tmp_path):
+    """The in-process routes share the check: MLMMCalculator and `mlmm optimize` refuse the 1.2 nm system for a
+    model trained at 1.0 nm, and run with the override (a zero-step relaxation writes its files)."""
+    from coupling.ase_calculator import MLMMCalculator
+
+    folder, wide, _, model = files
+    with pytest.raises(SetupError, match="trained with embedding cutoff 1.00 nm"):
+        MLMMCalculator(wide, model)
+    assert MLMMCalculator(wide, model, allow_embedding_mismatch=True).ml is not None
+    out = tmp_path / "relaxed"
+    assert cli(["optimize", str(wide), "--model", str(model), "--out", str(out), "--steps", "0"]) != 0
+    assert cli(["optimize", str(wide), "--model", str(model), "--out", str(out), "--steps", "0",
+                "--allow-embedding-mismatch"]) == 0
+    assert (out / "optimized.toml").is_file()
