@@ -22,7 +22,7 @@ import torch
 
 from coupling.committee_spread import committee_extras, member_ml_forces, spread
 from coupling.embedding import MMEnvironment
-from coupling.schemes import FrameInputs, get_scheme
+from coupling.schemes import FrameInputs, get_scheme, scheme_family
 from coupling.zones import ZONES, WholeMolecules, warn_new_domain, zone_molecules
 from potentials.adapters import adapt, torch_device, weights_dtype
 from potentials.core.contracts import ForceResult
@@ -174,14 +174,7 @@ class MLEngine:
         t1 = time.perf_counter()
         energies, grads, out = self._evaluate(frames)
         t2 = time.perf_counter()
-        for fr, g in zip(frames, grads):
-            fr.dipole = None if len(g) < 4 else -g[3].detach().to(torch.float64).cpu().numpy()   # e·nm
-        chained = [g[0].cpu().numpy() if fr.inputs.field is None else _chain(fr.inputs.field, *g[:3])
-                   for fr, g in zip(frames, grads)]
-        for fr, g, total in zip(frames, grads, chained):
-            if fr.near is not None:                  # the damped field's close MM atoms (rows after the ML atoms)
-                np.add.at(total, len(self.zone.atoms) + fr.near, g[4].detach().to(torch.float64).cpu().numpy())
-        grads = chained
+        grads = [self._gradient(fr, g) for fr, g in zip(frames, grads)]
         t_chain = time.perf_counter() - t2 + self._t_terms          # the scheme's model terms count as coupling
         results = [self._result(b, frames[b], energies[b], -grads[b], out) for b in range(n)]
         t3 = time.perf_counter()
@@ -223,6 +216,7 @@ class MLEngine:
         leaf = torch.tensor(ml_raw, device=self.device, requires_grad=True)
         n_ml = len(self.zone.atoms)
         model_pos = self.zone.model_positions(leaf + torch.as_tensor(inputs.shift[:n_ml], device=self.device))
+        field_pol = near = None
         if inputs.field is not None:
             phi = inputs.field.phi.requires_grad_(True)
             field = inputs.field.field.requires_grad_(True)
@@ -240,13 +234,12 @@ class MLEngine:
                 mm_leaf = x.index_select(0, near).requires_grad_(True)
                 q = torch.as_tensor(inputs.field.charges, device=self.device).index_select(0, near)
                 excess = damped_field_excess(model_pos.to(x.dtype), mm_leaf, q, self._damping)
-                frame = _Frame(inputs, leaves + (mm_leaf,), model_pos, phi, field, pos[inputs.atoms] + inputs.shift)
-                frame.field_pol, frame.near = field - excess.to(field.dtype), near.cpu().numpy()
-                return frame
+                leaves += (mm_leaf,)
+                field_pol, near = field - excess.to(field.dtype), near.cpu().numpy()
         else:
             phi, field = torch.zeros_like(leaf[:, 0]), torch.zeros_like(leaf)
             leaves = (leaf,)
-        return _Frame(inputs, leaves, model_pos, phi, field, pos[inputs.atoms] + inputs.shift)
+        return _Frame(inputs, leaves, model_pos, phi, field, pos[inputs.atoms] + inputs.shift, field_pol, near)
 
     def _evaluate(self, frames: list["_Frame"]):
         """One batched model call: energies (B,) kJ/mol, the gradients of each frame's leaves, the outputs."""
@@ -295,6 +288,17 @@ class MLEngine:
                                                                    np.asarray(self.env.charges)[self.zone.atoms],
                                                                    frame.dipole))
 
+    def _gradient(self, frame: "_Frame", g: list) -> np.ndarray:
+        """d(energy)/d(the frame's atoms) from the gradients of its leaves (ML positions, then with a field: phi,
+        E, the probe field e0, and with the damped field the close MM atoms), and the frame's dipole (e·nm)."""
+        if frame.inputs.field is None:
+            return g[0].cpu().numpy()
+        frame.dipole = -g[3].detach().to(torch.float64).cpu().numpy()
+        total = _chain(frame.inputs.field, *g[:3])
+        if frame.near is not None:                  # the damped field's close MM atoms (rows after the ML atoms)
+            np.add.at(total, len(self.zone.atoms) + frame.near, g[4].detach().to(torch.float64).cpu().numpy())
+        return total
+
     def _refuse_positions(self, pos: np.ndarray) -> None:
         bad = np.unique(np.nonzero(~np.isfinite(pos))[1])
         raise CalculationFailed(f"ML client call {self.calls}: non-finite positions on atoms {bad[:10].tolist()}")
@@ -316,12 +320,12 @@ class _Frame:
 
     __slots__ = ("inputs", "leaves", "model_pos", "phi", "field", "images", "dipole", "field_pol", "near")
 
-    def __init__(self, inputs, leaves, model_pos, phi, field, images):
+    def __init__(self, inputs, leaves, model_pos, phi, field, images, field_pol=None, near=None):
         self.inputs, self.leaves, self.model_pos = inputs, leaves, model_pos
         self.phi, self.field, self.images = phi, field, images
         self.dipole: np.ndarray | None = None          # -dE/de0 (e·nm) when the model is fed phi and E
-        self.field_pol: torch.Tensor | None = None     # damped field of the polarisation term (pol_damping)
-        self.near: np.ndarray | None = None            # MM atoms (of inputs.atoms after the ML ones) it reads
+        self.field_pol: torch.Tensor | None = field_pol  # damped field of the polarisation term (pol_damping)
+        self.near: np.ndarray | None = near            # MM atoms (of inputs.atoms after the ML ones) it reads
 
 
 def _chain(field, g_ml: torch.Tensor, g_phi: torch.Tensor, g_field: torch.Tensor) -> np.ndarray:
@@ -384,16 +388,7 @@ def warn_many_molecules(metadata: dict, topology, ml_indices, where: str = "mode
     return n
 
 
-# the family of each embedding scheme, as far as the network's field inputs go: electrostatic-lr feeds the network
-# the same phi and E as electrostatic (the MM charges within the cutoff, switched) and adds PME beyond the cutoff
-# as a term of its own, so a model trained in either is the same model; any other scheme is its own family
-SCHEME_FAMILY = {"electrostatic-lr": "electrostatic"}
-LONG_RANGE = {"electrostatic-lr": "pme"}          # what a scheme adds beyond the cutoff at run time (else "none")
 MISMATCH_FLAG = "--allow-embedding-mismatch"
-
-
-def scheme_family(name: str) -> str:
-    return SCHEME_FAMILY.get(str(name), str(name))
 
 
 def check_embedding(adapter, coupling, scheme, where: str = "model", allow: bool = False) -> str | None:
@@ -427,7 +422,7 @@ def check_embedding(adapter, coupling, scheme, where: str = "model", allow: bool
         log.info("%s was trained with %s embedding, cutoff %s nm (switch %s nm), long range %s; the system runs "
                  "%s, %s, long range %s: compatible", where, trained["scheme"], _nm(trained["cutoff_nm"]),
                  _nm(trained["switch_nm"]), trained.get("long_range") or "?", scheme.name, coupling_desc,
-                 LONG_RANGE.get(scheme.name, "none"))
+                 scheme.long_range)
         return None
     if not allow:
         raise SetupError(message)
@@ -443,7 +438,7 @@ def _nm(value) -> str:
 def _embedding_mismatch(trained: dict, coupling, scheme, where: str) -> str | None:
     """The one-line refusal of :func:`check_embedding`, or None when the system's embedding is compatible."""
     suffix = f"; {MISMATCH_FLAG} runs anyway"
-    family = scheme_family(scheme.name)
+    family = scheme.family_name()
     if family != scheme_family(trained["scheme"]):
         if not scheme.field_inputs:                   # mechanical: the network in vacuum, the cutoff unused
             return None

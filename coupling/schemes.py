@@ -103,6 +103,10 @@ class EmbeddingScheme:
 
     name: ClassVar[str] = ""
     field_inputs: ClassVar[bool] = False          # the network is fed phi and E of the MM charges
+    # the scheme whose field inputs (and so trained models) this one shares (None: its own name), and what it adds
+    # beyond the embedding cutoff at run time; read by coupling.ml_engine.check_embedding
+    family: ClassVar[str | None] = None
+    long_range: ClassVar[str] = "none"
     coulomb_terms: ClassVar[tuple[Term, ...]] = ()
 
     # ------------------------------------------------------------------ bookkeeping
@@ -114,6 +118,11 @@ class EmbeddingScheme:
         rows = self.terms()
         width = max(len(t.term) for t in rows)
         return "\n".join(f"{t.term:<{width}}  {t.owner}" for t in rows)
+
+    @classmethod
+    def family_name(cls) -> str:
+        """The family of this scheme's field inputs: a model trained in any scheme of the family fits it."""
+        return cls.family or cls.name
 
     def for_zone(self, numbers) -> "EmbeddingScheme":
         """The scheme bound to a zone's atomic numbers (schemes with per-element parameters return a bound copy;
@@ -274,6 +283,12 @@ class MechanicalEmbedding(EmbeddingScheme):
 def get_scheme(scheme: "str | EmbeddingScheme") -> EmbeddingScheme:
     """The scheme object for a name (SetupError naming the known ones) or the object itself."""
     return scheme if isinstance(scheme, EmbeddingScheme) else SCHEMES.get(scheme)()
+
+
+def scheme_family(name: str) -> str:
+    """The family of the scheme called ``name`` (:meth:`EmbeddingScheme.family_name`; a name this registry does not
+    know, e.g. recorded in a model file by another version, is its own family)."""
+    return SCHEMES.get(name).family_name() if name in SCHEMES else str(name)
 
 
 # schemes in their own modules, imported (and registered) on first use: they import this module, and importing

@@ -36,6 +36,8 @@ class LongRangeElectrostatic(ElectrostaticEmbedding):
 
     name = "electrostatic-lr"
     field_inputs = True
+    family = "electrostatic"      # the network's inputs are electrostatic's; the long-range part is a run-time term
+    long_range = "pme"
     coulomb_terms = (
         Term("ML–MM Coulomb within the embedding cutoff", "ML (network fed phi, E of the MM charges there)"),
         Term("ML–MM Coulomb beyond the cutoff and in the switching shell (predicted ML charges with every MM "

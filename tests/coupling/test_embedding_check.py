@@ -18,12 +18,12 @@ from coupling.schemes import get_scheme
 from driver.cli import main as cli
 from potentials.adapters import load_adapter
 from potentials.core.errors import SetupError
-from potentials.core.spec import CouplingSpec, MLSpec, MMSpec, StructureSpec, SystemSpec
+from potentials.core.spec import SystemSpec
 from potentials.model_io import embedding_metadata, load_model, save_model, trained_embedding
 from potentials.network import EmbeddedAIMNet2, ModelConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "driver"))
-from run_helpers import write_water_cluster  # noqa: E402
+from run_helpers import water_cluster_spec  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAINED = embedding_metadata("electrostatic", 1.0, 0.2, "none", "force-field point charges of the MM atoms: TIP3P",
@@ -40,11 +40,7 @@ def _model(path: Path, embedding) -> Path:
 def files(tmp_path_factory):
     """(folder, system.toml with cutoff 1.2 nm, system.toml with cutoff 1.0 nm, model trained at 1.0 nm)."""
     folder = tmp_path_factory.mktemp("embedding_check")
-    write_water_cluster(folder)
-    spec = SystemSpec(StructureSpec(file="water.pdb", forcefield=["amber14/tip3p.xml"], periodic=False),
-                      ml=MLSpec(selection="resid 1", indices=[0, 1, 2], charge=0),
-                      mm=MMSpec(nonbonded_method="NoCutoff", rigid_water=False),
-                      coupling=CouplingSpec(embedding="electrostatic", cutoff_nm=1.2))
+    spec = water_cluster_spec(folder, embedding="electrostatic", cutoff_nm=1.2)
     spec.save(folder / "wide.toml")
     spec.coupling.cutoff_nm = 1.0
     spec.save(folder / "trained.toml")

@@ -73,6 +73,17 @@ def write_water_cluster(folder: Path, n_waters: int = 6) -> Path:
     return folder / "water.pdb"
 
 
+def water_cluster_spec(folder: Path, n_waters: int = 6, **coupling):
+    """A system of :func:`write_water_cluster` (no box, NoCutoff, flexible water) with water 1 as the neutral ML
+    zone and ``coupling`` as its [coupling] keys (unsaved: callers adjust and save it)."""
+    from potentials.core.spec import CouplingSpec, MLSpec, MMSpec, StructureSpec, SystemSpec
+
+    write_water_cluster(folder, n_waters)
+    return SystemSpec(StructureSpec(file="water.pdb", forcefield=["amber14/tip3p.xml"], periodic=False),
+                      ml=MLSpec(selection="resid 1", indices=[0, 1, 2], charge=0),
+                      mm=MMSpec(nonbonded_method="NoCutoff", rigid_water=False), coupling=CouplingSpec(**coupling))
+
+
 def template_variant(src: Path, dst: Path, *, props: int, pos: int, safe: int, inet_ml: int | None = None) -> Path:
     """Template ``src`` with properties every ``props`` steps, positions every ``pos``, ``safe_stride`` = ``safe``
     (> props: a RESTART then lags the last written row, which resuming must cope with); with ``inet_ml`` the 'ml'

@@ -154,17 +154,12 @@ def test_mlmm_run_stops_on_the_uncertainty_guard(tmp_path):
     import sys
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from run_helpers import write_water_cluster
+    from run_helpers import water_cluster_spec
 
     from potentials.committee import save_committee
-    from potentials.core.spec import MLSpec, MMSpec, StructureSpec, SystemSpec
     from potentials.network import EmbeddedAIMNet2, ModelConfig
 
-    write_water_cluster(tmp_path)
-    spec = SystemSpec(StructureSpec(file="water.pdb", forcefield=["amber14/tip3p.xml"], periodic=False),
-                      mm=MMSpec(nonbonded_method="NoCutoff", rigid_water=False))
-    spec.ml = MLSpec(selection="resid 1", indices=[0, 1, 2], charge=0)
-    spec.save(tmp_path / "system.toml")
+    water_cluster_spec(tmp_path).save(tmp_path / "system.toml")
     save_committee(tmp_path / "c.pt", [EmbeddedAIMNet2(ModelConfig.from_toml(TINY), seed=s) for s in (1, 2)])
     argv = ["run", str(ROOT / "inputs" / "templates" / "nvt_bussi.xml"), "--system", str(tmp_path / "system.toml"),
             "--model", str(tmp_path / "c.pt"), "--steps", "30", "--out", str(tmp_path / "run"), "--no-progress",

@@ -11,13 +11,12 @@ import pytest
 
 from coupling.ml_engine import MLEngine
 from potentials.batches import load_frames
-from potentials.core.spec import CouplingSpec, MLSpec, MMSpec, StructureSpec, SystemSpec
 from potentials.domain import domain_news, formula, molecules, training_domain
 from potentials.model_io import save_model
 from potentials.network import EmbeddedAIMNet2, ModelConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "driver"))
-from run_helpers import write_water_cluster  # noqa: E402
+from run_helpers import water_cluster_spec  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 TEST_SET = ROOT / "inputs" / "data" / "test_b3lyp_svp.nc"
@@ -48,11 +47,7 @@ def test_training_domain_of_the_shipped_test_set():
 
 
 def test_ml_client_names_what_is_new_at_start_up(tmp_path, caplog):
-    write_water_cluster(tmp_path)
-    spec = SystemSpec(StructureSpec(file="water.pdb", forcefield=["amber14/tip3p.xml"], periodic=False),
-                      ml=MLSpec(selection="resid 1", indices=[0, 1, 2], charge=0),
-                      mm=MMSpec(nonbonded_method="NoCutoff", rigid_water=False),
-                      coupling=CouplingSpec(embedding="electrostatic", cutoff_nm=1.2))
+    spec = water_cluster_spec(tmp_path, embedding="electrostatic", cutoff_nm=1.2)
     spec.save(tmp_path / "system.toml")
     net = EmbeddedAIMNet2(ModelConfig.from_toml(ROOT / "inputs/models/configs/tiny.toml"), seed=1)
     methanol_only = {"elements": [1, 6, 8], "molecules": [{"formula": "CH4O", "charge": 0}],
