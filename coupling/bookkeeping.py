@@ -14,7 +14,7 @@ from typing import NamedTuple
 import numpy as np
 import openmm
 
-from coupling.mmsystem import ml_only_terms
+from coupling.mmsystem import bonded_term_counts, ml_only_terms
 from coupling.schemes import SCHEMES, get_scheme
 from potentials.core.errors import SetupError
 from potentials.openmm_params import exception_parameters, nonbonded_force, particle_charges, particle_lj
@@ -72,8 +72,11 @@ def check_split(mm_system: openmm.System, ml_indices, mode, *, full_system: open
         q0, lj0 = particle_charges(nb0), particle_lj(nb0)
         if not np.array_equal(q[~is_ml], q0[~is_ml]) or not np.array_equal(lj, lj0):
             problems.append("MM charges or Lennard-Jones parameters changed (the ML–MM LJ terms must be kept)")
+        problems += _boundary_terms(full_system, mm_system, ml)
     problems += _ml_charges(scheme, q, None if q0 is None else q0[ml], ml, ml_charges)
     problems += _ml_pairs_left(mm_system, nb, ml, is_ml)
+    if scheme.field_inputs:
+        problems += _boundary_coulomb(nb, is_ml)
     if engine is not None:
         problems += _compare_engine(scheme, engine, ml, n)
     if problems:
@@ -101,6 +104,29 @@ def _ml_pairs_left(mm_system, nb, ml, is_ml) -> list[str]:
     return problems
 
 
+def _boundary_terms(full_system, mm_system, ml) -> list[str]:
+    """Every bonded term with at least one MM atom (those across a link atom's cut bond too) must still be in
+    the MM system, and no term whose atoms are all ML."""
+    full, mm = bonded_term_counts(full_system, ml), bonded_term_counts(mm_system, ml)
+    problems = []
+    for key, (_, other) in full.items():
+        kept = mm.get(key, (0, 0))[1]
+        if kept != other:
+            problems.append(f"{key}: {other} terms with MM atoms in the full system, {kept} in the MM system")
+    return problems
+
+
+def _boundary_coulomb(nb, is_ml) -> list[str]:
+    """With the network fed the MM field, no ML–MM pair may keep Coulomb in the MM client (the 1-4 exceptions
+    across a link atom's cut bond would otherwise be counted by both clients)."""
+    left = [(i, j) for k in range(nb.getNumExceptions()) for i, j, qq, _, _ in [exception_parameters(nb, k)]
+            if is_ml[i] != is_ml[j] and qq != 0]
+    if left:
+        return [f"{len(left)} ML–MM exceptions keep a charge product in the MM NonbondedForce, e.g. atoms {left[0]}: "
+                "ML–MM Coulomb would be counted by both clients"]
+    return []
+
+
 def _ml_charges(scheme, q, q0_ml, ml, ml_charges) -> list[str]:
     """The ML atoms must carry what the scheme says: zero (the network owns ML–MM Coulomb) or the fixed
     charges (given, or the force field's ``q0_ml``; without either there is nothing to compare)."""
@@ -123,7 +149,7 @@ def _compare_engine(scheme, engine, ml, n) -> list[str]:
     problems = []
     if engine.mode != scheme.name:
         problems.append(f"ML engine runs {engine.mode} embedding, the MM system was built for {scheme.name}")
-    if not np.array_equal(np.sort(engine.env.ml_indices), np.sort(ml)):
+    if not np.array_equal(np.sort(engine.zone.atoms), np.sort(ml)):
         problems.append("ML engine and MM system disagree on the ML-zone atoms")
     if engine.natoms != n:
         problems.append(f"ML engine has {engine.natoms} atoms, the MM system {n}")

@@ -67,10 +67,13 @@ def mm_system_from_spec(spec, topology, system, positions_nm=None, *, model_path
     from coupling.mmsystem import check_selection, mlmm_mm_system
     from coupling.schemes import get_scheme
 
+    from coupling.zones import ZONES
+
     scheme = get_scheme(spec.coupling.embedding)
-    check_selection(system, spec.ml.indices, topology)
+    cut = ZONES.get(spec.ml.zone).from_topology(topology, spec.ml.indices).cut_pairs() if spec.ml.indices else set()
+    check_selection(system, spec.ml.indices, topology, cut_pairs=cut)
     charges = scheme.fixed_charges(spec, topology, positions_nm, model_path, device)
-    mm = mlmm_mm_system(system, spec.ml.indices, scheme, charges)
+    mm = mlmm_mm_system(system, spec.ml.indices, scheme, charges, cut_pairs=cut)
     check_split(mm, spec.ml.indices, scheme, full_system=system, ml_charges=charges)
     log.info("MM client: ML/MM split for %d ML atoms, %s embedding; terms:\n%s", len(spec.ml.indices), scheme.name,
              scheme.ownership_table())

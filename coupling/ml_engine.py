@@ -75,7 +75,7 @@ class MLEngine:
                  skin: float = 0.1, compile: bool = False, zone=None):
         self.scheme = get_scheme(mode)
         numbers = np.asarray(numbers, dtype=np.int64).reshape(-1)
-        if len(numbers) != len(env.ml_indices):
+        if zone is None and len(numbers) != len(env.ml_indices):
             raise SetupError(f"{len(numbers)} atomic numbers for {len(env.ml_indices)} ML atoms")
         self.device = torch_device(device)
         self.adapter = as_adapter(model, self.device)
@@ -83,12 +83,14 @@ class MLEngine:
             self.adapter.compile()
         self.zone = zone if zone is not None else WholeMolecules.from_numbers(env.ml_indices, numbers)
         self.scheme = self.scheme.for_zone(self.zone.numbers)     # per-element parameters (emle) bind here
+        # the embedding sees the zone's extended system (link atoms: the caps are ML atoms there)
+        env = self.zone.environment(env, charge) if len(env.ml_indices) != self.zone.n_model else env
         self.env, self.periodic, self.charge = env, periodic, int(charge)
         self.dtype = self.adapter.dtype
         # the polarisation term's field damping (nm; 0: none): the engine hands the model E minus the damped part
         self._damping = float(getattr(self.adapter, "pol_damping_nm", 0.0) or 0.0) if self.scheme.field_inputs else 0.0
         self.numbers = torch.as_tensor(self.zone.numbers, device=self.device)
-        self.natoms = len(env.charges)
+        self.natoms = len(env.charges) - self.zone.n_extra           # system atoms (i-PI's)
         self.skin = float(skin)
         self._batch: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._sources: dict[int, object] = {}      # one field source per structure of a batch (beads move apart)
@@ -138,8 +140,8 @@ class MLEngine:
             spec = SystemSpec.load(spec)
         topology, system, _ = load_system(spec)
         ml = np.asarray(spec.ml.indices, dtype=np.int64)
-        env = mm_environment(system, topology, ml, spec)
         zone = ZONES.get(spec.ml.zone).from_topology(topology, ml)
+        env = mm_environment(system, topology, ml, spec, zone=zone)
         adapter = load_adapter(model_path, device, model_type=model_type, dtype=dtype)
         adapter.check_zone(zone.numbers, spec.ml.charge, where=str(model_path))
         warn_many_molecules(adapter.metadata, topology, ml, where=str(model_path))
@@ -206,7 +208,8 @@ class MLEngine:
         (N, 3) arrays, which matters for 1e5-atom systems."""
         if b not in self._sources:
             self._sources[b] = self.scheme.field_source(self.env, self.skin, self.device)
-        ml_raw = pos[self.zone.atoms]
+        pos = self.zone.extend(pos, box)                  # + the zone's extra atoms (link-atom caps), if any
+        ml_raw = pos[self.zone.model_indices]
         try:
             inputs: FrameInputs = self._sources[b].inputs(pos, box, ml_raw, self.device)
         except SetupError:
@@ -214,7 +217,7 @@ class MLEngine:
                 self._refuse_positions(pos[None])
             raise
         leaf = torch.tensor(ml_raw, device=self.device, requires_grad=True)
-        n_ml = len(self.zone.atoms)
+        n_ml = self.zone.n_model
         model_pos = self.zone.model_positions(leaf + torch.as_tensor(inputs.shift[:n_ml], device=self.device))
         field_pol = near = None
         if inputs.field is not None:
@@ -253,7 +256,7 @@ class MLEngine:
         energy = self._add_terms(frames, out, out["energy"].to(torch.float64))
         if "member_energies" in out:             # a committee: its spread, from each member's forces on the ML atoms
             members = out["member_energies"]
-            out["committee"] = spread(members, member_ml_forces(members, frames, len(self.zone.atoms)))
+            out["committee"] = spread(members, member_ml_forces(members, frames, self.zone.n_model))
         flat = [t for f in frames for t in f.leaves]
         it = iter(torch.autograd.grad(energy.sum(), flat, allow_unused=True, materialize_grads=True))
         grads = [[next(it) for _ in f.leaves] for f in frames]
@@ -275,17 +278,18 @@ class MLEngine:
         return energy + extra
 
     def _result(self, b: int, frame: "_Frame", energy: float, f: np.ndarray, out: dict) -> ForceResult:
-        forces = np.zeros((self.natoms, 3))
+        forces = np.zeros((self.natoms + self.zone.n_extra, 3))
         forces[frame.inputs.atoms] = f
         virial = f.T @ frame.images                                               # W = sum f (x) r
         if frame.inputs.term is not None:                     # what the term reads beyond the engine's leaves
             atoms, f_term, w_term = frame.inputs.term.result()
             forces[atoms] += f_term
             virial = virial + w_term
+        forces = self.zone.fold(forces)        # the extra atoms' forces onto system atoms (the virial has them)
         self._check_finite(energy, forces, b)
-        return ForceResult(float(energy), forces, virial, ml_extras(out, b, len(self.zone.atoms), energy,
+        return ForceResult(float(energy), forces, virial, ml_extras(out, b, self.zone.n_model, energy,
                                                                    frame.images, frame.inputs.n_embedded,
-                                                                   np.asarray(self.env.charges)[self.zone.atoms],
+                                                                   np.asarray(self.env.charges)[self.zone.model_indices],
                                                                    frame.dipole))
 
     def _gradient(self, frame: "_Frame", g: list) -> np.ndarray:
@@ -296,7 +300,7 @@ class MLEngine:
         frame.dipole = -g[3].detach().to(torch.float64).cpu().numpy()
         total = _chain(frame.inputs.field, *g[:3])
         if frame.near is not None:                  # the damped field's close MM atoms (rows after the ML atoms)
-            np.add.at(total, len(self.zone.atoms) + frame.near, g[4].detach().to(torch.float64).cpu().numpy())
+            np.add.at(total, self.zone.n_model + frame.near, g[4].detach().to(torch.float64).cpu().numpy())
         return total
 
     def _refuse_positions(self, pos: np.ndarray) -> None:

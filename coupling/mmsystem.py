@@ -11,8 +11,13 @@ client owns everything internal to the ML zone and, in electrostatic embedding, 
   network; mechanical mode: ML atoms keep fixed charges (given, or the MM ones) and the MM client computes
   ML–MM Coulomb; the ML–MM Lennard-Jones terms are kept in both modes.
 
-A selection that cuts a covalent bond is refused (:func:`boundary_bonds` lists the cut bonds; link atoms will
-start from that list). :func:`mm_environment` reads the MM charges and residue ids once for the embedding.
+* a zone with link atoms (:mod:`coupling.link_atoms`, ``cut_pairs``): every bonded term with at least one MM
+  atom is kept (bond, angle, torsion, CMAP across the boundary); ML–MM nonbonded exceptions (1-4 pairs across
+  the boundary) keep their Lennard-Jones part and their Coulomb part follows the ML charges (zero in
+  electrostatic embedding, where the network owns all ML–MM electrostatics; the fixed charges in mechanical).
+
+Any other cut bond is refused (:func:`boundary_bonds` lists them). :func:`mm_environment` reads the MM charges
+and residue ids once for the embedding.
 """
 from __future__ import annotations
 
@@ -92,8 +97,23 @@ def boundary_bonds(system: openmm.System, ml_indices) -> list[tuple[int, int]]:
     return sorted(pairs)
 
 
-def check_selection(system: openmm.System, ml_indices, topology: app.Topology | None = None) -> None:
-    """Refuse ML zones the coupling cannot represent yet: cut covalent bonds and virtual sites.
+def _cut_bonds_of(system: openmm.System, is_ml: np.ndarray) -> tuple[set, set]:
+    """(bonds, constraints) of the system between an ML and an MM atom, as (ML atom, MM atom) pairs."""
+    def pair(i: int, j: int) -> tuple[int, int]:
+        return (i, j) if is_ml[i] else (j, i)
+
+    bonds = {pair(*f.getBondParameters(k)[:2]) for f in system.getForces() if isinstance(f, openmm.HarmonicBondForce)
+             for k in range(f.getNumBonds()) if is_ml[f.getBondParameters(k)[0]] != is_ml[f.getBondParameters(k)[1]]}
+    constraints = {pair(*system.getConstraintParameters(k)[:2]) for k in range(system.getNumConstraints())
+                   if is_ml[system.getConstraintParameters(k)[0]] != is_ml[system.getConstraintParameters(k)[1]]}
+    return bonds, constraints
+
+
+def check_selection(system: openmm.System, ml_indices, topology: app.Topology | None = None,
+                    cut_pairs=frozenset()) -> None:
+    """Refuse ML zones the coupling cannot represent: covalent bonds cut without a link atom (``cut_pairs``: the
+    (ML atom, MM atom) bonds the zone caps, :meth:`coupling.zones.WholeMolecules.cut_pairs`), constraints across
+    the boundary, and virtual sites.
 
     Raises
     ------
@@ -101,21 +121,35 @@ def check_selection(system: openmm.System, ml_indices, topology: app.Topology | 
         naming the first offending atoms (and residues when a topology is given).
     """
     is_ml = _ml_mask(system.getNumParticles(), ml_indices)
+    cut_pairs = {(int(i), int(j)) for i, j in cut_pairs}
     atoms = list(topology.atoms()) if topology is not None else None
     if atoms is not None and len(atoms) != system.getNumParticles():
         raise SetupError(f"topology has {len(atoms)} atoms but the OpenMM system {system.getNumParticles()}")
-    if topology is not None:
+    if topology is not None and not cut_pairs:
         check_boundary(topology, np.flatnonzero(is_ml))        # bonds as the structure file has them
 
     def name(i: int) -> str:
         return f"atom {i}" if atoms is None else describe_atom(atoms[i])
 
-    cut = boundary_bonds(system, ml_indices)                   # bonds, constraints and 1-2/1-3/1-4 pairs
-    if cut:
-        i, j = cut[0]
-        raise SetupError(f"the ML selection cuts {len(cut)} covalent link(s), e.g. between ML {name(i)} and MM "
-                         f"{name(j)}; link atoms are not supported yet: select whole molecules (e.g. whole "
-                         "residues of a ligand, or the full peptide)")
+    if cut_pairs:
+        bonds, constraints = _cut_bonds_of(system, is_ml)
+        if constraints:
+            i, j = sorted(constraints)[0]
+            raise SetupError(f"the bond between ML {name(i)} and MM {name(j)} is cut by the ML zone but constrained "
+                             "in the MM system; build it with constraints only on bonds to hydrogen (HBonds) or none")
+        uncapped = sorted(bonds - cut_pairs)
+        if uncapped:
+            i, j = uncapped[0]
+            raise SetupError(f"the ML selection cuts the bond between ML {name(i)} and MM {name(j)}, which has no "
+                             "link atom (the system's bonds differ from the structure's); re-run `mlmm prepare`")
+    else:
+        cut = boundary_bonds(system, ml_indices)               # bonds, constraints and 1-2/1-3/1-4 pairs
+        if cut:
+            i, j = cut[0]
+            raise SetupError(f"the ML selection cuts {len(cut)} covalent link(s), e.g. between ML {name(i)} and MM "
+                             f"{name(j)}: select whole molecules (e.g. whole residues of a ligand, or the full "
+                             "peptide), or cap the cut bonds with link atoms ([ml] zone = \"link-atoms\", set by "
+                             "`mlmm prepare` for cuts at sp3 carbons)")
     for k in range(system.getNumParticles()):
         if system.isVirtualSite(k):
             vs = system.getVirtualSite(k)
@@ -144,8 +178,24 @@ def ml_only_terms(system: openmm.System, ml_indices) -> list[tuple[str, list[int
             if is_ml[atoms].all()]
 
 
-def _drop_ml_terms(force: openmm.Force, is_ml: np.ndarray) -> tuple[openmm.Force, int]:
-    """A copy of a bonded force without the terms whose atoms are all ML; also the number removed."""
+def bonded_term_counts(system: openmm.System, ml_indices) -> dict[str, tuple[int, int]]:
+    """Per bonded force (type and name): (terms whose atoms are all ML, terms with at least one MM atom)."""
+    is_ml = _ml_mask(system.getNumParticles(), ml_indices)
+    out: dict[str, tuple[int, int]] = {}
+    for f in system.getForces():
+        kind = type(f).__name__
+        if kind in BONDED_FORCES:
+            flags = [bool(is_ml[atoms].all()) for _, _, atoms in
+                     _bonded_terms(ET.fromstring(openmm.XmlSerializer.serialize(f)))]
+            key = f"{kind} '{f.getName()}'"
+            a, b = out.get(key, (0, 0))
+            out[key] = (a + sum(flags), b + len(flags) - sum(flags))
+    return out
+
+
+def _drop_ml_terms(force: openmm.Force, is_ml: np.ndarray, boundary: bool = False) -> tuple[openmm.Force, int]:
+    """A copy of a bonded force without the terms whose atoms are all ML; also the number removed. Terms that mix
+    ML and MM atoms are refused unless the zone has link atoms (``boundary``): then they stay with the MM client."""
     root = ET.fromstring(openmm.XmlSerializer.serialize(force))
     kind = type(force).__name__
     removed = 0
@@ -154,7 +204,7 @@ def _drop_ml_terms(force: openmm.Force, is_ml: np.ndarray) -> tuple[openmm.Force
         if inside.all():
             container.remove(term)
             removed += 1
-        elif inside.any() and kind in _STANDARD_BONDED:
+        elif inside.any() and kind in _STANDARD_BONDED and not boundary:
             raise SetupError(f"{kind} '{force.getName()}' has a term on atoms {atoms} that mixes the ML and MM "
                              "zones (the selection cuts a molecule); select whole molecules")
         elif inside.any():
@@ -179,7 +229,8 @@ def _touches(force: openmm.Force, is_ml: np.ndarray) -> bool:
 
 def _fix_nonbonded(nb: openmm.NonbondedForce, ml: np.ndarray, is_ml: np.ndarray, charges: np.ndarray) -> None:
     """Set the ML charges (zero in electrostatic embedding); every ML–ML pair becomes an exception with no
-    interaction at all."""
+    interaction at all; ML–MM exceptions (a zone with link atoms: 1-4 pairs across the cut bonds) keep their
+    Lennard-Jones part, and their charge product follows the ML atom's new charge."""
     for k in range(nb.getNumParticleParameterOffsets()):
         if is_ml[nb.getParticleParameterOffset(k)[1]]:
             raise SetupError(f"NonbondedForce '{nb.getName()}' has a parameter offset on ML atom "
@@ -190,8 +241,11 @@ def _fix_nonbonded(nb: openmm.NonbondedForce, ml: np.ndarray, is_ml: np.ndarray,
         if is_ml[i] or is_ml[j]:
             raise SetupError(f"NonbondedForce '{nb.getName()}' has a parameter offset on the exception of atoms "
                              f"{i}-{j} in the ML zone; alchemical offsets are not supported there")
+    ratio = np.ones(len(is_ml))
     for n, i in enumerate(ml):
         q, sigma, eps = nb.getParticleParameters(int(i))
+        q = q.value_in_unit(openmm.unit.elementary_charge)
+        ratio[int(i)] = float(charges[n]) / q if q != 0 else (0.0 if charges[n] == 0 else np.nan)
         nb.setParticleParameters(int(i), float(charges[n]), sigma, eps)
     seen = set()
     for k in range(nb.getNumExceptions()):
@@ -199,6 +253,12 @@ def _fix_nonbonded(nb: openmm.NonbondedForce, ml: np.ndarray, is_ml: np.ndarray,
         if is_ml[i] and is_ml[j]:
             nb.setExceptionParameters(k, i, j, 0.0, sigma, 0.0)
             seen.add((min(i, j), max(i, j)))
+        elif is_ml[i] or is_ml[j]:                 # across a cut bond: 1-4 Coulomb scaled by the new ML charge
+            r = ratio[i if is_ml[i] else j]
+            if not np.isfinite(r):
+                raise SetupError(f"ML atom {i if is_ml[i] else j} has no force-field charge but a fixed charge: its "
+                                 "1-4 exceptions across the cut bond cannot be rescaled; use mechanical_charges = \"mm\"")
+            nb.setExceptionParameters(k, i, j, qq * r, sigma, eps)
     for i, j in itertools.combinations(sorted(int(a) for a in ml), 2):
         if (i, j) not in seen:
             nb.addException(i, j, 0.0, 1.0, 0.0)
@@ -216,7 +276,7 @@ def _fix_custom_nonbonded(force: openmm.CustomNonbondedForce, ml: np.ndarray) ->
 
 
 def mlmm_mm_system(system: openmm.System, ml_indices, mode: str = "electrostatic",
-                   ml_charges=None) -> openmm.System:
+                   ml_charges=None, cut_pairs=frozenset()) -> openmm.System:
     """The MM client's system: a deep copy of ``system`` with the ML zone's own terms taken out.
 
     Parameters
@@ -231,6 +291,8 @@ def mlmm_mm_system(system: openmm.System, ml_indices, mode: str = "electrostatic
     ml_charges : sequence of float (e), optional
         mechanical mode only: fixed charges of the ML atoms, in the order of ``ml_indices`` (for example the
         network's vacuum charges); default: the MM charges.
+    cut_pairs : set of (ML atom, MM atom)
+        the covalent bonds the zone caps with link atoms (:mod:`coupling.link_atoms`); empty: whole molecules.
 
     Returns
     -------
@@ -240,7 +302,7 @@ def mlmm_mm_system(system: openmm.System, ml_indices, mode: str = "electrostatic
     scheme = get_scheme(mode)
     ml = np.asarray(ml_indices, dtype=np.int64).reshape(-1)
     is_ml = _ml_mask(system.getNumParticles(), ml)
-    check_selection(system, ml)
+    check_selection(system, ml, cut_pairs=cut_pairs)
     fixed = None if ml_charges is None else np.asarray(ml_charges, dtype=np.float64).reshape(-1)
     if fixed is not None and fixed.shape != ml.shape:
         raise SetupError(f"need {len(ml)} finite ML charges (one per ML atom), got {fixed.shape[0]}")
@@ -255,7 +317,7 @@ def mlmm_mm_system(system: openmm.System, ml_indices, mode: str = "electrostatic
     for force in out.getForces():
         kind = type(force).__name__
         if kind in BONDED_FORCES:
-            force, removed = _drop_ml_terms(force, is_ml)
+            force, removed = _drop_ml_terms(force, is_ml, boundary=bool(cut_pairs))
             log.debug("%s: removed %d ML-only terms", kind, removed)
         else:
             force = copy.deepcopy(force)        # owned by Python until re-added below
@@ -279,7 +341,7 @@ def mlmm_mm_system(system: openmm.System, ml_indices, mode: str = "electrostatic
 mm_charges = particle_charges        # partial charges (e) of every particle, from the NonbondedForce
 
 
-def mm_environment(system: openmm.System, topology: app.Topology, ml_indices, spec) -> MMEnvironment:
+def mm_environment(system: openmm.System, topology: app.Topology, ml_indices, spec, zone=None) -> MMEnvironment:
     """The embedding's static data, read once: MM charges (from the ORIGINAL system) and residue ids.
 
     Parameters
@@ -288,9 +350,10 @@ def mm_environment(system: openmm.System, topology: app.Topology, ml_indices, sp
     topology : the matching topology; residues define the groups that enter the embedding whole.
     ml_indices : 0-based atom indices of the ML zone.
     spec : potentials.core.spec.SystemSpec (or its CouplingSpec); cutoff_nm and switch_width_nm are used.
+    zone : the ML-zone mapping (:mod:`coupling.zones`), whose capped bonds may cross the boundary.
     """
     coupling = getattr(spec, "coupling", spec)
-    check_selection(system, ml_indices, topology)
+    check_selection(system, ml_indices, topology, cut_pairs=zone.cut_pairs() if zone is not None else ())
     residue = np.fromiter((a.residue.index for a in topology.atoms()), dtype=np.int64,
                           count=topology.getNumAtoms())
     return MMEnvironment(charges=particle_charges(system), residue=residue,

@@ -150,12 +150,16 @@ class EmbeddingScheme:
         raise NotImplementedError
 
     @staticmethod
-    def point_charges(charges, residue, ml_indices, cutoff_nm: float, switch_nm: float) -> "PointCharges":
+    def point_charges(charges, residue, ml_indices, cutoff_nm: float, switch_nm: float, zone=None,
+                      ml_charge: int | None = None) -> "PointCharges":
         """The MM point charges a QM/MM reference calculation sees (labelling): the embedding's residues
         within the cutoff, scaled by its switch. The same for every scheme: reference data are always
-        electrostatically embedded, the scheme decides what the network makes of them."""
-        return PointCharges(MMEnvironment(np.asarray(charges), np.asarray(residue), np.asarray(ml_indices),
-                                          cutoff=cutoff_nm, switch_width=switch_nm))
+        electrostatically embedded, the scheme decides what the network makes of them. ``zone``: an ML-zone
+        mapping with extra model atoms (link-atom caps, :mod:`coupling.link_atoms`): the QM zone is then the
+        model's atoms (caps included) and the charges are the zone's boundary charges, as in a run."""
+        env = MMEnvironment(np.asarray(charges), np.asarray(residue), np.asarray(ml_indices), cutoff=cutoff_nm,
+                            switch_width=switch_nm)
+        return PointCharges(env if zone is None else zone.environment(env, ml_charge), zone)
 
 
 class FieldSource:
@@ -196,12 +200,15 @@ class EmbeddedField(FieldSource):
 class PointCharges:
     """The embedded MM charges of single frames, for the QM/MM reference calculations."""
 
-    def __init__(self, env: MMEnvironment):
-        self.env = env
+    def __init__(self, env: MMEnvironment, zone=None):
+        self.env, self.zone = env, zone
 
     def frame(self, positions_nm: np.ndarray, box_nm: np.ndarray | None
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(ML positions made whole (n_ml,3) nm, embedded MM positions (M,3) nm, scaled charges (M,) e)."""
+        """(ML positions made whole (n_ml,3) nm, embedded MM positions (M,3) nm, scaled charges (M,) e); with a
+        zone that adds model atoms (caps) the first are the model's atoms, caps last."""
+        if self.zone is not None:
+            positions_nm = self.zone.extend(np.asarray(positions_nm, dtype=np.float64), box_nm)
         sel: Selection = select_environment(self.env, positions_nm, box_nm)
         ml = positions_nm[self.env.ml_indices]
         if sel.ml_shift is not None:
@@ -260,12 +267,13 @@ class MechanicalEmbedding(EmbeddingScheme):
         if model_path is None or positions_nm is None:
             raise SetupError("mechanical embedding with mechanical_charges = \"model\" needs the model file "
                              "(--model) for the MM client; or set [coupling] mechanical_charges = \"mm\"")
-        from coupling.zones import ml_numbers
+        from coupling.zones import ZONES
         from potentials.adapters import load_adapter
 
-        ml = np.asarray(spec.ml.indices, dtype=np.int64)
-        return load_adapter(model_path, device).vacuum_charges(
-            ml_numbers(topology, ml), np.asarray(positions_nm, dtype=np.float64)[ml], spec.ml.charge)
+        zone = ZONES.get(spec.ml.zone).from_topology(topology, np.asarray(spec.ml.indices, dtype=np.int64))
+        box = np.asarray(spec.structure.box_nm, dtype=np.float64) if spec.structure.periodic else None
+        pos = zone.extend(np.asarray(positions_nm, dtype=np.float64), box)[zone.model_indices]
+        return zone.ml_charges(load_adapter(model_path, device).vacuum_charges(zone.numbers, pos, spec.ml.charge))
 
     def ml_charges_in_mm(self, mm_charges, fixed):
         want = np.asarray(mm_charges if fixed is None else fixed, dtype=np.float64).reshape(-1)

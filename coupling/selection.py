@@ -1,9 +1,9 @@
-"""The ML zone's covalent boundary: which bonds a selection cuts, and the current policy (refuse them).
+"""The ML zone's covalent boundary: which bonds a selection cuts, and the policy of zones of whole molecules.
 
-The selection language itself is :mod:`potentials.atom_selection` (:func:`select`, re-exported here). The
-boundary is split in two so that link atoms can be added without rework: :func:`cut_bonds` *finds* the covalent
-bonds an ML zone cuts, :func:`check_boundary` is the current *policy* (refuse them); link atoms belong to the
-ML-zone mapping (:mod:`coupling.zones`).
+The selection language itself is :mod:`potentials.atom_selection` (:func:`select`, re-exported here).
+:func:`cut_bonds` *finds* the covalent bonds an ML zone cuts; :func:`check_boundary` is the policy of the
+``whole-molecules`` zone (refuse them). Cut bonds are capped by the ``link-atoms`` zone
+(:mod:`coupling.link_atoms`), which has its own policy (single bonds at sp3 carbons).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def describe_atom(atom: app.topology.Atom) -> str:
 def cut_bonds(topology: app.Topology, indices: Iterable[int]) -> list[tuple[app.topology.Atom, app.topology.Atom]]:
     """Covalent bonds with exactly one atom in the ML zone, as (ML atom, MM atom) pairs, in topology order.
 
-    This is where link atoms will be placed once they exist; today :func:`check_boundary` refuses them.
+    The ``link-atoms`` zone caps them (:mod:`coupling.link_atoms`); :func:`check_boundary` refuses them.
     """
     inside = set(int(i) for i in indices)
     cut = []
@@ -34,10 +34,11 @@ def cut_bonds(topology: app.Topology, indices: Iterable[int]) -> list[tuple[app.
 
 
 def check_boundary(topology: app.Topology, indices: Iterable[int]) -> None:
-    """Refuse an ML zone that cuts covalent bonds (link atoms are not supported yet)."""
+    """Refuse a zone of whole molecules that cuts covalent bonds (the ``link-atoms`` zone caps them)."""
     cut = cut_bonds(topology, indices)
     if cut:
         shown = "; ".join(f"{describe_atom(a)} - {describe_atom(b)}" for a, b in cut[:5])
         more = f" and {len(cut) - 5} more" if len(cut) > 5 else ""
-        raise SetupError(f"the ML selection cuts {len(cut)} covalent bond(s): {shown}{more}; link atoms are not "
-                         "supported yet, select whole molecules/residues (e.g. add the bonded residues)")
+        raise SetupError(f"the ML selection cuts {len(cut)} covalent bond(s): {shown}{more}; select whole molecules/"
+                         "residues, or cap the cut bonds with link atoms: [ml] zone = \"link-atoms\" in system.toml "
+                         "(`mlmm prepare` sets it when a selection cuts single bonds at sp3 carbons)")

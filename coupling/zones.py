@@ -2,9 +2,11 @@
 
 A zone mapping turns the positions of its system atoms (``zone.atoms``) into the model's atoms
 (``model_positions``, differentiable in torch), so the model's forces reach the system atoms by the chain rule
-(autograd through ``model_positions``). Today's zones are whole molecules and the mapping is the identity;
-link atoms (capping hydrogens placed along cut bonds, their forces shared by the two real atoms) belong here
-and nowhere else: a new mapping is one class plus ``@ZONES.register(name)``, chosen by ``[ml] zone``.
+(autograd through ``model_positions``). Whole molecules are the identity. A zone may add model atoms that
+are not system atoms (the caps of :mod:`coupling.link_atoms`): :meth:`WholeMolecules.extend` appends them to
+the positions, :meth:`WholeMolecules.environment` makes them ML atoms of the embedding, and
+:meth:`WholeMolecules.fold` moves their forces back onto system atoms. A new mapping is one class plus
+``@ZONES.register(name)``, chosen by ``[ml] zone``.
 """
 from __future__ import annotations
 
@@ -38,7 +40,10 @@ class WholeMolecules:
 
     @classmethod
     def from_topology(cls, topology, ml_indices) -> "WholeMolecules":
-        """The zone of ``ml_indices`` with the elements of an OpenMM topology."""
+        """The zone of ``ml_indices`` with the elements of an OpenMM topology (SetupError if it cuts a bond)."""
+        from coupling.selection import check_boundary
+
+        check_boundary(topology, ml_indices)
         return cls(ml_indices, ml_numbers(topology, ml_indices))
 
     @classmethod
@@ -49,6 +54,36 @@ class WholeMolecules:
     def n_model(self) -> int:
         """Number of model atoms."""
         return len(self.numbers)
+
+    @property
+    def model_indices(self) -> np.ndarray:
+        """The model's atoms as indices of the extended system (:meth:`extend`): here the ML atoms."""
+        return self.atoms
+
+    @property
+    def n_extra(self) -> int:
+        """Model atoms that are not system atoms (appended after the N system atoms by :meth:`extend`)."""
+        return 0
+
+    def cut_pairs(self) -> set[tuple[int, int]]:
+        """The covalent bonds the zone caps, as (ML atom, MM atom) pairs: none (it cuts no bond)."""
+        return set()
+
+    def extend(self, positions: np.ndarray, box: np.ndarray | None) -> np.ndarray:
+        """The positions (N + n_extra, 3) nm of the system's atoms followed by the zone's extra atoms."""
+        return positions
+
+    def fold(self, forces: np.ndarray) -> np.ndarray:
+        """Forces (N, 3) on the system's atoms from those (N + n_extra, 3) of the extended system."""
+        return forces
+
+    def environment(self, env, ml_charge: int | None = None):
+        """The embedding's :class:`coupling.embedding.MMEnvironment` of the extended system."""
+        return env
+
+    def ml_charges(self, model_charges: np.ndarray) -> np.ndarray:
+        """Charges (e) of the ML atoms from the model's atomic charges (those of extra atoms go to system atoms)."""
+        return np.asarray(model_charges, dtype=np.float64)
 
     def model_positions(self, positions: torch.Tensor) -> torch.Tensor:
         """The model atoms' positions from the zone atoms' (n, 3) nm (identity)."""
@@ -68,24 +103,57 @@ def ml_numbers(topology, ml_indices) -> np.ndarray:
     return np.asarray(out, dtype=np.int64)
 
 
-def zone_molecules(topology, ml_indices) -> int:
-    """Number of molecules (residues: the zone never cuts a bond) in the ML zone."""
+def _fragments(topology, ml_indices) -> list[list[int]]:
+    """The ML zone's covalently bonded fragments (connected components of the bonds among ML atoms), each as
+    atomic numbers, with one hydrogen per bond it cuts (the link-atom cap). Atoms of residues the structure
+    gives no bonds for fall back to their residue."""
+    ml = [int(i) for i in np.asarray(ml_indices).reshape(-1)]
+    inside = set(ml)
+    parent = {i: i for i in ml}
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
     atoms = list(topology.atoms())
-    return len({atoms[int(i)].residue.index for i in np.asarray(ml_indices).reshape(-1)})
+    caps: dict[int, int] = {}
+    bonded: set[int] = set()
+    for a, b in topology.bonds():
+        ia, ib = a.index in inside, b.index in inside
+        if ia and ib:
+            parent[root(a.index)] = root(b.index)
+            bonded.update((a.index, b.index))
+        elif ia or ib:
+            q = a.index if ia else b.index
+            caps[q] = caps.get(q, 0) + 1
+    by_res: dict[int, int] = {}
+    for i in ml:                              # unbonded atoms of one residue (no CONECT records): one fragment
+        if i not in bonded:
+            r = atoms[i].residue.index
+            parent[i] = root(by_res.setdefault(r, i))
+    groups: dict[int, list[int]] = {}
+    for i in ml:
+        z = atoms[i].element.atomic_number if atoms[i].element is not None else 0
+        groups.setdefault(root(i), []).extend([z] + [1] * caps.get(i, 0))
+    return list(groups.values())
+
+
+def zone_molecules(topology, ml_indices) -> int:
+    """Number of molecules (covalently bonded fragments, capped ones included) in the ML zone."""
+    return len(_fragments(topology, ml_indices))
 
 
 def zone_formulas(topology, ml_indices, charge: int) -> list[tuple[str, int | None]]:
-    """(Hill formula, charge) of each molecule (residue) of the ML zone; the charge is the zone's when it holds
-    one molecule, else None (the force field's per-residue charges are not the model's business)."""
+    """(Hill formula, charge) of each molecule (bonded fragment, with its link-atom caps) of the ML zone; the
+    charge is the zone's when it holds one molecule, else None (the force field's per-residue charges are not
+    the model's business)."""
     from potentials.domain import formula
 
-    atoms = list(topology.atoms())
-    by_res: dict[int, list[int]] = {}
-    for i in np.asarray(ml_indices).reshape(-1):
-        a = atoms[int(i)]
-        by_res.setdefault(a.residue.index, []).append(a.element.atomic_number if a.element is not None else 0)
-    one = len(by_res) == 1
-    return [(formula(z), int(charge) if one else None) for z in by_res.values()]
+    frags = _fragments(topology, ml_indices)
+    one = len(frags) == 1
+    return [(formula(z), int(charge) if one else None) for z in frags]
 
 
 def warn_new_domain(metadata: dict, topology, ml_indices, charge: int, where: str = "model") -> list[str]:
@@ -102,3 +170,6 @@ def warn_new_domain(metadata: dict, topology, ml_indices, charge: int, where: st
         log.warning("%s was not trained on %s (its training molecules: %s); expect larger errors there and "
                     "check the run, or train a model for this system", where, "; ".join(news), seen)
     return news
+
+
+from coupling import link_atoms  # noqa: E402,F401  (registers "link-atoms"; it builds on WholeMolecules)

@@ -31,7 +31,8 @@ import numpy as np
 import openmm
 from openmm import app, unit
 
-from coupling.selection import check_boundary, select
+from coupling.selection import cut_bonds, select
+from coupling.zones import ZONES
 from potentials.openmm_params import particle_charges
 from potentials.openmm_system import (MLZoneTemplates, check_templates, create_system, element_lj_table,
                                       half_min_width, infer_bonds, load_system, open_forcefield, read_structure)
@@ -101,7 +102,7 @@ def _prepare(args: argparse.Namespace) -> None:
 
     # the final system: resolve the selection again (fixing/solvation changed the indices)
     ml = select(topology, expr) if expr else np.zeros(0, np.int64)
-    check_boundary(topology, ml)
+    zone = ml_zone(topology, ml)
     box = np.asarray(topology.getPeriodicBoxVectors().value_in_unit(unit.nanometer)) if periodic else None
     if periodic:
         _check_box(box, positions[ml], args.mm_cutoff, args.embedding_cutoff)
@@ -112,7 +113,7 @@ def _prepare(args: argparse.Namespace) -> None:
     spec = SystemSpec(
         structure=StructureSpec(file=structure.name, forcefield=[_relative(n, out) for n in ff_names],
                                 periodic=periodic, box_nm=box.tolist() if periodic else None),
-        ml=MLSpec(selection=expr, indices=[int(i) for i in ml]),
+        ml=MLSpec(selection=expr, indices=[int(i) for i in ml], zone=zone),
         mm=MMSpec(nonbonded_method="PME" if periodic else "NoCutoff", cutoff_nm=args.mm_cutoff),
         coupling=CouplingSpec(cutoff_nm=args.embedding_cutoff))
     spec.save(out / "system.toml")
@@ -187,7 +188,11 @@ def _final_charges(args: argparse.Namespace, out: Path, spec: SystemSpec, ml: np
         raise SetupError("the ML selection resolved on the solvated system no longer covers the ligand(s) "
                          f"{sorted(free_residues)}; use a resname/resid selection")
     ml_charge = float(charges[ml].sum()) + q_free
-    if abs(ml_charge - round(ml_charge)) > 1e-3 and args.ml_charge is None:
+    caps = _n_caps(topology, ml)
+    if caps and abs(ml_charge - round(ml_charge)) > 1e-3 and args.ml_charge is None:
+        log.info("the ML atoms' force-field charges add up to %+.4f e (the selection cuts %d bond(s)); the ML zone "
+                 "with its link atoms gets %+d e (--ml-charge to change it)", ml_charge, caps, round(ml_charge))
+    elif abs(ml_charge - round(ml_charge)) > 1e-3 and args.ml_charge is None:
         raise SetupError(f"the ML zone's charge {ml_charge:.4f} e is not an integer (a residue cut by the "
                          "selection?); give --ml-charge")
     if args.ml_charge is not None and round(ml_charge) != args.ml_charge:
@@ -450,11 +455,25 @@ def _free_charge(free: list, ml_charge: int | None, q_templated: float) -> float
     return float(total)
 
 
+def ml_zone(topology: app.Topology, ml: np.ndarray) -> str:
+    """The ML-zone mapping a selection needs (``[ml] zone``): ``link-atoms`` when it cuts covalent bonds (checked:
+    single bonds at sp3 carbons only, :mod:`coupling.link_atoms`), else ``whole-molecules``."""
+    name = "link-atoms" if len(ml) and cut_bonds(topology, ml) else "whole-molecules"
+    if len(ml):
+        ZONES.get(name).from_topology(topology, ml)            # refuses what the mapping cannot represent
+    return name
+
+
+def _n_caps(topology: app.Topology, ml: np.ndarray) -> int:
+    """Capping hydrogens the ML zone gets (one per cut bond)."""
+    return len(cut_bonds(topology, ml)) if len(ml) else 0
+
+
 def _check_parity(topology: app.Topology, ml: np.ndarray, charge: int) -> None:
     if not len(ml):
         return
     atoms = list(topology.atoms())
-    electrons = sum(atoms[i].element.atomic_number for i in ml.tolist()) - charge
+    electrons = sum(atoms[i].element.atomic_number for i in ml.tolist()) + _n_caps(topology, ml) - charge
     if electrons % 2:
         raise SetupError(f"the ML zone has {electrons} electrons at charge {charge:+d} (odd: a radical); check its "
                          "hydrogens and give the right total charge with --ml-charge")

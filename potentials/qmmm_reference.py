@@ -26,6 +26,7 @@ Units at the API: Å, eV, eV/Å, e, e·Å (converted from PySCF's Bohr/Hartree h
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import logging
@@ -195,6 +196,8 @@ class LabelConfig:
     gap_ps: float = 1.0
     spacing_ps: float = 0.5
     droplet_radius_nm: float = 1.6
+    cluster_waters: int = 80             # waters of the 'cluster' kind (a droplet of exactly this many)
+    ml_waters: int = 0                   # waters in the QM zone of solvated frames: the solute's nearest, per frame
     embedding_cutoff_nm: float = _COUPLING.cutoff_nm
     embedding_switch_nm: float = _COUPLING.switch_width_nm
     cache: str = ""                      # MD cache folder; default: <out>.samples next to the dataset
@@ -210,12 +213,17 @@ class LabelConfig:
         for s in cfg.split_pattern:
             if s not in ("train", "val", "test"):
                 raise SetupError(f"{path}: split_pattern entry {s!r} must be train, val or test")
+        if cfg.ml_waters < 0:
+            raise SetupError(f"{path}: ml_waters must be >= 0, not {cfg.ml_waters}")
+        if "cluster" in cfg.solvated_kinds and cfg.cluster_waters < max(1, cfg.ml_waters):
+            raise SetupError(f"{path}: cluster_waters ({cfg.cluster_waters}) must be at least 1 and at least "
+                             f"ml_waters ({cfg.ml_waters})")
         return cfg
 
 
 @dataclass(frozen=True)
 class Task:
-    """One frame to label: which chain/block/frame, whether displaced, and its dataset metadata."""
+    """One frame to label: which chain/block/frame, whether displaced, the QM zone, its dataset metadata."""
 
     frame_id: str
     chain: object          # sampling.ChainSpec
@@ -223,10 +231,22 @@ class Task:
     index: int
     copy: int              # 0: the MD frame itself; >0: displaced copy number
     split: str
+    ml_waters: int = 0     # nearest waters in the QM zone besides the solute
+
+    @property
+    def series(self) -> str:
+        """The chain id, with ``-w<n>`` appended when the QM zone holds ``n`` > 0 waters (the frame ids of
+        configs without ml_waters are unchanged; the MD chain and its cache are the same for every n)."""
+        return self.chain.chain_id + (f"-w{self.ml_waters}" if self.ml_waters else "")
 
     @property
     def trajectory(self) -> str:
-        return f"{self.chain.chain_id}/b{self.block:03d}"
+        return f"{self.series}/b{self.block:03d}"
+
+    @property
+    def zone_name(self) -> str:
+        """The dataset's ``solute`` field: the solute, or e.g. 'MOH+3HOH' with waters in the QM zone."""
+        return self.chain.solute + (f"+{self.ml_waters}HOH" if self.ml_waters else "")
 
 
 def plan(cfg: LabelConfig) -> list[Task]:
@@ -234,6 +254,10 @@ def plan(cfg: LabelConfig) -> list[Task]:
 
     Order (outer to inner): trajectory block, frame in block, copy (MD frame, displaced copies), MD setting,
     solute. Stopping at any point therefore leaves every solute and setting equally represented.
+
+    Frame ids are ``<chain id>[-w<ml_waters>]/bBBB/fFF/cC``; chain ids and seeds depend on (solute, kind,
+    temperature) only, plus the cluster size for the 'cluster' kind (``MOH-cluster80-300K-s...``). Gas-phase
+    frames never hold waters (their ids do not carry ``-w``).
     """
     from .sampling import ChainSpec, SOLUTE_CHARGE
     for s in cfg.solutes:
@@ -246,9 +270,13 @@ def plan(cfg: LabelConfig) -> list[Task]:
                   spacing_ps=cfg.spacing_ps, droplet_radius_nm=cfg.droplet_radius_nm)
     # the seed depends on (solute, kind, temperature) only, so a config with a subset of the settings reuses
     # the same cached MD chains
-    chains = {(s, k, t): ChainSpec(s, k, t, seed=cfg.seed + zlib.crc32(f"{s}/{k}/{t:g}".encode()) % 1000003,
-                                   **common)
-              for s in cfg.solutes for (k, t) in settings}
+    chains = {}
+    for s in cfg.solutes:
+        for (k, t) in settings:
+            extra = dict(cluster_waters=cfg.cluster_waters) if k == "cluster" else {}
+            label = ChainSpec(s, k, t, seed=0, **extra).kind_label        # 'cluster80' for clusters
+            chains[(s, k, t)] = ChainSpec(s, k, t, seed=cfg.seed + zlib.crc32(f"{s}/{label}/{t:g}".encode())
+                                          % 1000003, **common, **extra)
     tasks = []
     for b in range(cfg.trajectories):
         split = cfg.split_pattern[b % len(cfg.split_pattern)]
@@ -261,8 +289,8 @@ def plan(cfg: LabelConfig) -> list[Task]:
                     for s in cfg.solutes:
                         spec = chains[(s, k, t)]
                         copy = 1 if k == "gas" else c
-                        fid = f"{spec.chain_id}/b{b:03d}/f{f:02d}/c{copy}"
-                        tasks.append(Task(fid, spec, b, f, copy, split))
+                        task = Task("", spec, b, f, copy, split, 0 if k == "gas" else cfg.ml_waters)
+                        tasks.append(dataclasses.replace(task, frame_id=f"{task.trajectory}/f{f:02d}/c{copy}"))
     return tasks
 
 
@@ -274,13 +302,18 @@ PointChargesFactory = Callable[..., object]
 
 
 class Labeller:
-    """Turns tasks into dataset frames (owns the MD chains and the embedded point charges of each chain)."""
+    """Turns tasks into dataset frames (owns the MD chains and the embedded point charges of each QM zone).
+
+    The point-charge object depends on the QM zone (its atoms are no charges): one per chain when the zone is
+    the solute, one per distinct set of waters (the last ``MAX_ZONES`` kept) when it holds waters."""
+
+    MAX_ZONES = 256
 
     def __init__(self, cfg: LabelConfig, cache: Path, point_charges: PointChargesFactory | None = None):
         self.cfg, self.cache = cfg, cache
         self.point_charges = point_charges
         self._chains: dict[str, object] = {}
-        self._envs: dict[str, object] = {}
+        self._envs: dict[tuple, object] = {}
 
     def _chain(self, spec):
         from .sampling import Chain
@@ -288,32 +321,42 @@ class Labeller:
             self._chains[spec.chain_id] = Chain(spec, self.cache)
         return self._chains[spec.chain_id]
 
-    def _embedding(self, chain_id: str, data):
-        env = self._envs.get(chain_id)
+    def _embedding(self, chain_id: str, data, zone: np.ndarray | None = None):
+        """The point charges of a chain's frames whose QM zone is ``zone`` (atom indices; default: the
+        solute). The returned object's ``.frame`` gives the zone's positions in the order of ``zone``."""
+        zone = np.asarray(data.ml_indices if zone is None else zone)
+        key = (chain_id, zone.tobytes())
+        env = self._envs.get(key)
         if env is None:
             if self.point_charges is None:
                 raise SetupError("labelling solvated frames needs the embedding's point charges "
                                  "(Labeller(..., point_charges=...); `mlmm label` passes the coupling layer's)")
-            env = self._envs[chain_id] = self.point_charges(data.charges, data.residue, data.ml_indices,
-                                                            self.cfg.embedding_cutoff_nm,
-                                                            self.cfg.embedding_switch_nm)
+            if len(self._envs) >= self.MAX_ZONES:
+                self._envs.pop(next(iter(self._envs)))
+            env = self._envs[key] = self.point_charges(data.charges, data.residue, zone,
+                                                       self.cfg.embedding_cutoff_nm, self.cfg.embedding_switch_nm)
         return env
 
     def inputs(self, task: Task) -> dict[str, object]:
-        """QM inputs of a task: numbers, positions (Å), charge, mm_positions (Å, float32), mm_charges (float32)."""
-        from .sampling import displace
+        """QM inputs of a task: numbers, positions (Å), charge, mm_positions (Å, float32), mm_charges (float32),
+        zone (atom indices of the QM zone in the MD system).
+
+        With ``task.ml_waters`` the zone is chosen on the MD frame (:func:`potentials.sampling.qm_zone`), so a
+        displaced copy has the zone of its MD frame; displaced copies move every atom of the zone."""
+        from .sampling import displace, qm_zone
         chain = self._chain(task.chain)
         data = chain.data
         pos = chain.block(task.block, self.cfg.frames_per_trajectory)[task.index].astype(np.float64)
+        zone, numbers = qm_zone(data, pos, task.ml_waters if task.chain.kind != "gas" else 0)
         if task.copy > 0:
             rng = np.random.default_rng([task.chain.seed, task.block, task.index, task.copy])
             lo, hi = self.cfg.displacement_A
-            pos = displace(pos, data.ml_indices, rng, lo, hi)
-        out = dict(numbers=data.numbers, positions=pos[data.ml_indices] * ANGSTROM_PER_NM, charge=data.solute_charge,
-                   mm_positions=np.zeros((0, 3), np.float32), mm_charges=np.zeros(0, np.float32))
+            pos = displace(pos, zone, rng, lo, hi)
+        out = dict(numbers=numbers, positions=pos[zone] * ANGSTROM_PER_NM, charge=data.solute_charge,
+                   mm_positions=np.zeros((0, 3), np.float32), mm_charges=np.zeros(0, np.float32), zone=zone)
         if task.chain.kind != "gas":
             # the ML zone as the network sees it (whole across the box edge) and the embedded charges
-            ml, mm_pos, q = self._embedding(task.chain.chain_id, data).frame(pos, data.box)
+            ml, mm_pos, q = self._embedding(task.chain.chain_id, data, zone).frame(pos, data.box)
             out["positions"] = np.asarray(ml) * ANGSTROM_PER_NM
             out["mm_positions"] = (np.asarray(mm_pos) * ANGSTROM_PER_NM).astype(np.float32)
             out["mm_charges"] = np.asarray(q).astype(np.float32)
@@ -326,7 +369,7 @@ class Labeller:
                           self.cfg.level)
         spec = task.chain
         kind = "displaced" if (task.copy > 0 and spec.kind != "gas") else spec.kind
-        return dict(frame_id=task.frame_id, trajectory=task.trajectory, solute=spec.solute, kind=kind,
+        return dict(frame_id=task.frame_id, trajectory=task.trajectory, solute=task.zone_name, kind=kind,
                     environment=spec.kind, split=task.split, total_charge=x["charge"],
                     temperature=spec.temperature, displaced=int(task.copy > 0), block=task.block,
                     index_in_block=task.index, energy=lab.energy, dipole=lab.dipole, quadrupole=lab.quadrupole,

@@ -21,6 +21,14 @@ Choices (documented here because the dataset depends on them):
 * Droplets: waters whose oxygen lies within ``droplet_radius`` of the solute centroid, no cutoff, no
   counter-ion, and a flat-bottom restraint (k = 500 kJ/mol/nm^2 beyond the radius) between the solute
   centre of mass and each water oxygen that keeps the droplet from evaporating at 400 K.
+* Clusters (kind ``cluster``): a droplet of exactly ``cluster_waters`` waters, the ones whose oxygen is nearest
+  the solute centroid in a solvated cube, with the same flat-bottom restraint at the distance of the farthest
+  kept oxygen + 0.02 nm (0.87–0.88 nm for 80 waters around methanol or acetate). Its chain id names the
+  size (``MOH-cluster80-300K-s...``).
+* QM zones with waters (``qm_zone``): the solute plus its ``n`` nearest waters, by the minimum-image
+  distance of each water oxygen to the nearest solute atom, chosen per frame. Waters are recognised by
+  their TIP3P charges (-0.834, 0.417, 0.417; O is the negative atom), so MD caches written before this
+  existed work unchanged.
 * Solute parameters come from ``inputs/forcefields/solutes.xml`` (OPLS-like, for sampling only). Its polar
   hydrogens (O–H, N–H) carry the CHARMM polar-H LJ (σ = 0.0400 nm, ε = 0.1925 kJ/mol), the same as the ML/MM
   production typing of template-less ML atoms (``potentials.lj_typing``), so that the frames are drawn from the
@@ -32,6 +40,7 @@ Units: nm, ps, kJ/mol, K (internal); the hand-built starting geometries are in �
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -47,10 +56,12 @@ from potentials.core.units import FS_PER_PS, NM_PER_ANGSTROM
 log = logging.getLogger(__name__)
 
 SOLUTES_XML = Path(__file__).resolve().parent.parent / "inputs" / "forcefields" / "solutes.xml"
-KINDS = ("periodic", "droplet", "gas")
+KINDS = ("periodic", "droplet", "gas", "cluster")
 BOX_WIDTH_NM = 3.0
 MM_CUTOFF_NM = 0.9
 DROPLET_K = 500.0            # kJ/mol/nm^2, flat-bottom restraint on water oxygens
+WATER_NM3 = 0.0299           # volume per water molecule in liquid water at 300 K (nm^3)
+TIP3P_CHARGES = (-0.834, 0.417, 0.417)
 
 
 def _methyl(center: np.ndarray, axis: np.ndarray, bond: float, phase: float = 0.0) -> list[np.ndarray]:
@@ -90,7 +101,9 @@ SOLUTE_CHARGE = {"HOH": 0, "MOH": 0, "ACT": -1, "MAM": 1}
 
 @dataclass(frozen=True)
 class ChainSpec:
-    """One MD chain: solute residue name, kind ('periodic' | 'droplet' | 'gas'), temperature (K), seed."""
+    """One MD chain: solute residue name, kind ('periodic' | 'droplet' | 'gas' | 'cluster'), temperature (K),
+    seed. ``cluster_waters`` is used by the 'cluster' kind only, and only then part of the repr (which the MD
+    cache checks) and of the chain id, so the chains of the other kinds keep their ids and caches."""
 
     solute: str
     kind: str
@@ -102,16 +115,28 @@ class ChainSpec:
     gap_ps: float = 1.0
     spacing_ps: float = 0.5
     droplet_radius_nm: float = 1.6
+    cluster_waters: int = 80
 
     def __post_init__(self):
         if self.solute not in SOLUTE_CHARGE:
             raise SetupError(f"unknown solute {self.solute!r}; choose one of {sorted(SOLUTE_CHARGE)}")
         if self.kind not in KINDS:
             raise SetupError(f"unknown sampling kind {self.kind!r}; choose one of {KINDS}")
+        if self.kind == "cluster" and self.cluster_waters < 1:
+            raise SetupError(f"cluster_waters must be at least 1, not {self.cluster_waters}")
+
+    def __repr__(self) -> str:
+        names = [f.name for f in dataclasses.fields(self) if f.name != "cluster_waters" or self.kind == "cluster"]
+        return f"{type(self).__qualname__}(" + ", ".join(f"{n}={getattr(self, n)!r}" for n in names) + ")"
+
+    @property
+    def kind_label(self) -> str:
+        """The kind as chain ids and seeds name it: 'cluster80' for a cluster of 80 waters, else the kind."""
+        return f"cluster{self.cluster_waters}" if self.kind == "cluster" else self.kind
 
     @property
     def chain_id(self) -> str:
-        return f"{self.solute}-{self.kind}-{int(round(self.temperature))}K-s{self.seed}"
+        return f"{self.solute}-{self.kind_label}-{int(round(self.temperature))}K-s{self.seed}"
 
 
 @dataclass
@@ -163,15 +188,33 @@ def build(spec: ChainSpec) -> tuple[app.Topology, openmm.System, np.ndarray]:
         system = ff.createSystem(modeller.topology, nonbondedMethod=app.PME, rigidWater=False,
                                  nonbondedCutoff=MM_CUTOFF_NM * unit.nanometer)
         return modeller.topology, system, _positions_nm(modeller.positions)
-    # droplet: solvate a cube, keep the waters whose oxygen is inside the radius, drop the box
-    r = spec.droplet_radius_nm
-    modeller.addSolvent(ff, model="tip3p", boxSize=openmm.Vec3(1, 1, 1) * (2.0 * r + 0.6) * unit.nanometer,
-                        neutralize=False)
-    pos = _positions_nm(modeller.positions)
-    centre = pos[:n_solute].mean(axis=0)
-    far = [res for res in modeller.topology.residues() if res.name == "HOH"
-           and np.linalg.norm(pos[[a.index for a in res.atoms() if a.element.symbol == "O"][0]] - centre) > r]
-    modeller.delete(far)
+    if spec.kind == "cluster":
+        # cluster: solvate a cube big enough for the requested number of waters, keep the nearest ones
+        n = spec.cluster_waters
+        r_est = (3.0 * n * WATER_NM3 / (4.0 * np.pi)) ** (1.0 / 3.0) + 0.3
+        width = 2.0 * r_est + 0.6
+        modeller.addSolvent(ff, model="tip3p", boxSize=openmm.Vec3(1, 1, 1) * width * unit.nanometer,
+                            neutralize=False)
+        pos = _positions_nm(modeller.positions)
+        centre = pos[:n_solute].mean(axis=0)
+        waters = [res for res in modeller.topology.residues() if res.name == "HOH" and res.index != 0]
+        oxygens = [[a.index for a in res.atoms() if a.element.symbol == "O"][0] for res in waters]
+        dist = np.linalg.norm(pos[oxygens] - centre, axis=1)
+        if len(waters) < n:
+            raise SetupError(f"cluster of {n} waters: only {len(waters)} waters in the solvated cube")
+        order = np.argsort(dist, kind="stable")
+        r = float(dist[order[n - 1]]) + 0.02
+        modeller.delete([waters[i] for i in order[n:]])
+    else:
+        # droplet: solvate a cube, keep the waters whose oxygen is inside the radius, drop the box
+        r = spec.droplet_radius_nm
+        modeller.addSolvent(ff, model="tip3p", boxSize=openmm.Vec3(1, 1, 1) * (2.0 * r + 0.6) * unit.nanometer,
+                            neutralize=False)
+        pos = _positions_nm(modeller.positions)
+        centre = pos[:n_solute].mean(axis=0)
+        far = [res for res in modeller.topology.residues() if res.name == "HOH"
+               and np.linalg.norm(pos[[a.index for a in res.atoms() if a.element.symbol == "O"][0]] - centre) > r]
+        modeller.delete(far)
     modeller.topology.setPeriodicBoxVectors(None)
     system = ff.createSystem(modeller.topology, nonbondedMethod=app.NoCutoff, rigidWater=False)
     restraint = openmm.CustomCentroidBondForce(2, "k*step(d-r0)*(d-r0)^2; d=distance(g1,g2)")
@@ -219,6 +262,59 @@ def system_data(top: app.Topology, system: openmm.System, solute_charge: int) ->
         box = np.array(top.getPeriodicBoxVectors().value_in_unit(unit.nanometer))
     return ChainSystem(numbers=numbers, ml_indices=ml, charges=charges, residue=residue, box=box,
                        solute_charge=solute_charge)
+
+
+def water_residues(data: ChainSystem) -> tuple[np.ndarray, np.ndarray]:
+    """The waters of a chain's system: (oxygen indices (W,), atom indices (W, 3) with the oxygen first), in
+    residue order. A water is a residue other than the solute's with three atoms carrying the TIP3P charges."""
+    solute_res = set(np.unique(data.residue[data.ml_indices]).tolist())
+    order = np.argsort(data.residue, kind="stable")
+    res_sorted = data.residue[order]
+    starts = np.flatnonzero(np.r_[True, res_sorted[1:] != res_sorted[:-1]])
+    counts = np.diff(np.r_[starts, len(order)])
+    oxygens, atoms = [], []
+    for s, c in zip(starts, counts):
+        if c != 3 or int(res_sorted[s]) in solute_res:
+            continue
+        idx = order[s:s + 3]
+        q = data.charges[idx]
+        k = int(np.argmin(q))
+        if not np.allclose(np.sort(q), sorted(TIP3P_CHARGES), atol=1e-4):
+            continue
+        idx = np.r_[idx[k], np.delete(idx, k)]
+        oxygens.append(idx[0])
+        atoms.append(idx)
+    return np.array(oxygens, dtype=np.int64), np.array(atoms, dtype=np.int64).reshape(-1, 3)
+
+
+def nearest_waters(data: ChainSystem, positions_nm: np.ndarray, n: int) -> np.ndarray:
+    """Atom indices (n, 3) (oxygen first) of the ``n`` waters nearest the solute in this frame, nearest first:
+    distance = the minimum-image distance (``data.box``; plain without one) of the water oxygen to the nearest
+    solute atom. Ties go to the lower residue."""
+    oxygens, atoms = water_residues(data)
+    if n > len(oxygens):
+        raise SetupError(f"the QM zone asks for {n} waters, the system has {len(oxygens)}")
+    pos = np.asarray(positions_nm, dtype=np.float64)
+    d = pos[oxygens][:, None, :] - pos[data.ml_indices][None, :, :]         # (W, n_solute, 3)
+    if data.box is not None:
+        box = np.asarray(data.box, dtype=np.float64)
+        frac = d @ np.linalg.inv(box)
+        d = (frac - np.round(frac)) @ box
+    dist = np.sqrt(np.einsum("wax,wax->wa", d, d)).min(axis=1)
+    return atoms[np.argsort(dist, kind="stable")[:n]]
+
+
+def qm_zone(data: ChainSystem, positions_nm: np.ndarray, n_waters: int) -> tuple[np.ndarray, np.ndarray]:
+    """(atom indices, atomic numbers) of the QM zone of a frame: the solute atoms, then the atoms (O, H, H) of
+    its ``n_waters`` nearest waters (:func:`nearest_waters`) in increasing atom-index order, so the same set
+    of waters always gives the same zone."""
+    if n_waters <= 0:
+        return np.asarray(data.ml_indices), np.asarray(data.numbers)
+    waters = nearest_waters(data, positions_nm, n_waters)
+    waters = waters[np.argsort(waters[:, 0])]
+    idx = np.concatenate([np.asarray(data.ml_indices), waters.ravel()])
+    numbers = np.concatenate([np.asarray(data.numbers), np.tile([8, 1, 1], len(waters))])
+    return idx, numbers
 
 
 class Chain:

@@ -8,7 +8,7 @@ Cases (``--cases``):
 * ``dhfr-500``  the same with the 167 nearest waters, 501 ML atoms (embedding cutoff 1.0 nm: the zone's 2.0 nm
                 radius leaves no room for 1.2 nm in the 6.2 nm box)
 
-(Whole molecules only: link atoms are not implemented, so the protein's own residues cannot be ML atoms.)
+(Whole molecules only here; zones that cut the protein use link atoms, coupling/link_atoms.py.)
 
 Route 1, ``mlmm run``: real i-PI + the ML client + the OpenMM client over unix sockets, NVT Langevin (i-PI
 ``<thermostat mode='langevin'>``, tau 100 fs), 0.5 fs. The step time is i-PI's own ``t/step`` (median after

@@ -38,11 +38,15 @@ def _dihedral(p0, p1, p2, p3):
 class ForceFieldOracle(torch.nn.Module):
     """The force field's ML-zone terms, as a network-shaped potential (see module docstring)."""
 
-    def __init__(self, system: openmm.System, ml_indices, polarizability: float = 0.0):
+    def __init__(self, system: openmm.System, ml_indices, polarizability: float = 0.0, n_caps: int = 0,
+                 cap_charge: float = 0.0):
         super().__init__()
         ml = [int(i) for i in ml_indices]
         local = {a: k for k, a in enumerate(ml)}
         self.n_ml = len(ml)
+        # link-atom caps (coupling.link_atoms): model atoms after the ML atoms, outside the force field; they
+        # get a charge cap_charge (energy q phi) and the polarisability, so the field at the caps is exercised
+        self.n_caps = int(n_caps)
         nm, kj, rad, e = unit.nanometer, unit.kilojoule_per_mole, unit.radian, unit.elementary_charge
         bonds, angles, torsions = [], [], []
         nb = None
@@ -84,17 +88,17 @@ class ForceFieldOracle(torch.nn.Module):
         idx = np.array(list(pairs), dtype=np.int64).reshape(-1, 2)
         self.register_buffer("pair_idx", torch.as_tensor(idx))
         self.register_buffer("pair_par", t(list(pairs.values()), 3))
-        self.register_buffer("q", torch.as_tensor(q))
+        self.register_buffer("q", torch.as_tensor(np.concatenate([q, np.full(self.n_caps, float(cap_charge))])))
         self.alpha = float(polarizability)          # e·Å²/V, energy -1/2 alpha |E|^2 in eV
         self.numbers = None
 
     def check_numbers(self, numbers: torch.Tensor) -> None:
-        if len(numbers) != self.n_ml:
-            raise ValueError(f"oracle built for {self.n_ml} ML atoms, got {len(numbers)}")
+        if len(numbers) != self.n_ml + self.n_caps:
+            raise ValueError(f"oracle built for {self.n_ml} ML atoms and {self.n_caps} caps, got {len(numbers)}")
 
     def forward(self, numbers, positions, mol_idx, charge, phi, efield):
         n_mol = charge.shape[0]
-        x = positions.reshape(n_mol, self.n_ml, 3).to(torch.float64) / 10.0          # Å -> nm, [B, n, 3]
+        x = positions.reshape(n_mol, self.n_ml + self.n_caps, 3)[:, :self.n_ml].to(torch.float64) / 10.0  # Å -> nm
         e = torch.zeros(n_mol, dtype=torch.float64, device=positions.device)
         if len(self.bonds):
             i, j = self.bonds[:, 0].long(), self.bonds[:, 1].long()

@@ -150,7 +150,9 @@ BAD = {
                                                            "present: MOL"),
     "malformed selection": ([METHANOL, "--ml", "resname MOL and"], "expression ends too early"),
     "missing file": ([ROOT / "nothere.pdb", "--ml", "resname MOL"], "input structure"),
-    "cut bonds": ([DIPEPTIDE, "--ml", "resname ALA", "--nonperiodic"], "cuts 2 covalent bond(s)"),
+    "cut peptide bond": ([DIPEPTIDE, "--ml", "resname ALA", "--nonperiodic"], "an amide (peptide) or other C(sp2)–N "
+                         "bond; link atoms cap only single bonds at an sp3 carbon (C–C, N–C): keep the whole peptide "
+                         "group in one zone"),
     "missing force field": ([METHANOL, "--ml", "resname MOL", "--forcefield", "amber14-all.xml", "nope.xml"],
                             "force-field file 'nope.xml' not found"),
     "no box": ([METHANOL, "--ml", "resname MOL"], "has no box (CRYST1) and --solvate was not given"),
