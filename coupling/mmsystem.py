@@ -198,7 +198,7 @@ def _drop_ml_terms(force: openmm.Force, is_ml: np.ndarray, boundary: bool = Fals
     ML and MM atoms are refused unless the zone has link atoms (``boundary``): then they stay with the MM client."""
     root = ET.fromstring(openmm.XmlSerializer.serialize(force))
     kind = type(force).__name__
-    removed = 0
+    removed = mixed = 0
     for container, term, atoms in _bonded_terms(root):
         inside = is_ml[atoms]
         if inside.all():
@@ -207,9 +207,13 @@ def _drop_ml_terms(force: openmm.Force, is_ml: np.ndarray, boundary: bool = Fals
         elif inside.any() and kind in _STANDARD_BONDED and not boundary:
             raise SetupError(f"{kind} '{force.getName()}' has a term on atoms {atoms} that mixes the ML and MM "
                              "zones (the selection cuts a molecule); select whole molecules")
+        elif inside.any() and kind in _STANDARD_BONDED:
+            mixed += 1                                 # across a link atom's cut bond: the MM client keeps it
         elif inside.any():
             log.info("%s '%s': term on atoms %s mixes ML and MM atoms; kept in the MM client (a restraint)",
                      kind, force.getName(), atoms)
+    if mixed:
+        log.info("%s '%s': %d terms across the ML/MM boundary kept in the MM client", kind, force.getName(), mixed)
     return openmm.XmlSerializer.deserialize(ET.tostring(root, encoding="unicode")), removed
 
 

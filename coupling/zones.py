@@ -162,8 +162,8 @@ def warn_new_domain(metadata: dict, topology, ml_indices, charge: int, where: st
     record)."""
     from potentials.domain import domain_news
 
-    news = domain_news((metadata or {}).get("domain") or {}, zone_formulas(topology, ml_indices, charge),
-                       len(np.asarray(ml_indices).reshape(-1)))
+    n_model = sum(len(f) for f in _fragments(topology, ml_indices))            # link-atom caps included
+    news = domain_news((metadata or {}).get("domain") or {}, zone_formulas(topology, ml_indices, charge), n_model)
     if news:
         seen = ", ".join(m["formula"] + (f" ({m['charge']:+d})" if m["charge"] is not None else "")
                          for m in metadata["domain"].get("molecules", []))

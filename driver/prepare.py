@@ -86,6 +86,19 @@ def _prepare(args: argparse.Namespace) -> None:
     src = Path(args.pdb)
     if not src.is_file():
         raise SetupError(f"input structure {src} not found")
+    if src.suffix.lower() == ".gz":                  # e.g. dhfr_jac.pdb.gz: read the decompressed copy
+        import gzip
+        import shutil
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="mlmm-prepare-") as tmp:
+            plain = Path(tmp) / src.with_suffix("").name
+            try:
+                with gzip.open(src, "rb") as fin, open(plain, "wb") as fout:
+                    shutil.copyfileobj(fin, fout)
+            except (OSError, EOFError) as exc:
+                raise SetupError(f"cannot decompress {src}: {exc}") from None
+            return _prepare(argparse.Namespace(**{**vars(args), "pdb": str(plain)}))
     if args.solvate is not None and args.solvate != "auto" and args.solvate <= 0:
         raise SetupError(f"--solvate {args.solvate}: the padding must be positive (nm)")
     seed = int(getattr(args, "seed", 0))
