@@ -51,10 +51,12 @@ PREPARE_LOG = "prepare.log"  # in the output folder: the command, its options (t
 
 def main(args: argparse.Namespace) -> int:
     """``mlmm prepare``; the log of a successful run is kept in ``DIR/prepare.log`` (with the seed)."""
-    records, ours = _Keep(), logging.getLogger("driver.prepare")
+    records = _Keep()
+    ours = [logging.getLogger(n) for n in ("driver.prepare", "coupling.link_atoms")]
     logging.getLogger().addHandler(records)
-    level = ours.level
-    ours.setLevel(logging.INFO)              # its INFO lines reach prepare.log whatever the console shows
+    levels = [lg.level for lg in ours]
+    for lg in ours:
+        lg.setLevel(logging.INFO)            # their INFO lines (the cut bonds too) reach prepare.log
     try:
         _prepare(args)
         command = shlex.join(["mlmm"] + sys.argv[1:]) if sys.argv[1:2] == ["prepare"] else f"mlmm prepare {args.pdb}"
@@ -63,7 +65,8 @@ def main(args: argparse.Namespace) -> int:
                                                      f"# options: {options}"])
     finally:
         logging.getLogger().removeHandler(records)
-        ours.setLevel(level)
+        for lg, level in zip(ours, levels):
+            lg.setLevel(level)
     return 0
 
 

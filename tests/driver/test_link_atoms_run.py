@@ -33,3 +33,10 @@ def test_prepare_and_run_a_zone_that_cuts_the_peptide(tmp_path, caplog):
                  "--model", str(MODEL), "--steps", "20", "--out", str(run), "--no-progress"]) == 0
     rows = np.loadtxt(run / "sim.out", ndmin=2)
     assert rows[-1, 0] == 20 and np.all(np.isfinite(rows)) and 100 < rows[-1, 3] < 600
+
+
+def test_prepare_log_names_the_cut_bonds(tmp_path):
+    out = tmp_path / "sys"
+    assert main(["prepare", str(DIPEPTIDE), "--ml", CUT_ZONE, "--nonperiodic", "--out", str(out)]) == 0
+    log = (out / "prepare.log").read_text()
+    assert "2 cut bond(s) capped with hydrogen" in log and "CH3 (ACE 1" in log
