@@ -172,4 +172,6 @@ def warn_new_domain(metadata: dict, topology, ml_indices, charge: int, where: st
     return news
 
 
-from coupling import link_atoms  # noqa: E402,F401  (registers "link-atoms"; it builds on WholeMolecules)
+# mappings in their own modules, imported (and registered) on the first look-up of their name: they build on
+# WholeMolecules, so importing them here would make a cycle
+ZONES.register_lazy("link-atoms", "coupling.link_atoms")
