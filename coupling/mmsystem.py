@@ -31,7 +31,7 @@ import numpy as np
 import openmm
 from openmm import app
 
-from coupling.embedding import MMEnvironment
+from coupling.environment import MMEnvironment
 from coupling.schemes import get_scheme
 from coupling.selection import check_boundary, describe_atom
 from potentials.core.errors import SetupError

@@ -17,13 +17,14 @@ subclass and ``@SCHEMES.register("name")``; nothing else changes (docs/architect
 """
 from __future__ import annotations
 
-from typing import ClassVar, NamedTuple
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 import numpy as np
-import torch
 
-from coupling.embedding import (EmbeddingField, MMEnvironment, NeighbourList, Selection, embedded_charges,
-                                select_environment, zone_shift)
+if TYPE_CHECKING:                                    # torch is imported where it is used: the MM client
+    import torch                                     # builds its system with this module and no torch
+
+from coupling.environment import MMEnvironment
 from potentials.core.errors import SetupError
 from potentials.core.registry import Registry
 
@@ -65,7 +66,7 @@ class FrameInputs(NamedTuple):
 
     atoms: np.ndarray
     shift: np.ndarray
-    field: EmbeddingField | None
+    field: "EmbeddingField | None"   # coupling.embedding.EmbeddingField
     n_embedded: int
     term: "ModelTerm | None" = None
 
@@ -177,6 +178,8 @@ class VacuumField(FieldSource):
         self.env = env
 
     def inputs(self, positions, box, ml_raw, device) -> FrameInputs:
+        from coupling.embedding import zone_shift
+
         return FrameInputs(self.env.ml_indices, zone_shift(ml_raw, box), None, 0)
 
 
@@ -184,6 +187,8 @@ class EmbeddedField(FieldSource):
     """phi and E of the embedded MM charges (:class:`coupling.embedding.EmbeddingField`), with a Verlet list."""
 
     def __init__(self, env: MMEnvironment, skin: float):
+        from coupling.embedding import NeighbourList
+
         self.env, self.nlist = env, NeighbourList(env, skin)
 
     @property
@@ -192,6 +197,8 @@ class EmbeddedField(FieldSource):
 
     def inputs(self, positions, box, ml_raw, device) -> FrameInputs:
         sel = self.nlist.get(positions, box)
+        from coupling.embedding import EmbeddingField
+
         field = EmbeddingField(self.env, sel, ml_raw, positions[sel.atoms], device=device)
         return FrameInputs(np.concatenate([self.env.ml_indices, sel.atoms]),
                            np.concatenate([sel.ml_shift, sel.shift]), field, int(len(sel.atoms)))
@@ -209,7 +216,11 @@ class PointCharges:
         zone that adds model atoms (caps) the first are the model's atoms, caps last."""
         if self.zone is not None:
             positions_nm = self.zone.extend(np.asarray(positions_nm, dtype=np.float64), box_nm)
-        sel: Selection = select_environment(self.env, positions_nm, box_nm)
+        import torch
+
+        from coupling.embedding import embedded_charges, select_environment
+
+        sel = select_environment(self.env, positions_nm, box_nm)
         ml = positions_nm[self.env.ml_indices]
         if sel.ml_shift is not None:
             ml = ml + sel.ml_shift
@@ -282,6 +293,8 @@ class MechanicalEmbedding(EmbeddingScheme):
         return want
 
     def network_energy(self, model, numbers, positions, mol_idx, charge, phi, field):
+        import torch
+
         out = model(numbers, positions, mol_idx, charge, torch.zeros_like(phi), torch.zeros_like(field))
         energy = out["energy"]
         coul = out["charges"].detach() * phi                       # q_i phi_i with the charges held fixed

@@ -22,11 +22,9 @@ Training (:meth:`network_energy`) is the electrostatic scheme's: the long-range 
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from coupling.schemes import SCHEMES, ElectrostaticEmbedding, EmbeddedField, ModelTerm, Term
 from potentials.core.errors import SetupError
-from potentials.ewald import ZoneCoulomb
 
 
 @SCHEMES.register("electrostatic-lr")
@@ -53,6 +51,8 @@ class LongRangeField(EmbeddedField):
     """The embedding's phi/E (with its Verlet list) plus the long-range term of each structure."""
 
     def __init__(self, env, skin: float):
+        from potentials.ewald import ZoneCoulomb        # torch: imported by the ML client only, not the MM client
+
         super().__init__(env, skin)
         is_ml = np.zeros(len(env.charges), bool)
         is_ml[env.ml_indices] = True
@@ -75,6 +75,8 @@ class LongRangeTerm(ModelTerm):
         self._r = None
 
     def energy(self, out, rows, positions, phi, field):
+        import torch
+
         if "charges" not in out:
             raise SetupError("electrostatic-lr embedding needs a model that predicts atomic charges; use "
                              "[coupling] embedding = \"electrostatic\"")

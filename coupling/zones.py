@@ -11,9 +11,12 @@ the positions, :meth:`WholeMolecules.environment` makes them ML atoms of the emb
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:                                    # torch is imported where it is used: the MM client
+    import torch                                     # builds its system with this module and no torch
 
 from potentials.core.errors import SetupError
 from potentials.core.registry import Registry
