@@ -25,6 +25,7 @@ TARGETS = {
     "evaluate": "driver.pipeline:evaluate_main",
     "analyze": "driver.analyze:main",
     "optimize": "driver.optimize:main",
+    "learn": "driver.learn:main",
 }
 
 
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in (_add_prepare, _add_run, _add_client, _add_label, _add_train, _add_evaluate, _add_analyze,
-                _add_optimize):
+                _add_optimize, _add_learn):
         add(sub)
     return p
 
@@ -261,6 +262,19 @@ def _add_optimize(sub) -> None:
     s.add_argument("--allow-embedding-mismatch", action="store_true",
                    help="relax with a model whose recorded training embedding (cutoff, switch width) differs from "
                         "the system's: a loud warning instead of the refusal")
+
+
+def _add_learn(sub) -> None:
+    """``mlmm learn`` (driver/learn.py)."""
+    s = sub.add_parser("learn", help="active learning: from a prepared system.toml to a trained committee DIR/model.pt "
+                                     "(MM seed sampling, QM/MM labels, committee training, ML/MM exploration)")
+    s.add_argument("system", help="system.toml written by `mlmm prepare` (any ML zone of whole molecules)")
+    s.add_argument("--out", required=True, help="output folder; run the same command again to continue a stopped run")
+    s.add_argument("--config", default=None, help="TOML with [seed] [explore] [level] [train] [targets] [budget] "
+                   "(every key optional; see --print-config)")
+    s.add_argument("--max-frames", type=int, default=None, metavar="N", help="label at most N frames in all "
+                   "(overrides [budget] max_frames)")
+    _add_print_config(s)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,109 @@
+"""QM/MM labels of one ``mlmm learn`` round (:mod:`driver.learn`): each selected frame of ``round_NNN/frames.npz``
+(all-atom positions, nm) gets the embedding's point charges (the coupling layer's ``point_charges``: the same
+residue selection and switch the ML client uses, the system's ``[coupling]`` cutoff and switch) and a
+:func:`potentials.qmmm_reference.label_frame` calculation at ``[level]``, and is appended to ``DIR/data.nc`` in the
+record format of ``mlmm label`` (:class:`potentials.qmmm_reference.Labeller`). Frames already in the dataset (by
+id) or listed in ``DIR/skipped.txt`` (SCF failures) are not labelled again, so a killed round continues where it
+stopped. Writes hold SIGTERM/SIGINT/SIGHUP until the frame is complete, as ``mlmm label`` does.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import time
+
+import numpy as np
+
+from potentials.core.errors import CalculationFailed, SetupError
+from potentials.core.units import ANGSTROM_PER_NM
+
+log = logging.getLogger(__name__)
+
+
+def dataset_writer(learner):
+    """The :class:`potentials.dataset.DatasetWriter` of ``DIR/data.nc``: created with ``mlmm label``'s provenance
+    attributes (level of theory, embedding cutoff and switch: what ``mlmm train`` stamps into the model), or
+    reopened after checking that its level of theory is the config's."""
+    from potentials.dataset import Dataset, DatasetWriter
+    from potentials.qmmm_reference import LabelConfig, provenance
+
+    path = learner.dataset
+    if path.exists():
+        with Dataset.open(path) as ds:
+            for key, value in learner.cfg.level.provenance().items():
+                if key in ds.attrs and str(ds.attrs[key]) != str(value):
+                    raise SetupError(f"{path} was labelled with {key}={ds.attrs[key]!r}, the config asks for "
+                                     f"{value!r}; use a new --out folder")
+            for key, value in (("embedding_cutoff_nm", learner.spec.coupling.cutoff_nm),
+                               ("embedding_switch_nm", learner.spec.coupling.switch_width_nm)):
+                if key in ds.attrs and float(ds.attrs[key]) != float(value):
+                    raise SetupError(f"{path} was labelled with {key} = {ds.attrs[key]}, the system has {value}; "
+                                     "use a new --out folder")
+        return DatasetWriter(path)
+    c = learner.spec.coupling
+    prov = provenance(LabelConfig(solutes=(), level=learner.cfg.level, embedding_cutoff_nm=c.cutoff_nm,
+                                  embedding_switch_nm=c.switch_width_nm, seed=learner.cfg.random_seed),
+                      learner.config_text)
+    prov.update(title=f"QM/MM reference data of {learner.formula} from mlmm learn ({learner.system_toml})",
+                mm_model=f"the prepared system's force field ({', '.join(learner.spec.structure.forcefield)})",
+                sampling="round 0: OpenMM MD with an elastic ML zone (driver/learn_sample.py); rounds >= 1: ML/MM "
+                         "MD with the committee, frames selected by committee disagreement (driver/learn.py)",
+                split_rule="by trajectory (seed MD segment or ML/MM run): split_pattern[t % len(split_pattern)]")
+    return DatasetWriter(path, prov)
+
+
+def label_round(learner, r: int) -> int:
+    """Label the frames of round ``r`` not in the dataset yet; returns how many of the round's frames the dataset
+    holds now (this session's and those labelled before a restart; SCF failures are left out)."""
+    from potentials.qmmm_reference import label_frame
+
+    writer = dataset_writer(learner)
+    done = writer.frame_ids()
+    skipped_path = learner.out / "skipped.txt"
+    if skipped_path.exists():
+        done |= {line.split("\t")[0] for line in skipped_path.read_text().splitlines() if line}
+    z = np.load(learner.round_dir(r) / "frames.npz")
+    todo = [i for i, fid in enumerate(z["frame_id"]) if str(fid) not in done]
+    lvl = learner.cfg.level
+    log.info("round %d: labelling %d frames (%d of the round's %d already labelled), %s/%s", r, len(todo),
+             len(z["frame_id"]) - len(todo), len(z["frame_id"]), lvl.xc, lvl.basis)
+    t_start, n_new = time.perf_counter(), 0
+    for n, i in enumerate(todo, 1):
+        pos = z["positions"][i].astype(np.float64)
+        ml, mm_pos, q = learner.point_charges.frame(pos, learner.box)
+        x = dict(positions=np.asarray(ml) * ANGSTROM_PER_NM,
+                 mm_positions=(np.asarray(mm_pos) * ANGSTROM_PER_NM).astype(np.float32),
+                 mm_charges=np.asarray(q).astype(np.float32))
+        fid = str(z["frame_id"][i])
+        try:
+            lab = label_frame(learner.numbers, x["positions"], learner.charge, x["mm_positions"], x["mm_charges"], lvl)
+        except CalculationFailed as exc:
+            log.warning("skip %s: %s", fid, exc)
+            with open(skipped_path, "a") as fh:
+                fh.write(f"{fid}\t{exc}\n")
+            continue
+        displaced = int(z["displaced"][i]) > 0
+        rec = dict(frame_id=fid, trajectory=str(z["trajectory"][i]), solute=learner.formula,
+                   kind="displaced" if displaced else learner.environment, environment=learner.environment,
+                   split=str(z["split"][i]), total_charge=learner.charge, temperature=float(z["temperature"][i]),
+                   displaced=int(displaced), block=int(z["block"][i]), index_in_block=int(z["index"][i]),
+                   energy=lab.energy, dipole=lab.dipole, quadrupole=lab.quadrupole, scf_cycles=lab.scf_cycles,
+                   seconds=lab.seconds, numbers=learner.numbers, forces=lab.forces, mm_forces=lab.mm_forces, **x)
+        _append(writer, rec)
+        n_new += 1
+        rate = n / (time.perf_counter() - t_start)
+        log.info("[%d/%d] %s E=%.4f eV m=%d qm=%.1fs | ETA %.1f min", n, len(todo), fid, lab.energy, len(q),
+                 lab.seconds, (len(todo) - n) / max(rate, 1e-9) / 60.0)
+    held = len({str(x) for x in z["frame_id"]} & writer.frame_ids())
+    log.info("round %d: %d frames labelled now, %d of the round's %d in the dataset", r, n_new, held,
+             len(z["frame_id"]))
+    return held
+
+
+def _append(writer, rec: dict) -> None:
+    """Append one frame with SIGTERM/SIGINT/SIGHUP held until it is written (``mlmm label``'s rule)."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+    try:
+        writer.append(rec)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)

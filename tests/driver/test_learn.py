@@ -1,0 +1,201 @@
+"""`mlmm learn` (driver/learn*.py): active learning end to end on a molecule no shipped model has seen
+(formaldehyde in a TIP3P droplet, prepared by `mlmm prepare`), with real OpenMM sampling, real PySCF labels
+(HF/STO-3G: cheap), real committee training (tiny preset) and real ML/MM MD; plus the frame selection and the
+config's refusals."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from driver.cli import main as cli
+from driver.learn_config import LearnConfig
+from driver.learn_sample import gasteiger_charges, select
+from potentials.core.errors import SetupError
+
+FORMALDEHYDE = """\
+HETATM    1  C1  FOR A   1       0.000   0.000   0.000  1.00  0.00           C
+HETATM    2  O1  FOR A   1       0.000   0.000   1.208  1.00  0.00           O
+HETATM    3  H1  FOR A   1       0.000   0.943  -0.587  1.00  0.00           H
+HETATM    4  H2  FOR A   1       0.000  -0.943  -0.587  1.00  0.00           H
+CONECT    1    2    3    4
+END
+"""
+
+# the smallest run that still has every part: 2 temperatures x 2 segments x 1 frame x (MD + displaced) = 8 seed
+# frames, one ML/MM run of 24 steps per round, 3 frames selected per round, 2 rounds, 2 members x 1 epoch
+CONFIG = """\
+split_pattern = ["train", "test", "val", "train"]
+[seed]
+temperatures_K = [300.0, 450.0]
+trajectories = 2
+frames_per_trajectory = 1
+equil_ps = 0.2
+gap_ps = 0.1
+spacing_ps = 0.05
+[explore]
+temperatures_K = [350.0]
+steps = 24
+stride = 3
+floor_kjmol_nm = 1.0
+ceiling_kjmol_nm = 100000.0
+frames_per_round = 3
+min_separation = 1
+[level]
+xc = "hf"
+basis = "sto-3g"
+auxbasis = "weigend"
+conv_tol = 1e-8
+[train]
+preset = "tiny"
+committee = 2
+epochs = 1
+warm_epochs = 1
+batch_size = 4
+[budget]
+max_frames = 40
+max_rounds = 2
+"""
+
+
+def _prepare(tmp_path: Path) -> Path:
+    pdb = tmp_path / "formaldehyde.pdb"
+    pdb.write_text(FORMALDEHYDE)
+    assert cli(["prepare", str(pdb), "--ml", "resname FOR", "--nonperiodic", "--solvate", "0.5",
+                "--embedding-cutoff", "0.6", "--out", str(tmp_path / "prep")]) == 0
+    return tmp_path / "prep" / "system.toml"
+
+
+# ------------------------------------------------------------------------------------------------ fast
+def test_select_keeps_the_window_the_order_and_the_separation():
+    f = np.array([5.0, 50.0, 20.0, 200.0, 30.0, 40.0, 0.5, 45.0])
+    run = np.array([0, 0, 0, 0, 0, 1, 1, 1])
+    got = select(f, run, floor=10.0, ceiling=100.0, n=10)
+    assert list(got) == [1, 7, 5, 4, 2]                  # largest first; 200 (> ceiling) and 5, 0.5 (< floor) out
+    assert list(select(f, run, 10.0, 100.0, n=2)) == [1, 7]
+    # no two of one run closer than 2 candidates: run 0 keeps 1 and then 4 (2 is next to 1, 3 is over the ceiling)
+    assert list(select(f, run, 10.0, 100.0, n=10, min_separation=2)) == [1, 7, 5, 4]
+    # a share per run first: each run gets one of the two, then the rest by spread
+    assert list(select(f, run, 10.0, 100.0, n=2, per_run=1)) == [1, 7]
+    assert list(select(np.array([9.0, 8.0, 1.0]), np.array([0, 0, 1]), 0.0, 10.0, n=2, per_run=1)) == [0, 2]
+    assert len(select(f, run, 300.0, 400.0, n=3)) == 0
+
+
+def test_gasteiger_charges_sum_to_the_charge():
+    q = gasteiger_charges([6, 8, 1, 1], [(0, 1), (0, 2), (0, 3)], 0)        # formaldehyde
+    assert q is not None and abs(q.sum()) < 1e-9 and q[1] < -0.2 and q[0] > 0.0
+    q = gasteiger_charges([6, 1, 1, 1, 7, 1, 1, 1], [(0, 1), (0, 2), (0, 3), (0, 4), (4, 5), (4, 6), (4, 7)], 1)
+    assert q is not None and abs(q.sum() - 1.0) < 1e-9                    # methylammonium
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"nope": 1}, "unknown key(s) ['nope']"),
+    ({"explore": {"floor_kjmol_nm": 50.0, "ceiling_kjmol_nm": 40.0}}, "must be >= 0 and below ceiling_kjmol_nm"),
+    ({"train": {"committee": 1}}, "committee of at least 2"),
+    ({"split_pattern": ["train", "val"]}, "at least one train, one val and one test"),
+    ({"split_pattern": ["train", "tset", "val"]}, "must be train, val or test"),
+    ({"seed": {"trajectories": 1}}, "fewer than split_pattern"),
+    ({"train": {"epochs": "many"}}, "epochs: expected an integer"),
+    ({"qm_device": "tpu"}, "choose auto, cpu or gpu"),
+    ({"train": {"device": "mps"}}, "choose auto, cpu, cuda"),
+])
+def test_config_refusals(raw, message):
+    with pytest.raises(SetupError, match=re.escape(message)):
+        LearnConfig.from_dict(raw)
+
+
+def test_bad_input_is_one_line(tmp_path, capsys):
+    assert cli(["learn", str(tmp_path / "none.toml"), "--out", str(tmp_path / "o")]) == 2
+    assert "system file" in capsys.readouterr().err
+    system = _prepare(tmp_path)
+    for text, message in (('[level]\nbasis = "no-such-basis"\n', "[level] basis = 'no-such-basis'"),
+                          ('[level]\nxc = "no-such-xc"\n', "[level] xc = 'no-such-xc'"),
+                          ('[train]\npreset = "huge"\n', "model preset 'huge' not found")):
+        (tmp_path / "c.toml").write_text(text)
+        capsys.readouterr()
+        assert cli(["learn", str(system), "--out", str(tmp_path / "o"), "--config", str(tmp_path / "c.toml")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("mlmm: error: ") and message in err[0], err
+    assert cli(["learn", str(system), "--out", str(tmp_path / "o"), "--max-frames", "0"]) == 2
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+def _sessions(log: Path) -> list[str]:
+    return re.split(r"^.*mlmm learn .* --out .*$", log.read_text(), flags=re.M)[1:]
+
+
+@pytest.mark.slow
+def test_learn_end_to_end_held_out_selection_and_resume(tmp_path):
+    from potentials.dataset import Dataset
+    from potentials.model_io import read_model_file
+
+    system = _prepare(tmp_path)
+    (tmp_path / "learn.toml").write_text(CONFIG)
+    out = tmp_path / "al"
+    args = ["learn", str(system), "--out", str(out), "--config", str(tmp_path / "learn.toml")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    stderr = open(tmp_path / "first.err", "w")          # a file, not a pipe: a full pipe would block the run
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlmm"), *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=stderr)
+    # kill it once round 1 is complete and round 2 has labelled its first frame
+    deadline = time.time() + 150
+    log = out / "learn.log"
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if log.exists() and re.search(r"\[1/\d+\] r002/", log.read_text()):
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, ("mlmm learn ended before it could be killed: "
+                                     f"{(tmp_path / 'first.err').read_text()[-2000:]}")
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+        stderr.close()
+    assert "evaluated" in json.loads((out / "round_001" / "state.json").read_text())["stages"]
+    assert not (out / "model.pt").exists()
+
+    assert cli(args) == 0                                 # the same command again: it continues
+    first, second = _sessions(log)
+    assert not re.search(r"\] r00[01]/", second)          # finished rounds are not labelled again ...
+    assert "round 0: training" not in second and "round 1: training" not in second   # ... nor trained
+    done = int(re.search(r"round 2: labelling (\d+) frames \((\d+) of the round's (\d+)", second).group(2))
+    assert done >= 1                                      # round 2's frames labelled before the kill are kept
+    states = [json.loads((out / f"round_{r:03d}" / "state.json").read_text()) for r in range(4)]
+    with Dataset.open(out / "data.nc") as ds:
+        ids, split, traj = list(ds.meta["frame_id"]), ds.meta["split"], ds.meta["trajectory"]
+    assert len(ids) == len(set(ids)) == sum(s["n_selected"] for s in states[:3])      # each frame labelled once
+    for t in set(traj):                                   # the split is by trajectory
+        assert len(set(split[traj == t])) == 1
+    for s in states[:3]:                                  # held out: never trained on, by trajectory
+        e = s["errors"]
+        assert e["n"] > 0 and np.isfinite(e["energy"]) and np.isfinite(e["forces"]) and np.isfinite(e["mm_forces"])
+        assert not set(e["test_frame_ids"]) & set(s["trained_frame_ids"])
+        assert not set(e["test_trajectories"]) & set(s["trained_trajectories"])
+        assert {i.split("/f")[0].split("/c")[0] for i in e["test_frame_ids"]} == set(e["test_trajectories"])
+    for s in states[1:3]:                                 # selection by disagreement beats random candidates
+        assert s["n_selected"] == 3
+        assert np.mean(s["selected_force_std"]) > np.mean(s["random_force_std"])
+        assert min(s["selected_force_std"]) >= 1.0
+    assert "explore" in states[3] and "selected" not in states[3]["stages"]         # round budget: measured, stop
+    result = json.loads((out / "learn.json").read_text())["finished"]
+    assert result["round"] == 2 and "round budget" in result["reason"]
+    d = read_model_file(out / "model.pt")
+    assert d["architecture"] == "embedded-aimnet2-committee" and len(d["members"]) == 2
+    emb = d["metadata"]["embedding"]
+    assert (emb["scheme"], emb["cutoff_nm"], emb["switch_nm"]) == ("electrostatic", 0.6, 0.2)
+    card, report = (out / "model.md").read_text(), (out / "report.md").read_text()
+    assert "hf/sto-3g" in card and "Held-out test errors" in card and "CH2O" in card
+    assert "| 2 | ML/MM MD |" in report
+    for png in ("errors.png", "uncertainty.png", "frames.png"):
+        assert (out / png).stat().st_size > 1000
+    # a smaller budget on a later call stops where the run is, not in a round that went on before
+    assert cli([*args, "--max-frames", "9"]) == 0
+    result = json.loads((out / "learn.json").read_text())["finished"]
+    assert result["round"] == 2 and "frame budget of 9" in result["reason"]
