@@ -59,6 +59,7 @@ class Learner:
     def __init__(self, system_toml: str | Path, out: str | Path, cfg: LearnConfig, config_text: str = ""):
         from coupling.mmsystem import mm_environment
         from coupling.schemes import SCHEMES, scheme_family
+        from coupling.zones import ZONES
         from potentials.core.spec import SystemSpec
         from potentials.domain import formula
         from potentials.openmm_system import load_system
@@ -73,15 +74,14 @@ class Learner:
             raise SetupError(f"{system_toml}: [coupling] embedding = {self.spec.coupling.embedding!r}: mlmm learn "
                              "trains the embedding-aware network, for electrostatic, electrostatic-lr or mechanical "
                              "runs")
-        if self.spec.ml.zone != "whole-molecules":
-            raise SetupError(f"{system_toml}: [ml] zone = {self.spec.ml.zone!r}: mlmm learn labels ML zones of whole "
-                             "molecules only (no link atoms); select whole molecules")
         self.topology, system, self.positions = load_system(self.spec)
         self.ml = np.asarray(self.spec.ml.indices, dtype=int)
-        self.env = mm_environment(system, self.topology, self.ml, self.spec)
+        # the ML-zone mapping (link atoms: the QM zone is the model's atoms, caps included, and the point charges
+        # are the zone's boundary charges, as in a run)
+        self.zone = ZONES.get(self.spec.ml.zone).from_topology(self.topology, self.ml)
+        self.env = mm_environment(system, self.topology, self.ml, self.spec, zone=self.zone)
         self.mm_system = system
-        atoms = list(self.topology.atoms())
-        self.numbers = np.array([atoms[i].element.atomic_number for i in self.ml])
+        self.numbers = np.asarray(self.zone.numbers, dtype=int)
         self.charge = int(self.spec.ml.charge)
         self.formula = formula(self.numbers)
         self.box = None
@@ -94,7 +94,7 @@ class Learner:
         self._claim_folder()
         self.point_charges = SCHEMES.get("electrostatic").point_charges(
             self.env.charges, self.env.residue, self.ml, self.spec.coupling.cutoff_nm,
-            self.spec.coupling.switch_width_nm)
+            self.spec.coupling.switch_width_nm, zone=self.zone, ml_charge=self.charge)
         self.dataset = self.out / "data.nc"
         self.device = self._train_device()
         self.qm_device = self._qm_device()
@@ -157,7 +157,8 @@ class Learner:
         except Exception as exc:                       # PySCF raises KeyError / ValueError for unknown names
             raise SetupError(f"[level] xc = {lvl.xc!r}: PySCF does not know it ({exc})") from None
         try:
-            gto.M(atom=[(int(z), tuple(r)) for z, r in zip(self.numbers, self.positions[self.ml] * ANGSTROM_PER_NM)],
+            model = self.zone.extend(np.asarray(self.positions, dtype=np.float64), self.box)[self.zone.model_indices]
+            gto.M(atom=[(int(z), tuple(r)) for z, r in zip(self.numbers, model * ANGSTROM_PER_NM)],
                   basis=lvl.basis, charge=self.charge, spin=0, verbose=0)
         except Exception as exc:                       # unknown basis (KeyError, RuntimeError), odd electron count
             msg = " ".join(str(exc).split()) or type(exc).__name__

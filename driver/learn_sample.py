@@ -152,6 +152,9 @@ def sampling_system(topology: app.Topology, system: openmm.System, positions_nm:
             _, sig, eps = nb.getParticleParameters(int(i))
             nb.setParticleParameters(int(i), float(new_q[k]), sig, eps)
         record["charges"] = how
+    covered = _force_field_bonds(system)
+    bonds = [(a, b) for a, b in bonds if (a, b) not in covered]   # residues with a template keep their own terms
+    record["bonds"] = len(bonds)
     neighbours: dict[int, list[int]] = {}
     for a, b in bonds:
         neighbours.setdefault(a, []).append(b)
@@ -193,6 +196,17 @@ def sampling_system(topology: app.Topology, system: openmm.System, positions_nm:
         out.addForce(restraint)
         record["droplet_restraint"] = restraint.getNumBonds()
     return out, record
+
+
+def _force_field_bonds(system: openmm.System) -> set[tuple[int, int]]:
+    """The bonds the force field itself gives a harmonic term (sorted atom pairs)."""
+    out = set()
+    for f in system.getForces():
+        if isinstance(f, openmm.HarmonicBondForce):
+            for k in range(f.getNumBonds()):
+                i, j = f.getBondParameters(k)[:2]
+                out.add((min(i, j), max(i, j)))
+    return out
 
 
 # ------------------------------------------------------------------------------------------ MM seed chains

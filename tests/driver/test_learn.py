@@ -199,3 +199,32 @@ def test_learn_end_to_end_held_out_selection_and_resume(tmp_path):
     assert cli([*args, "--max-frames", "9"]) == 0
     result = json.loads((out / "learn.json").read_text())["finished"]
     assert result["round"] == 2 and "frame budget of 9" in result["reason"]
+
+
+@pytest.mark.slow
+def test_learn_labels_a_link_atom_zone_with_its_caps(tmp_path):
+    """A side chain cut from its peptide at CA–CB (link atoms): the QM zone of every label is the capped
+    fragment (Asp's side chain + cap = acetate), the QM/MM labeller sees the run's boundary charges, and the
+    committee's domain record names acetate."""
+    import torch
+
+    from potentials.dataset import Dataset
+    from potentials.domain import formula
+
+    frag = Path(__file__).resolve().parents[2] / "inputs" / "examples" / "fragments" / "ACE-ASP-NME.pdb"
+    assert cli(["prepare", str(frag), "--ml", "resid 2 and not name N H CA HA C O", "--nonperiodic", "--solvate",
+                "0.5", "--embedding-cutoff", "0.6", "--out", str(tmp_path / "prep")]) == 0
+    (tmp_path / "learn.toml").write_text(CONFIG.replace("max_rounds = 2", "max_rounds = 1"))
+    out = tmp_path / "run"
+    assert cli(["learn", str(tmp_path / "prep" / "system.toml"), "--out", str(out), "--config",
+                str(tmp_path / "learn.toml")]) == 0
+    with Dataset.open(out / "data.nc") as ds:
+        frames = [ds.frame(i) for i in range(len(ds))]
+    assert frames and all(formula(f["numbers"]) == "C2H3O2" and int(f["total_charge"]) == -1 for f in frames)
+    r = frames[0]["positions"]
+    cap = r[-1]                                             # the cap: last QM atom, 1.09 Å from CB
+    charged = frames[0]["mm_positions"][np.abs(frames[0]["mm_charges"]) > 0]
+    assert abs(np.linalg.norm(cap - r[0]) - 1.09) < 0.15
+    assert np.min(np.linalg.norm(charged - cap, axis=1)) > 1.0     # no charge on the cap: CA's moved to N, HA, C
+    meta = torch.load(out / "model.pt", weights_only=True)["metadata"]
+    assert {"formula": "C2H3O2", "charge": -1} in meta["domain"]["molecules"]
