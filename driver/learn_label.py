@@ -4,12 +4,11 @@ residue selection and switch the ML client uses, the system's ``[coupling]`` cut
 :func:`potentials.qmmm_reference.label_frame` calculation at ``[level]``, and is appended to ``DIR/data.nc`` in the
 record format of ``mlmm label`` (:class:`potentials.qmmm_reference.Labeller`). Frames already in the dataset (by
 id) or listed in ``DIR/skipped.txt`` (SCF failures) are not labelled again, so a killed round continues where it
-stopped. Writes hold SIGTERM/SIGINT/SIGHUP until the frame is complete, as ``mlmm label`` does.
+stopped. Writes hold SIGTERM/SIGINT/SIGHUP until the frame is complete (``mlmm label``'s ``append_frame``).
 """
 from __future__ import annotations
 
 import logging
-import signal
 import time
 
 import numpy as np
@@ -55,7 +54,7 @@ def dataset_writer(learner):
 def label_round(learner, r: int) -> int:
     """Label the frames of round ``r`` not in the dataset yet; returns how many of the round's frames the dataset
     holds now (this session's and those labelled before a restart; SCF failures are left out)."""
-    from potentials.qmmm_reference import label_frame
+    from potentials.qmmm_reference import append_frame, label_frame
 
     writer = dataset_writer(learner)
     done = writer.frame_ids()
@@ -89,7 +88,7 @@ def label_round(learner, r: int) -> int:
                    displaced=int(displaced), block=int(z["block"][i]), index_in_block=int(z["index"][i]),
                    energy=lab.energy, dipole=lab.dipole, quadrupole=lab.quadrupole, scf_cycles=lab.scf_cycles,
                    seconds=lab.seconds, numbers=learner.numbers, forces=lab.forces, mm_forces=lab.mm_forces, **x)
-        _append(writer, rec)
+        append_frame(writer, rec)
         n_new += 1
         rate = n / (time.perf_counter() - t_start)
         log.info("[%d/%d] %s E=%.4f eV m=%d qm=%.1fs | ETA %.1f min", n, len(todo), fid, lab.energy, len(q),
@@ -98,12 +97,3 @@ def label_round(learner, r: int) -> int:
     log.info("round %d: %d frames labelled now, %d of the round's %d in the dataset", r, n_new, held,
              len(z["frame_id"]))
     return held
-
-
-def _append(writer, rec: dict) -> None:
-    """Append one frame with SIGTERM/SIGINT/SIGHUP held until it is written (``mlmm label``'s rule)."""
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
-    try:
-        writer.append(rec)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)

@@ -450,7 +450,7 @@ def run(cfg: LabelConfig, out: str | Path, point_charges: PointChargesFactory | 
             with open(skipped_path, "a") as fh:
                 fh.write(f"{task.frame_id}\t{exc}\n")
             continue
-        _append(writer, rec)
+        append_frame(writer, rec)
         n_new += 1
         elapsed = time.perf_counter() - t_start
         rate = n_new / elapsed * 3600.0
@@ -463,7 +463,7 @@ def run(cfg: LabelConfig, out: str | Path, point_charges: PointChargesFactory | 
     return n_new
 
 
-def _append(writer, rec: dict) -> None:
+def append_frame(writer, rec: dict) -> None:
     """Append one frame; a kill signal arriving during the write is held until the frame is complete (HDF5
     files can be corrupted by dying mid-write); outside the write the default handlers stop the job at once."""
     old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
