@@ -340,7 +340,7 @@ def test_ctrl_c_stops_cleanly(sig, water_cluster, tmp_path):
         _wait_rows(out, 10)
         t0 = time.monotonic()
         proc.send_signal(sig)
-        rc, err = _finish(proc, timeout=60)
+        rc, err = _finish(proc, timeout=120)
         stop_s = time.monotonic() - t0
     finally:
         proc.kill()
@@ -349,7 +349,8 @@ def test_ctrl_c_stops_cleanly(sig, water_cluster, tmp_path):
     _assert_clean(out)
     step = int(ET.parse(out / "RESTART").getroot().findtext("step"))
     assert 90 <= step < 1000000
-    assert stop_s < 15.0, stop_s          # i-PI's soft exit polls once a second
+    # i-PI's soft exit polls once a second: seconds on an idle machine; the bound catches a hang, not a slow host
+    assert stop_s < 60.0, stop_s
     traj = mdtraj.load(str(out / "sim.pos_0.nc"), top=str(water_cluster.parent / "water.pdb"))
     assert traj.n_frames == step // 100 + 1 or traj.n_frames == step // 100       # stride 100
 
