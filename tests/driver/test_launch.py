@@ -80,9 +80,15 @@ def water_cluster(tmp_path_factory) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+def _default_sigint() -> None:
+    """In the child: Ctrl-C's default action. A test suite started in the background by a shell without job
+    control (``pytest ... &``) inherits SIGINT ignored, and so would ``mlmm run``: Ctrl-C could not reach it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _mlmm(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "driver.cli", "run", *args, "--no-progress"], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 120.0) -> tuple[int, str]:
