@@ -83,8 +83,13 @@ class MLEngine:
             self.adapter.compile()
         self.zone = zone if zone is not None else WholeMolecules.from_numbers(env.ml_indices, numbers)
         self.scheme = self.scheme.for_zone(self.zone.numbers)     # per-element parameters (emle) bind here
-        # the embedding sees the zone's extended system (link atoms: the caps are ML atoms there)
-        env = self.zone.environment(env, charge) if len(env.ml_indices) != self.zone.n_model else env
+        # the embedding sees the zone's extended system (link atoms: the caps are ML atoms there); ``env`` is the
+        # system's own (mm_environment), which the zone extends
+        if not np.array_equal(np.asarray(env.ml_indices), self.zone.atoms):
+            raise SetupError(f"the MM environment's {len(env.ml_indices)} ML atoms are not the zone's "
+                             f"{len(self.zone.atoms)}: give MLEngine the system's environment (mm_environment), "
+                             "the zone extends it")
+        env = self.zone.environment(env, charge)
         self.env, self.periodic, self.charge = env, periodic, int(charge)
         self.dtype = self.adapter.dtype
         # the polarisation term's field damping (nm; 0: none): the engine hands the model E minus the damped part

@@ -274,6 +274,9 @@ def _add_learn(sub) -> None:
                    "(every key optional; see --print-config)")
     s.add_argument("--max-frames", type=int, default=None, metavar="N", help="label at most N frames in all "
                    "(overrides [budget] max_frames)")
+    s.add_argument("--validate", type=int, default=None, metavar="N", help="after the loop, label N QM/MM clusters "
+                   "sampled independently of it (fresh MM chain + ML/MM MD with the final committee) and report the "
+                   "final committee's errors on them (overrides [validate] frames; default 40, 0: none)")
     _add_print_config(s)
 
 

@@ -387,6 +387,9 @@ class Learner:
         final = self.round_dir(r) / "committee.pt"
         shutil.copyfile(final, self.out / "model.pt")
         result = {"reason": reason, "round": r, "model": str(self.out / "model.pt"), "frames": self.n_labelled()}
+        if self.cfg.validate.frames:
+            from driver.learn_validate import validate
+            result["validation"] = validate(self, r)
         self._save_meta(finished=result)
         states = self.states()
         write_report(self, states, result)
@@ -397,10 +400,14 @@ class Learner:
 
 
 def main(args: argparse.Namespace) -> int:
-    """``mlmm learn SYSTEM.toml --out DIR [--config TOML] [--max-frames N] [--print-config]``."""
+    """``mlmm learn SYSTEM.toml --out DIR [--config TOML] [--max-frames N] [--validate N] [--print-config]``."""
     from potentials.core.config import describe
 
     cfg = LearnConfig.from_toml(args.config)
+    if getattr(args, "validate", None) is not None:
+        if args.validate < 0:
+            raise SetupError(f"--validate {args.validate}: give 0 (none) or more frames")
+        cfg = dataclasses.replace(cfg, validate=dataclasses.replace(cfg.validate, frames=args.validate))
     if args.max_frames is not None:
         if args.max_frames < 1:
             raise SetupError(f"--max-frames {args.max_frames}: give at least 1 frame")

@@ -12,6 +12,7 @@ Sections::
     [train]    committee training (preset, members, epochs, loss weights, warm start)
     [targets]  when to stop: held-out errors and the in-run uncertainty
     [budget]   frames, rounds, hours
+    [validate] after the loop: errors of the final committee on frames sampled independently of the loop
 """
 from __future__ import annotations
 
@@ -106,6 +107,21 @@ class Budget:
 
 
 @dataclass(frozen=True)
+class ValidateConfig:
+    """[validate]: after the loop, the final committee's errors on QM/MM clusters sampled independently of
+    everything the loop did (driver/learn_validate.py): a fresh MM chain (new seed) and ML/MM MD with the final
+    committee, frames taken at fixed intervals (not selected by disagreement), labelled like the rest."""
+
+    frames: int = 40                     # 0: no validation
+    temperature_K: float = 300.0
+    ml_fraction: float = 0.5             # share of the frames from ML/MM MD with the final committee
+    stride: int = 100                    # ML/MM steps ([explore] timestep_fs) between two frames
+    spacing_ps: float = 0.5              # MM MD between two frames
+    equil_ps: float = 5.0                # MM equilibration from the prepared structure
+    random_seed: int = 7919              # MD seeds (independent of the loop's random_seed)
+
+
+@dataclass(frozen=True)
 class LearnConfig:
     """Everything ``mlmm learn`` needs besides the system file (see the module docstring)."""
 
@@ -115,6 +131,7 @@ class LearnConfig:
     train: TrainSection = field(default_factory=TrainSection)
     targets: Targets = field(default_factory=Targets)
     budget: Budget = field(default_factory=Budget)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
     split_pattern: tuple[str, ...] = ("train", "test", "val", "train", "train")
     qm_device: str = "auto"              # auto | cpu | gpu (gpu4pyscf; see the README)
     random_seed: int = 0
@@ -172,4 +189,9 @@ class LearnConfig:
         need(min(self.targets.energy_kcalmol, self.targets.forces_kcalmol_A, self.targets.mm_forces_kcalmol_A) > 0
              and 0 <= self.targets.uncertain_fraction <= 1,
              "[targets] MAE targets must be > 0 and uncertain_fraction within [0, 1]")
+        v = self.validate
+        need(v.frames >= 0 and 0.0 <= v.ml_fraction <= 1.0 and v.stride >= 1 and v.temperature_K > 0
+             and v.spacing_ps > 0 and v.equil_ps >= 0,
+             "[validate] frames must be >= 0 (0: none), ml_fraction within [0, 1], stride >= 1, temperature_K and "
+             "spacing_ps > 0, equil_ps >= 0")
         return self

@@ -19,14 +19,14 @@ from potentials.core.units import ANGSTROM_PER_NM
 log = logging.getLogger(__name__)
 
 
-def dataset_writer(learner):
-    """The :class:`potentials.dataset.DatasetWriter` of ``DIR/data.nc``: created with ``mlmm label``'s provenance
+def dataset_writer(learner, path=None):
+    """The :class:`potentials.dataset.DatasetWriter` of ``path`` (default ``DIR/data.nc``): created with ``mlmm label``'s provenance
     attributes (level of theory, embedding cutoff and switch: what ``mlmm train`` stamps into the model), or
     reopened after checking that its level of theory is the config's."""
     from potentials.dataset import Dataset, DatasetWriter
     from potentials.qmmm_reference import LabelConfig, provenance
 
-    path = learner.dataset
+    path = learner.dataset if path is None else path
     if path.exists():
         with Dataset.open(path) as ds:
             for key, value in learner.cfg.level.provenance().items():
@@ -54,18 +54,25 @@ def dataset_writer(learner):
 def label_round(learner, r: int) -> int:
     """Label the frames of round ``r`` not in the dataset yet; returns how many of the round's frames the dataset
     holds now (this session's and those labelled before a restart; SCF failures are left out)."""
+    return label_frames(learner, learner.round_dir(r) / "frames.npz", learner.dataset, f"round {r}")
+
+
+def label_frames(learner, frames_path, dataset, tag: str) -> int:
+    """Label the frames of ``frames_path`` (a ``frames.npz`` of :meth:`driver.learn.Learner._save_frames`) that
+    ``dataset`` does not hold yet; returns how many of them it holds now."""
     from potentials.qmmm_reference import append_frame, label_frame
 
-    writer = dataset_writer(learner)
+    writer = dataset_writer(learner, dataset)
     done = writer.frame_ids()
     skipped_path = learner.out / "skipped.txt"
     if skipped_path.exists():
         done |= {line.split("\t")[0] for line in skipped_path.read_text().splitlines() if line}
-    z = np.load(learner.round_dir(r) / "frames.npz")
+    z = np.load(frames_path)
     todo = [i for i, fid in enumerate(z["frame_id"]) if str(fid) not in done]
     lvl = learner.cfg.level
-    log.info("round %d: labelling %d frames (%d of the round's %d already labelled), %s/%s", r, len(todo),
-             len(z["frame_id"]) - len(todo), len(z["frame_id"]), lvl.xc, lvl.basis)
+    whose = "the round's" if tag.startswith("round") else "its"
+    log.info("%s: labelling %d frames (%d of %s %d already labelled), %s/%s", tag, len(todo),
+             len(z["frame_id"]) - len(todo), whose, len(z["frame_id"]), lvl.xc, lvl.basis)
     t_start, n_new = time.perf_counter(), 0
     for n, i in enumerate(todo, 1):
         pos = z["positions"][i].astype(np.float64)
@@ -94,6 +101,5 @@ def label_round(learner, r: int) -> int:
         log.info("[%d/%d] %s E=%.4f eV m=%d qm=%.1fs | ETA %.1f min", n, len(todo), fid, lab.energy, len(q),
                  lab.seconds, (len(todo) - n) / max(rate, 1e-9) / 60.0)
     held = len({str(x) for x in z["frame_id"]} & writer.frame_ids())
-    log.info("round %d: %d frames labelled now, %d of the round's %d in the dataset", r, n_new, held,
-             len(z["frame_id"]))
+    log.info("%s: %d frames labelled now, %d of its %d in the dataset", tag, n_new, held, len(z["frame_id"]))
     return held

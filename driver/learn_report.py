@@ -91,6 +91,8 @@ def write_report(learner, states: list[dict], result: dict) -> Path:
               f"{e.ceiling_kjmol_nm:g}] kJ/mol/nm. Round r explores with the committee of round r − 1; the table's "
               "errors are those of the round's own committee.", ""]
     lines += [f"![{p}]({p})" for p in pngs]
+    from driver.learn_validate import report_lines
+    lines += [""] + report_lines(cfg, result.get("validation"))
     stopped = [(s["round"], x) for s in states for x in (s.get("explore") or {}).get("stopped_runs", [])]
     if stopped:
         lines += ["", "Runs that ended early:", ""] + [f"* round {r}: {x}" for r, x in stopped]
@@ -168,7 +170,9 @@ def write_card(learner, states: list[dict], result: dict) -> Path:
         f"Committee mean, electrostatic embedding, all {err.get('n', 0)} test frames "
         f"({len(err.get('test_trajectories', []))} trajectories). MAEs; forces per Cartesian component.", "",
         "| quantity | target | reached | |", "|---|---|---|---|"]
-    lines += _error_lines(cfg, states, result, err) + ["", "See `report.md` for the rounds."]
+    from driver.learn_validate import report_lines
+    lines += _error_lines(cfg, states, result, err) + [""] + report_lines(cfg, result.get("validation")) + [
+        "See `report.md` for the rounds."]
     path = out / "model.md"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -29,7 +29,8 @@ END
 """
 
 # the smallest run that still has every part: 2 temperatures x 2 segments x 1 frame x (MD + displaced) = 8 seed
-# frames, one ML/MM run of 24 steps per round, 3 frames selected per round, 2 rounds, 2 members x 1 epoch
+# frames, one ML/MM run of 24 steps per round, 3 frames selected per round, 2 rounds, 2 members x 1 epoch; then
+# 4 validation frames (2 from a fresh MM chain, 2 from ML/MM MD with the final committee)
 CONFIG = """\
 split_pattern = ["train", "test", "val", "train"]
 [seed]
@@ -61,6 +62,11 @@ batch_size = 4
 [budget]
 max_frames = 40
 max_rounds = 2
+[validate]
+frames = 4
+stride = 3
+spacing_ps = 0.05
+equil_ps = 0.1
 """
 
 
@@ -104,6 +110,7 @@ def test_gasteiger_charges_sum_to_the_charge():
     ({"train": {"epochs": "many"}}, "epochs: expected an integer"),
     ({"qm_device": "tpu"}, "choose auto, cpu or gpu"),
     ({"train": {"device": "mps"}}, "choose auto, cpu, cuda"),
+    ({"validate": {"ml_fraction": 1.5}}, "ml_fraction within [0, 1]"),
 ])
 def test_config_refusals(raw, message):
     with pytest.raises(SetupError, match=re.escape(message)):
@@ -195,6 +202,17 @@ def test_learn_end_to_end_held_out_selection_and_resume(tmp_path):
     assert "| 2 | ML/MM MD |" in report
     for png in ("errors.png", "uncertainty.png", "frames.png"):
         assert (out / png).stat().st_size > 1000
+    # independent validation: its own frames, from a fresh MM chain and ML/MM MD, none of them in the loop's data
+    val = json.loads((out / "validation_r002" / "errors.json").read_text())
+    assert (val["all"]["n"], val["mm"]["n"], val["md"]["n"]) == (4, 2, 2) and val["round"] == 2
+    assert all(np.isfinite(val["all"][k]) for k in ("energy", "forces", "mm_forces"))
+    with Dataset.open(out / "validation_r002" / "data.nc") as ds:
+        val_ids, val_pos = list(ds.meta["frame_id"]), [ds.frame(i)["positions"] for i in range(len(ds))]
+    assert not set(val_ids) & set(ids) and all(i.startswith("validation/") for i in val_ids)
+    with Dataset.open(out / "data.nc") as ds:
+        loop_pos = [ds.frame(i)["positions"] for i in range(len(ds))]
+    assert min(np.abs(a - b).max() for a in val_pos for b in loop_pos) > 1e-3      # new configurations
+    assert "Independent validation" in report and "Independent validation" in card
     # a smaller budget on a later call stops where the run is, not in a round that went on before
     assert cli([*args, "--max-frames", "9"]) == 0
     result = json.loads((out / "learn.json").read_text())["finished"]
@@ -214,7 +232,8 @@ def test_learn_labels_a_link_atom_zone_with_its_caps(tmp_path):
     frag = Path(__file__).resolve().parents[2] / "inputs" / "examples" / "fragments" / "ACE-ASP-NME.pdb"
     assert cli(["prepare", str(frag), "--ml", "resid 2 and not name N H CA HA C O", "--nonperiodic", "--solvate",
                 "0.5", "--embedding-cutoff", "0.6", "--out", str(tmp_path / "prep")]) == 0
-    (tmp_path / "learn.toml").write_text(CONFIG.replace("max_rounds = 2", "max_rounds = 1"))
+    (tmp_path / "learn.toml").write_text(CONFIG.replace("max_rounds = 2", "max_rounds = 1")
+                                         .replace("[validate]\nframes = 4", "[validate]\nframes = 0"))
     out = tmp_path / "run"
     assert cli(["learn", str(tmp_path / "prep" / "system.toml"), "--out", str(out), "--config",
                 str(tmp_path / "learn.toml")]) == 0
