@@ -277,6 +277,8 @@ def _add_learn(sub) -> None:
     s.add_argument("--validate", type=int, default=None, metavar="N", help="after the loop, label N QM/MM clusters "
                    "sampled independently of it (fresh MM chain + ML/MM MD with the final committee) and report the "
                    "final committee's errors on them (overrides [validate] frames; default 40, 0: none)")
+    s.add_argument("--seed-only", action="store_true", help="only sample and label round 0 (the MM seed) into "
+                   "DIR/data.nc and stop: a dataset for `mlmm train`, e.g. capped fragments for a general model")
     _add_print_config(s)
 
 

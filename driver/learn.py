@@ -189,12 +189,20 @@ class Learner:
         return "cpu"
 
     # ------------------------------------------------------------------------------------------ the loop
-    def run(self) -> dict:
+    def run(self, seed_only: bool = False) -> dict:
         r = 0
         while True:
             st = self.state(r)
             if r == 0:
                 self.seed(st)
+                if seed_only:
+                    self.label(0, st)
+                    result = {"reason": "seed only (--seed-only): sampled and labelled, not trained", "round": 0,
+                              "frames": self.n_labelled(), "data": str(self.dataset)}
+                    self._save_meta(seed_only=result)
+                    log.info("done (seed only): %d labelled frames in %s, usable as [data] path or extra of "
+                             "`mlmm train`", result["frames"], self.dataset)
+                    return result
             elif "selected" not in st["stages"]:          # a round that went on before is not stopped again
                 if self.cfg.budget.max_hours and self.elapsed_h() >= self.cfg.budget.max_hours:
                     return self.finish(r - 1, f"time budget of {self.cfg.budget.max_hours:g} h used up")
@@ -400,7 +408,7 @@ class Learner:
 
 
 def main(args: argparse.Namespace) -> int:
-    """``mlmm learn SYSTEM.toml --out DIR [--config TOML] [--max-frames N] [--validate N] [--print-config]``."""
+    """``mlmm learn SYSTEM.toml --out DIR [--config TOML] [--max-frames N] [--validate N] [--seed-only] [--print-config]``."""
     from potentials.core.config import describe
 
     cfg = LearnConfig.from_toml(args.config)
@@ -426,7 +434,7 @@ def main(args: argparse.Namespace) -> int:
     root.addHandler(handler)
     try:
         log.info("mlmm learn %s --out %s (%s)", args.system, args.out, args.config or "default config")
-        learner.run()
+        learner.run(seed_only=bool(getattr(args, "seed_only", False)))
     finally:
         root.removeHandler(handler)
         root.setLevel(level)

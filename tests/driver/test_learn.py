@@ -235,8 +235,11 @@ def test_learn_labels_a_link_atom_zone_with_its_caps(tmp_path):
     (tmp_path / "learn.toml").write_text(CONFIG.replace("max_rounds = 2", "max_rounds = 1")
                                          .replace("[validate]\nframes = 4", "[validate]\nframes = 0"))
     out = tmp_path / "run"
-    assert cli(["learn", str(tmp_path / "prep" / "system.toml"), "--out", str(out), "--config",
-                str(tmp_path / "learn.toml")]) == 0
+    args = ["learn", str(tmp_path / "prep" / "system.toml"), "--out", str(out), "--config", str(tmp_path / "learn.toml")]
+    assert cli([*args, "--seed-only"]) == 0                 # a dataset only: sampled, labelled, not trained
+    assert json.loads((out / "learn.json").read_text())["seed_only"]["frames"] == 8
+    assert not list(out.glob("round_000/committee*.pt")) and not (out / "model.pt").exists()
+    assert cli(args) == 0                                   # the same folder goes on to a committee
     with Dataset.open(out / "data.nc") as ds:
         frames = [ds.frame(i) for i in range(len(ds))]
     assert frames and all(formula(f["numbers"]) == "C2H3O2" and int(f["total_charge"]) == -1 for f in frames)
