@@ -233,13 +233,17 @@ class Learner:
         from potentials.dataset import DatasetWriter
         return len(DatasetWriter(self.dataset).frame_ids()) if self.dataset.exists() else 0
 
+    def errors_met(self, err: dict) -> bool:
+        """Whether held-out errors ``err`` (a round's ``errors``) meet ``[targets]``."""
+        t = self.cfg.targets
+        return (err.get("energy", np.inf) <= t.energy_kcalmol and err.get("forces", np.inf) <= t.forces_kcalmol_A
+                and err.get("mm_forces", 0.0) <= t.mm_forces_kcalmol_A)
+
     def stop_reason(self, r: int, st: dict) -> str:
         prev = self.state(r - 1)
         err, t = prev.get("errors", {}), self.cfg.targets
         ex = st["explore"]
-        met = (err.get("energy", np.inf) <= t.energy_kcalmol and err.get("forces", np.inf) <= t.forces_kcalmol_A
-               and err.get("mm_forces", 0.0) <= t.mm_forces_kcalmol_A
-               and ex["uncertain_fraction"] <= t.uncertain_fraction and not ex["stopped_runs"])
+        met = (self.errors_met(err) and ex["uncertain_fraction"] <= t.uncertain_fraction and not ex["stopped_runs"])
         if met:
             return "converged: held-out errors and in-run uncertainty meet the targets"
         b = self.cfg.budget
@@ -343,8 +347,11 @@ class Learner:
         run = np.concatenate([np.full(len(z["force_std_max"]), i) for i, z in enumerate(runs)])
         left = self.cfg.budget.max_frames - self.n_labelled() if self.cfg.budget.max_frames else e.frames_per_round
         n = min(e.frames_per_round, max(left, 0))
+        # while the held-out errors miss the targets, a window with too few candidates is filled with the most
+        # uncertain frames below the floor: the committee is confident there, but still wrong on average
+        fill = 0.0 if not self.errors_met(self.state(r - 1).get("errors", {})) else None
         chosen = select(f_std, run, e.floor_kjmol_nm, e.ceiling_kjmol_nm, n, e.min_separation,
-                        per_run=-(-n // n_runs))
+                        per_run=-(-n // n_runs), fill_floor=fill)
         rows = []
         for i in chosen:
             k = int(run[i])
@@ -355,7 +362,11 @@ class Learner:
                          z["positions"][j]))
         self._save_frames(r, rows)
         rnd = np.random.default_rng([self.cfg.random_seed, r, 7]).permutation(len(f_std))[:max(len(chosen), 1)]
-        st.update(n_selected=len(rows), selected_force_std=[float(f_std[i]) for i in chosen],
+        below = int(np.sum(f_std[chosen] < e.floor_kjmol_nm)) if len(chosen) else 0
+        if below:
+            log.info("round %d: the held-out errors miss the targets and only %d candidates lie in the window: %d "
+                     "more below the floor (the most uncertain of them)", r, len(chosen) - below, below)
+        st.update(n_selected=len(rows), selected_force_std=[float(f_std[i]) for i in chosen], below_floor=below,
                   random_force_std=[float(f_std[i]) for i in rnd],
                   selected_splits={s: sum(row[5] == s for row in rows) for s in ("train", "val", "test")})
         log.info("round %d: selected %d frames (spread %.1f-%.1f kJ/mol/nm; mean %.1f vs %.1f of random candidates)",

@@ -331,11 +331,12 @@ def explore_run(system_toml: Path, model: Path, start_nm: np.ndarray, temperatur
 
 
 def select(force_std: np.ndarray, run: np.ndarray, floor: float, ceiling: float, n: int,
-           min_separation: int = 1, per_run: int | None = None) -> np.ndarray:
+           min_separation: int = 1, per_run: int | None = None, fill_floor: float | None = None) -> np.ndarray:
     """Indices of up to ``n`` candidates with ``floor <= force_std <= ceiling``, largest spread first, no two of
     the same ``run`` closer than ``min_separation`` candidates (index distance within the run's order). With
     ``per_run``, a first pass takes at most that many from each run (so every run, and with it every split,
-    gets its share), a second pass fills up from the rest."""
+    gets its share), a second pass fills up from the rest. With ``fill_floor``, candidates down to that spread
+    then fill what the window left empty (the same rules, still largest first)."""
     force_std, run = np.asarray(force_std, dtype=float), np.asarray(run)
     order = np.argsort(-force_std, kind="stable")
     chosen: list[int] = []
@@ -343,11 +344,13 @@ def select(force_std: np.ndarray, run: np.ndarray, floor: float, ceiling: float,
     for r in np.unique(run):
         idx = np.flatnonzero(run == r)
         position[idx] = np.arange(len(idx))
-    for cap in ((per_run, None) if per_run else (None,)):
+    caps = (per_run, None) if per_run else (None,)
+    passes = [(cap, floor) for cap in caps] + ([(cap, fill_floor) for cap in caps] if fill_floor is not None else [])
+    for cap, low in passes:
         for i in order:
             if len(chosen) >= n:
                 break
-            if i in chosen or not floor <= force_std[i] <= ceiling:
+            if i in chosen or not low <= force_std[i] <= ceiling:
                 continue
             if cap is not None and sum(run[j] == run[i] for j in chosen) >= cap:
                 continue

@@ -91,6 +91,9 @@ def test_select_keeps_the_window_the_order_and_the_separation():
     assert list(select(f, run, 10.0, 100.0, n=2, per_run=1)) == [1, 7]
     assert list(select(np.array([9.0, 8.0, 1.0]), np.array([0, 0, 1]), 0.0, 10.0, n=2, per_run=1)) == [0, 2]
     assert len(select(f, run, 300.0, 400.0, n=3)) == 0
+    # fill_floor: what the window leaves empty is filled from below the floor, largest spread first
+    assert list(select(f, run, 10.0, 100.0, n=10, fill_floor=0.0)) == [1, 7, 5, 4, 2, 0, 6]
+    assert list(select(f, run, 10.0, 100.0, n=6, fill_floor=1.0)) == [1, 7, 5, 4, 2, 0]
 
 
 def test_gasteiger_charges_sum_to_the_charge():
