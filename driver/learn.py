@@ -151,6 +151,9 @@ class Learner:
 
         from potentials.train_config import _load_preset
         _load_preset(self.cfg.train.preset, Path.cwd())
+        if self.cfg.train.init_model:
+            from driver.learn_train import init_model_config
+            init_model_config(self)
         lvl = self.cfg.level
         try:
             dft.libxc.parse_xc(lvl.xc)

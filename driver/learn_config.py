@@ -76,6 +76,8 @@ class TrainSection:
     lr: float = 1e-3
     warm_lr: float = 3e-4                # learning rate of rounds that start from the previous round's members
     warm_start: bool = True
+    init_model: str = ""                 # round 0's members start from this model's weights (fine-tuning, e.g.
+                                         # inputs/models/small_b3lyp_svp.pt; its architecture); "": from scratch
     max_minutes: float = 10.0            # per member and round (0: no limit); the best state so far is kept
     w_energy: float = 30.0
     w_forces: float = 1.0

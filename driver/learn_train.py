@@ -27,7 +27,10 @@ def _train_config(learner, r: int):
     d = learner.round_dir(r)
     preset = _load_preset(t.preset, Path.cwd())
     elements = sorted(set(int(z) for z in preset.get("elements", [])) | set(int(z) for z in learner.numbers))
-    raw = {"model": {"preset": t.preset, "config": {"elements": elements}},
+    model = {"preset": t.preset, "config": {"elements": elements}}
+    if t.init_model:                     # fine-tuning: the architecture (and D3, damping) of the starting model
+        model["config"] = init_model_config(learner)
+    raw = {"model": model,
            "data": {"path": str(learner.dataset)},
            "output": {"model": str(d / "committee.pt")},
            "loss": {"energy": t.w_energy, "forces": t.w_forces, "mm_forces": t.w_mm_forces, "dipole": t.w_dipole},
@@ -35,7 +38,29 @@ def _train_config(learner, r: int):
            "train": {"epochs": t.epochs, "batch_size": t.batch_size, "early_stopping": t.early_stopping,
                      "seed": t.seed, "threads": t.threads, "max_minutes": t.max_minutes, "embedding": "electrostatic",
                      "progress": False, "committee": t.committee}}
+    if t.init_model and r == 0:
+        raw["train"]["init_model"] = str(Path(t.init_model).resolve())
     return TrainConfig.from_dict(raw, base=d, where=f"mlmm learn round {r} training")
+
+
+def init_model_config(learner) -> dict:
+    """The model config of ``[train] init_model`` (every member of round 0 starts from its weights); SetupError
+    if it is not a single network of ours or lacks an element of the ML zone."""
+    from potentials.core.errors import SetupError
+    from potentials.model_io import read_model_file
+
+    path = Path(learner.cfg.train.init_model)
+    if not path.is_file():
+        raise SetupError(f"[train] init_model = {str(path)!r}: no such file")
+    d = read_model_file(path)
+    if d.get("architecture") != "embedded-aimnet2" or "config" not in d:
+        raise SetupError(f"[train] init_model = {str(path)!r} is not a single network of ours (architecture "
+                         f"{d.get('architecture')!r}); give one model file, e.g. inputs/models/small_b3lyp_svp.pt")
+    missing = sorted(set(int(z) for z in learner.numbers) - set(int(z) for z in d["config"]["elements"]))
+    if missing:
+        raise SetupError(f"[train] init_model {path} has no element {missing} of the ML zone; train from scratch "
+                         "(leave init_model empty)")
+    return dict(d["config"])
 
 
 def train_round(learner, r: int) -> tuple[Path, dict]:

@@ -253,3 +253,24 @@ def test_learn_labels_a_link_atom_zone_with_its_caps(tmp_path):
     assert np.min(np.linalg.norm(charged - cap, axis=1)) > 1.0     # no charge on the cap: CA's moved to N, HA, C
     meta = torch.load(out / "model.pt", weights_only=True)["metadata"]
     assert {"formula": "C2H3O2", "charge": -1} in meta["domain"]["molecules"]
+
+
+def test_init_model_fine_tunes_from_the_shipped_model(tmp_path):
+    """[train] init_model: round 0's members start from that model (its architecture, D3 and damping); later
+    rounds warm-start from their predecessors; a model without one of the zone's elements is refused."""
+    from driver.learn import Learner
+    from driver.learn_train import _train_config
+    from potentials.model_io import read_model_file
+
+    shipped = Path(__file__).resolve().parents[2] / "inputs" / "models" / "small_b3lyp_svp.pt"
+    system = _prepare(tmp_path)
+    cfg = LearnConfig.from_dict({"train": {"init_model": str(shipped)}})
+    learner = Learner(system, tmp_path / "ft", cfg)
+    c0, c1 = _train_config(learner, 0), _train_config(learner, 1)
+    assert c0.init_model == str(shipped.resolve()) and not c1.init_model
+    assert c0.model == read_model_file(shipped)["config"] == c1.model
+    frag = Path(__file__).resolve().parents[2] / "inputs" / "examples" / "fragments" / "ACE-CYS-NME.pdb"
+    assert cli(["prepare", str(frag), "--ml", "resid 2 and not name N H CA HA C O", "--nonperiodic", "--solvate",
+                "0.5", "--embedding-cutoff", "0.6", "--out", str(tmp_path / "cys")]) == 0
+    with pytest.raises(SetupError, match=r"has no element \[16\] of the ML zone"):
+        Learner(tmp_path / "cys" / "system.toml", tmp_path / "ft2", cfg)
