@@ -67,3 +67,25 @@ def test_shipped_model_matches_its_card_on_the_shipped_slice():
                 # the card prints 3 decimals; allow rounding plus float32 noise across machines
                 assert got[k] == pytest.approx(v, abs=1.5e-3, rel=1e-3), (solute, mode, k, got[k], v)
     assert ("all", "electrostatic") in expected and ("all", "mechanical") in expected
+
+
+def test_zones_model_matches_its_card_on_the_shipped_clusters():
+    """The preview model for multi-molecule zones (small_b3lyp_svp_zones.pt) reproduces its card's cluster table
+    on the test split of the shipped cluster data (never trained on), and records zones of 4 molecules."""
+    torch.set_num_threads(1)
+    model_path = MODELS / "small_b3lyp_svp_zones.pt"
+    card = model_path.with_suffix(".md").read_text()
+    expected = {}
+    for line in card.split("Multi-molecule clusters", 1)[1].split("Single solutes", 1)[0].splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 6 and cells[0] in ("MOH+3HOH", "ACT+3HOH", "all"):
+            expected[cells[0]] = dict(zip(("n", "energy", "forces", "mm_forces", "dipole"), map(float, cells[1:6])))
+    assert set(expected) == {"MOH+3HOH", "ACT+3HOH", "all"}
+    model = load_model(model_path)
+    assert model.metadata["domain"]["ml_molecules"] == 4
+    frames = T.load_frames(ROOT / "inputs" / "data" / "qmmm_clusters_b3lyp_svp.nc", "test")
+    res = EV.evaluate(model, frames, schemes={"electrostatic": SCHEMES.get("electrostatic")()})["electrostatic"]
+    for zone, row in expected.items():
+        assert res[zone]["n"] == row["n"]
+        for k in ("energy", "forces", "mm_forces", "dipole"):
+            assert res[zone][k] == pytest.approx(row[k], abs=1.5e-3, rel=1e-3), (zone, k, res[zone][k], row[k])
