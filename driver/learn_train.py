@@ -38,8 +38,9 @@ def _train_config(learner, r: int):
            "train": {"epochs": t.epochs, "batch_size": t.batch_size, "early_stopping": t.early_stopping,
                      "seed": t.seed, "threads": t.threads, "max_minutes": t.max_minutes, "embedding": "electrostatic",
                      "progress": False, "committee": t.committee}}
-    if t.init_model and r == 0:
+    if t.init_model and r == 0:          # fine-tuning: the warm-start learning rate, not a from-scratch one
         raw["train"]["init_model"] = str(Path(t.init_model).resolve())
+        raw["optim"]["lr"] = t.warm_lr
     return TrainConfig.from_dict(raw, base=d, where=f"mlmm learn round {r} training")
 
 

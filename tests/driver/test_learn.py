@@ -267,7 +267,7 @@ def test_init_model_fine_tunes_from_the_shipped_model(tmp_path):
     cfg = LearnConfig.from_dict({"train": {"init_model": str(shipped)}})
     learner = Learner(system, tmp_path / "ft", cfg)
     c0, c1 = _train_config(learner, 0), _train_config(learner, 1)
-    assert c0.init_model == str(shipped.resolve()) and not c1.init_model
+    assert c0.init_model == str(shipped.resolve()) and not c1.init_model and c0.lr == cfg.train.warm_lr
     assert c0.model == read_model_file(shipped)["config"] == c1.model
     frag = Path(__file__).resolve().parents[2] / "inputs" / "examples" / "fragments" / "ACE-CYS-NME.pdb"
     assert cli(["prepare", str(frag), "--ml", "resid 2 and not name N H CA HA C O", "--nonperiodic", "--solvate",
