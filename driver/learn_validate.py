@@ -65,8 +65,7 @@ def validate(learner, r: int) -> dict:
 
 
 def _sample(learner, d, frames) -> None:
-    from driver.learn import _atomic_savez
-    from driver.learn_sample import explore_run, sampling_system, seed_segments
+    from driver.learn_sample import _atomic_savez, explore_run, sampling_system, seed_segments
 
     v = learner.cfg.validate
     n_md = int(round(v.frames * v.ml_fraction))
