@@ -178,18 +178,12 @@ class Learner:
         return d
 
     def _qm_device(self) -> str:
-        """gpu4pyscf is not wired into potentials.qmmm_reference.label_frame yet: "auto" labels on the CPU (with one
-        line when a GPU and gpu4pyscf are there), "gpu" is refused."""
-        import importlib.util
-
-        import torch
-        gpu = torch.cuda.is_available() and importlib.util.find_spec("gpu4pyscf") is not None
-        if self.cfg.qm_device == "gpu":
-            raise SetupError("qm_device = \"gpu\": potentials.qmmm_reference.label_frame has no gpu4pyscf path yet; "
-                             "use qm_device = \"auto\" or \"cpu\" (labels on the CPU)")
-        if gpu and self.cfg.qm_device == "auto":
-            log.info("a GPU and gpu4pyscf are present, but label_frame runs PySCF on the CPU (no gpu4pyscf path yet)")
-        return "cpu"
+        """Where the labels are computed: "gpu" (gpu4pyscf) or "cpu" (PySCF), from ``qm_device``
+        (:func:`potentials.qmmm_reference.qm_backend`; "gpu" without gpu4pyscf and a CUDA device is a SetupError)."""
+        from potentials.qmmm_reference import qm_backend
+        backend = qm_backend(self.cfg.qm_device)
+        log.info("QM labels on the %s (%s)", backend.upper(), "gpu4pyscf" if backend == "gpu" else "PySCF")
+        return backend
 
     # ------------------------------------------------------------------------------------------ the loop
     def run(self, seed_only: bool = False) -> dict:

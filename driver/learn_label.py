@@ -82,7 +82,8 @@ def label_frames(learner, frames_path, dataset, tag: str) -> int:
                  mm_charges=np.asarray(q).astype(np.float32))
         fid = str(z["frame_id"][i])
         try:
-            lab = label_frame(learner.numbers, x["positions"], learner.charge, x["mm_positions"], x["mm_charges"], lvl)
+            lab = label_frame(learner.numbers, x["positions"], learner.charge, x["mm_positions"], x["mm_charges"], lvl,
+                              learner.qm_device)
         except CalculationFailed as exc:
             log.warning("skip %s: %s", fid, exc)
             with open(skipped_path, "a") as fh:

@@ -9,6 +9,7 @@ and evaluation. ``--print-config`` (label, train) prints the effective configura
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from pathlib import Path
 
@@ -22,7 +23,7 @@ LABEL_SCHEME = "electrostatic"
 
 
 def label_main(args: argparse.Namespace) -> int:
-    """``mlmm label --out FILE [--config TOML] [--frames N] [--print-config]``."""
+    """``mlmm label --out FILE [--config TOML] [--frames N] [--qm-device auto|cpu|gpu] [--print-config]``."""
     import torch
 
     from coupling.schemes import SCHEMES
@@ -30,6 +31,8 @@ def label_main(args: argparse.Namespace) -> int:
 
     config_path = args.config if args.config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
     cfg = LabelConfig.from_toml(config_path)
+    if getattr(args, "qm_device", None):
+        cfg = dataclasses.replace(cfg, qm_device=args.qm_device)
     if getattr(args, "print_config", False):
         print(describe(cfg, title=f"mlmm label configuration ({config_path or 'defaults'})"))
         return 0

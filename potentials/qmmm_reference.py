@@ -90,8 +90,50 @@ class Label:
     note: str = ""
 
 
-def _scf(numbers, positions, charge, mm_positions, mm_charges, level: LevelOfTheory, attempt: int):
-    from pyscf import dft, gto, qmmm
+def qm_backend(request: str = "auto") -> str:
+    """The QM backend a label runs on: ``"gpu"`` (gpu4pyscf, the CUDA port of PySCF, same API and numbers) or
+    ``"cpu"`` (PySCF). ``request``: ``"auto"`` (the GPU when gpu4pyscf imports and CUDA shows a device),
+    ``"cpu"`` or ``"gpu"`` (SetupError naming what is missing when it cannot run)."""
+    if request not in ("auto", "cpu", "gpu"):
+        raise SetupError(f"QM device {request!r}: choose auto, cpu or gpu")
+    if request == "cpu":
+        return "cpu"
+    why = _gpu_missing()
+    if not why:
+        return "gpu"
+    if request == "gpu":
+        raise SetupError(f"QM device \"gpu\": {why}; install gpu4pyscf (pip install gpu4pyscf-cuda12x) on a CUDA "
+                         "machine, or label on the CPU (qm_device = \"cpu\" or \"auto\")")
+    return "cpu"
+
+
+def _gpu_missing() -> str:
+    """Why gpu4pyscf cannot run here ("" when it can)."""
+    import importlib.util
+    if importlib.util.find_spec("gpu4pyscf") is None or importlib.util.find_spec("cupy") is None:
+        return "gpu4pyscf (and cupy) are not installed"
+    try:
+        import cupy
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:                               # no driver, no runtime: cupy raises its own types
+        return f"cupy sees no CUDA device ({' '.join(str(exc).split())[:120]})"
+    return "" if n > 0 else "cupy sees no CUDA device"
+
+
+def _host(x) -> np.ndarray:
+    """A numpy array from a numpy or cupy array (gpu4pyscf returns cupy arrays)."""
+    if type(x).__module__.split(".")[0] == "cupy":
+        return x.get()
+    return np.asarray(x)
+
+
+def _scf(numbers, positions, charge, mm_positions, mm_charges, level: LevelOfTheory, attempt: int,
+         backend: str = "cpu"):
+    from pyscf import gto
+    if backend == "gpu":                 # gpu4pyscf mirrors pyscf.dft / pyscf.qmmm (energies agree to 1e-9 Hartree)
+        from gpu4pyscf import dft, qmmm
+    else:
+        from pyscf import dft, qmmm
     mol = gto.M(atom=[(int(z), tuple(r)) for z, r in zip(numbers, positions * BOHR_PER_ANGSTROM)],
                 unit="Bohr", basis=level.basis, charge=int(charge), spin=0, verbose=0)
     mf = dft.RKS(mol).density_fit(auxbasis=level.auxbasis)
@@ -111,7 +153,7 @@ def _scf(numbers, positions, charge, mm_positions, mm_charges, level: LevelOfThe
 
 
 def label_frame(numbers, positions, charge: int = 0, mm_positions=None, mm_charges=None,
-                level: LevelOfTheory = LevelOfTheory()) -> Label:
+                level: LevelOfTheory = LevelOfTheory(), backend: str = "cpu") -> Label:
     """Label one QM/MM frame.
 
     Parameters
@@ -121,6 +163,7 @@ def label_frame(numbers, positions, charge: int = 0, mm_positions=None, mm_charg
     charge : total charge of the QM zone (e); closed shell
     mm_positions : (m,3) Å or None (gas phase)
     mm_charges : (m,) e or None
+    backend : "cpu" (PySCF) or "gpu" (gpu4pyscf; :func:`qm_backend` resolves a request)
 
     Raises CalculationFailed when the SCF does not converge with DIIS, damping/level shift or SOSCF.
     """
@@ -131,7 +174,7 @@ def label_frame(numbers, positions, charge: int = 0, mm_positions=None, mm_charg
     notes = []
     for attempt in range(3):
         try:
-            mol, mf = _scf(numbers, positions, charge, mm_positions, mm_charges, level, attempt)
+            mol, mf = _scf(numbers, positions, charge, mm_positions, mm_charges, level, attempt, backend)
         except (np.linalg.LinAlgError, FloatingPointError, RuntimeError) as exc:   # numerical breakdown
             notes.append(f"SCF attempt {attempt} failed: {exc}")
             continue
@@ -142,14 +185,15 @@ def label_frame(numbers, positions, charge: int = 0, mm_positions=None, mm_charg
         raise CalculationFailed("SCF did not converge (DIIS, damping + level shift, SOSCF): " + "; ".join(notes))
     grad = mf.nuc_grad_method()
     grad.verbose = 0
-    g_qm = grad.kernel()
+    g_qm = _host(grad.kernel())
     dm = mf.make_rdm1()
     if has_mm:
-        g_mm = grad.grad_hcore_mm(dm) + grad.grad_nuc_mm()
+        g_mm = _host(grad.grad_hcore_mm(dm)) + _host(grad.grad_nuc_mm())
     else:
         g_mm = np.zeros((0, 3))
+    dm = _host(dm)
     dipole, quadrupole = _moments(mol, dm, positions)
-    return Label(energy=float(mf.e_tot) * EV_PER_HARTREE,
+    return Label(energy=float(_host(mf.e_tot)) * EV_PER_HARTREE,
                  forces=-np.asarray(g_qm) * EV_PER_ANGSTROM_PER_HARTREE_PER_BOHR,
                  mm_forces=-np.asarray(g_mm) * EV_PER_ANGSTROM_PER_HARTREE_PER_BOHR,
                  dipole=dipole, quadrupole=quadrupole, scf_cycles=int(getattr(mf, "cycles", -1)),
@@ -201,6 +245,7 @@ class LabelConfig:
     embedding_cutoff_nm: float = _COUPLING.cutoff_nm
     embedding_switch_nm: float = _COUPLING.switch_width_nm
     cache: str = ""                      # MD cache folder; default: <out>.samples next to the dataset
+    qm_device: str = "auto"              # auto | cpu | gpu: PySCF or gpu4pyscf (qm_backend)
     level: LevelOfTheory = field(default_factory=LevelOfTheory)
 
     @classmethod
@@ -213,6 +258,8 @@ class LabelConfig:
         for s in cfg.split_pattern:
             if s not in ("train", "val", "test"):
                 raise SetupError(f"{path}: split_pattern entry {s!r} must be train, val or test")
+        if cfg.qm_device not in ("auto", "cpu", "gpu"):
+            raise SetupError(f"{path}: qm_device = {cfg.qm_device!r}: choose auto, cpu or gpu")
         if cfg.ml_waters < 0:
             raise SetupError(f"{path}: ml_waters must be >= 0, not {cfg.ml_waters}")
         if "cluster" in cfg.solvated_kinds and cfg.cluster_waters < max(1, cfg.ml_waters):
@@ -312,6 +359,7 @@ class Labeller:
     def __init__(self, cfg: LabelConfig, cache: Path, point_charges: PointChargesFactory | None = None):
         self.cfg, self.cache = cfg, cache
         self.point_charges = point_charges
+        self.backend = qm_backend(cfg.qm_device)
         self._chains: dict[str, object] = {}
         self._envs: dict[tuple, object] = {}
 
@@ -366,7 +414,7 @@ class Labeller:
         """Label a task; returns the dataset record (see :class:`potentials.dataset.DatasetWriter`)."""
         x = self.inputs(task)
         lab = label_frame(x["numbers"], x["positions"], x["charge"], x["mm_positions"], x["mm_charges"],
-                          self.cfg.level)
+                          self.cfg.level, self.backend)
         spec = task.chain
         kind = "displaced" if (task.copy > 0 and spec.kind != "gas") else spec.kind
         return dict(frame_id=task.frame_id, trajectory=task.trajectory, solute=task.zone_name, kind=kind,
@@ -425,6 +473,7 @@ def run(cfg: LabelConfig, out: str | Path, point_charges: PointChargesFactory | 
     from .dataset import DatasetWriter
     out = Path(out)
     cache = Path(cfg.cache) if cfg.cache else out.with_suffix(".samples")
+    qm_backend(cfg.qm_device)                       # a GPU asked for but not there: refused before any file is made
     if out.exists():
         _check_level(out, cfg)
     prov = provenance(cfg, config_text)
@@ -440,6 +489,7 @@ def run(cfg: LabelConfig, out: str | Path, point_charges: PointChargesFactory | 
     log.info("labelling %d of %d planned frames into %s (%d done, %d thread(s), MD cache %s)",
              min(limit, len(todo)), len(todo) + len(done), out, len(done), threads, cache)
     labeller = Labeller(cfg, cache, point_charges)
+    log.info("QM on the %s (%s)", labeller.backend.upper(), "gpu4pyscf" if labeller.backend == "gpu" else "PySCF")
     t_start, n_new = time.perf_counter(), 0
     for task in todo[:limit]:
         t0 = time.perf_counter()

@@ -196,3 +196,33 @@ def test_config_errors(tmp_path):
     p.write_text("solutes = ['XYZ']\n")
     with pytest.raises(SetupError, match="unknown solute"):
         plan(LabelConfig.from_toml(p))
+
+
+def test_qm_backend_choice(tmp_path):
+    """QM on the CPU (PySCF) or the GPU (gpu4pyscf): "auto" takes the GPU only when gpu4pyscf runs; "gpu" without it
+    is one clear error before anything is written. Where gpu4pyscf runs, both backends give the same label."""
+    from potentials.qmmm_reference import _gpu_missing, qm_backend
+    assert qm_backend("cpu") == "cpu"
+    with pytest.raises(SetupError, match="choose auto, cpu or gpu"):
+        qm_backend("tpu")
+    why = _gpu_missing()
+    if why:
+        assert qm_backend("auto") == "cpu"
+        with pytest.raises(SetupError, match="gpu4pyscf"):
+            qm_backend("gpu")
+        out = tmp_path / "d.nc"
+        with pytest.raises(SetupError, match="QM device \"gpu\""):
+            label_main(argparse.Namespace(out=str(out), config=str(_tiny_config(tmp_path)), frames=1, qm_device="gpu"))
+        assert not out.exists()
+        return
+    assert qm_backend("auto") == "gpu"
+    z = [8, 1, 1]
+    x = np.array([[0.0, 0.0, 0.1173], [0.0, 0.7572, -0.4692], [0.0, -0.7572, -0.4692]])
+    mm = np.array([[2.9, 0.1, 0.0], [3.4, 0.9, 0.1], [3.4, -0.7, 0.1]])
+    q = np.array([-0.834, 0.417, 0.417])
+    cpu = label_frame(z, x, 0, mm, q, LevelOfTheory(), "cpu")
+    gpu = label_frame(z, x, 0, mm, q, LevelOfTheory(), "gpu")
+    assert gpu.energy == pytest.approx(cpu.energy, abs=1e-5)                 # eV
+    np.testing.assert_allclose(gpu.forces, cpu.forces, atol=1e-4)            # eV/Å
+    np.testing.assert_allclose(gpu.mm_forces, cpu.mm_forces, atol=1e-4)
+    np.testing.assert_allclose(gpu.dipole, cpu.dipole, atol=1e-4)
