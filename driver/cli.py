@@ -282,6 +282,8 @@ def _add_learn(sub) -> None:
                    "final committee's errors on them (overrides [validate] frames; default 40, 0: none)")
     s.add_argument("--seed-only", action="store_true", help="only sample and label round 0 (the MM seed) into "
                    "DIR/data.nc and stop: a dataset for `mlmm train`, e.g. capped fragments for a general model")
+    s.add_argument("--seed-model", default=None, metavar="MODEL", help="seed round 0 by ML/MM MD with this model "
+                   "(ours, a committee, MACE, AIMNet2 or ANI) instead of MM (overrides [seed] model)")
     _add_print_config(s)
 
 

@@ -154,6 +154,9 @@ class Learner:
         if self.cfg.train.init_model:
             from driver.learn_train import init_model_config
             init_model_config(self)
+        if self.cfg.seed.model and not Path(self.cfg.seed.model).is_file():
+            raise SetupError(f"[seed] model = {self.cfg.seed.model!r}: no such file; give a model file (ours, a "
+                             "committee, MACE, AIMNet2 or ANI) or leave it empty to seed by MM")
         lvl = self.cfg.level
         try:
             dft.libxc.parse_xc(lvl.xc)
@@ -254,20 +257,35 @@ class Learner:
     def seed(self, st: dict) -> None:
         if "selected" in st["stages"]:
             return
-        from driver.learn_sample import sampling_system, seed_segments
+        from driver.learn_sample import model_segments, sampling_system, seed_segments
         from potentials.sampling import displace
 
         c = self.cfg.seed
-        system, record = sampling_system(self.topology, self.mm_system, self.positions, self.ml, self.charge, c)
-        log.info("round 0: MM seed sampling with an elastic ML zone (%d bonds, %d angles, %d impropers; charges: %s)",
-                 record["bonds"], record["angles"], record["impropers"], record["charges"])
+        if c.model:
+            model = Path(c.model).resolve()
+            record = {"model": str(model)}
+            log.info("round 0: ML/MM seed sampling with %s (%g fs, friction %g/ps)", model,
+                     self.cfg.explore.timestep_fs, self.cfg.explore.friction_per_ps)
+
+            def segments(temp, seed, folder):
+                return model_segments(self.system_toml, model, self.positions, temp, seed, c, self.cfg.explore,
+                                      folder, self.device)
+            kind = "ml"
+        else:
+            system, record = sampling_system(self.topology, self.mm_system, self.positions, self.ml, self.charge, c)
+            log.info("round 0: MM seed sampling with an elastic ML zone (%d bonds, %d angles, %d impropers; "
+                     "charges: %s)", record["bonds"], record["angles"], record["impropers"], record["charges"])
+
+            def segments(temp, seed, folder):
+                return seed_segments(system, self.positions, self.box, temp, seed, c, folder)
+            kind = "mm"
         rows: list[tuple] = []
         t = 0
         for it, temp in enumerate(c.temperatures_K):
-            segs = seed_segments(system, self.positions, self.box, temp, self.cfg.random_seed * 1000 + it + 1, c,
-                                 self.round_dir(0) / "seed" / f"T{temp:g}")
+            segs = segments(temp, self.cfg.random_seed * 1000 + it + 1,
+                            self.round_dir(0) / "seed" / (f"T{temp:g}" if kind == "mm" else f"ml-T{temp:g}"))
             for s, frames in enumerate(segs):
-                traj = f"r000/mm-{temp:g}K/s{s:02d}"
+                traj = f"r000/{kind}-{temp:g}K/s{s:02d}"
                 for k, pos in enumerate(frames):
                     for copy in range(1 + c.displaced_copies):
                         x = pos.astype(np.float64)
@@ -428,6 +446,8 @@ def main(args: argparse.Namespace) -> int:
         if args.max_frames < 1:
             raise SetupError(f"--max-frames {args.max_frames}: give at least 1 frame")
         cfg = dataclasses.replace(cfg, budget=dataclasses.replace(cfg.budget, max_frames=args.max_frames))
+    if getattr(args, "seed_model", None):
+        cfg = dataclasses.replace(cfg, seed=dataclasses.replace(cfg.seed, model=args.seed_model))
     if getattr(args, "print_config", False):
         print(describe(cfg, title=f"mlmm learn configuration ({args.config or 'defaults'})"))
         return 0

@@ -5,8 +5,8 @@ on a 2-core CPU machine. Units are in the names (K, ps, fs, Å, kJ/mol/nm, kcal/
 
 Sections::
 
-    [seed]     MM sampling of the starting data (round 0): temperatures, MD segments, displaced copies, the
-               elastic stand-in of the ML zone's bonded terms
+    [seed]     sampling of the starting data (round 0): temperatures, MD segments, displaced copies; MM with an
+               elastic stand-in of the ML zone's bonded terms, or ML/MM MD with a given model (``model``)
     [explore]  ML/MM MD with the committee (rounds >= 1) and the selection of frames by committee disagreement
     [level]    the QM level of theory (potentials.qmmm_reference.LevelOfTheory: xc, basis, auxbasis, ...)
     [train]    committee training (preset, members, epochs, loss weights, warm start)
@@ -44,6 +44,8 @@ class SeedConfig:
     angle_k: float = 400.0               # kJ/mol/rad^2, elastic angles (theta0: prepared geometry)
     improper_k: float = 100.0            # kJ/mol/rad^2, keeps planar centres (3 neighbours) planar
     droplet_k: float = 500.0             # kJ/mol/nm^2, flat-bottom restraint of a cluster's MM residues
+    model: str = ""                      # sample with this model instead (ML/MM MD, [explore] timestep and friction):
+                                         # ours, a committee, or a file the model seam loads; "": MM (elastic zone)
 
 
 @dataclass(frozen=True)

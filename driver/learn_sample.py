@@ -1,5 +1,5 @@
-"""Configurations for ``mlmm learn`` (:mod:`driver.learn`): MM seed sampling (round 0) and ML/MM exploration with
-the committee (rounds >= 1).
+"""Configurations for ``mlmm learn`` (:mod:`driver.learn`): seed sampling (round 0: MM, or ML/MM MD with a given
+model, :func:`model_segments`) and ML/MM exploration with the committee (rounds >= 1).
 
 **Seed sampling (OpenMM, the prepared system, an elastic ML zone).** ``mlmm prepare`` gives a molecule without an
 MM template (a ligand) only Lennard-Jones parameters and zero charge, and no bonded terms: MM alone cannot keep
@@ -270,6 +270,79 @@ def seed_segments(system: openmm.System, positions_nm: np.ndarray, box_nm, tempe
                                     "or raise bond_k")
         _atomic_savez(path, positions=frames, **state())
         log.info("seed MD %g K: segment %d/%d, %d frames (%.0f s)", temperature, s + 1, cfg.trajectories,
+                 len(frames), time.perf_counter() - t0)
+    return [np.load(p)["positions"] for p in paths]
+
+
+def model_segments(system_toml: Path, model: Path, positions_nm: np.ndarray, temperature: float, seed: int, cfg,
+                   md, folder: Path, device: str = "cpu") -> list[np.ndarray]:
+    """:func:`seed_segments` with a given model instead of MM: ASE Langevin ML/MM MD (``md``: the
+    :class:`driver.learn_config.ExploreConfig`, its timestep and friction) on the in-process potential
+    (:class:`coupling.ase_calculator.MLMMCalculator`); no elastic zone, the model holds the molecule together.
+    Cached in ``folder`` like :func:`seed_segments` (``state0.npz``, ``seg_NNN.npz`` with positions + momenta in
+    ASE units), so a killed run continues the chain. A failed force call or non-finite frame is a
+    CalculationFailed naming the segment: the model does not hold this system at ``temperature``."""
+    from ase import units as U
+    from ase.md.langevin import Langevin
+    from ase.md.velocitydistribution import thermalize_momenta
+
+    from coupling.ase_calculator import MLMMCalculator
+    from potentials.core.errors import CalculationFailed, MLMMError
+    from potentials.core.units import ANGSTROM_PER_NM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"seg_{s:03d}.npz" for s in range(cfg.trajectories)]
+    if all(p.exists() for p in paths):
+        return [np.load(p)["positions"] for p in paths]
+    calc = MLMMCalculator(system_toml, model, device=device)
+    atoms = calc.initial_atoms()
+    atoms.calc = calc
+    rng = np.random.default_rng(seed)
+    dyn = Langevin(atoms, timestep=md.timestep_fs * U.fs, temperature_K=temperature,
+                   friction=md.friction_per_ps / (1000.0 * U.fs), fixcm=False, rng=rng)
+    steps = lambda ps: int(round(ps * FS_PER_PS / md.timestep_fs))          # noqa: E731
+
+    def advance(n: int, where: str) -> None:
+        try:
+            dyn.run(n)
+            atoms.get_forces()
+        except (MLMMError, FloatingPointError, ValueError) as exc:
+            raise CalculationFailed(f"ML/MM seed MD with {model} at {temperature:g} K failed in {where}: "
+                                    f"{str(exc).splitlines()[0][:200]}; seed by MM ([seed] model = \"\") or lower the "
+                                    "temperature") from None
+        if not np.all(np.isfinite(atoms.get_positions())):
+            raise CalculationFailed(f"ML/MM seed MD with {model} at {temperature:g} K blew up in {where}")
+
+    def state() -> dict:
+        return dict(final_positions=atoms.get_positions(), final_momenta=atoms.get_momenta())
+
+    def restore(path: Path) -> None:
+        with np.load(path) as z:
+            atoms.set_positions(z["final_positions"])
+            atoms.set_momenta(z["final_momenta"])
+
+    s0 = folder / "state0.npz"
+    if not s0.exists():
+        t0 = time.perf_counter()
+        atoms.set_positions(np.asarray(positions_nm, dtype=np.float64) * ANGSTROM_PER_NM)
+        thermalize_momenta(atoms, temperature, rng=rng)
+        advance(steps(cfg.equil_ps), "equilibration")
+        _atomic_savez(s0, **state())
+        log.info("seed ML/MM MD %g K: equilibrated %.1f ps (%.0f s)", temperature, cfg.equil_ps,
+                 time.perf_counter() - t0)
+    for s, path in enumerate(paths):
+        if path.exists():
+            continue
+        restore(paths[s - 1] if s else s0)
+        t0 = time.perf_counter()
+        frames = []
+        for k in range(cfg.frames_per_trajectory):
+            n = steps(cfg.gap_ps if k == 0 and s > 0 else (0.0 if k == 0 else cfg.spacing_ps))
+            if n:
+                advance(n, f"segment {s}")
+            frames.append(atoms.get_positions() / ANGSTROM_PER_NM)
+        _atomic_savez(path, positions=np.asarray(frames, dtype=np.float32), **state())
+        log.info("seed ML/MM MD %g K: segment %d/%d, %d frames (%.0f s)", temperature, s + 1, cfg.trajectories,
                  len(frames), time.perf_counter() - t0)
     return [np.load(p)["positions"] for p in paths]
 

@@ -126,7 +126,8 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     system = _prepare(tmp_path)
     for text, message in (('[level]\nbasis = "no-such-basis"\n', "[level] basis = 'no-such-basis'"),
                           ('[level]\nxc = "no-such-xc"\n', "[level] xc = 'no-such-xc'"),
-                          ('[train]\npreset = "huge"\n', "model preset 'huge' not found")):
+                          ('[train]\npreset = "huge"\n', "model preset 'huge' not found"),
+                          ('[seed]\nmodel = "no-such.pt"\n', "[seed] model = 'no-such.pt': no such file")):
         (tmp_path / "c.toml").write_text(text)
         capsys.readouterr()
         assert cli(["learn", str(system), "--out", str(tmp_path / "o"), "--config", str(tmp_path / "c.toml")]) == 2
@@ -274,3 +275,39 @@ def test_init_model_fine_tunes_from_the_shipped_model(tmp_path):
                 "0.5", "--embedding-cutoff", "0.6", "--out", str(tmp_path / "cys")]) == 0
     with pytest.raises(SetupError, match=r"has no element \[16\] of the ML zone"):
         Learner(tmp_path / "cys" / "system.toml", tmp_path / "ft2", cfg)
+
+
+@pytest.mark.slow
+def test_seed_model_samples_round_0_by_ml_mm(tmp_path):
+    """--seed-model: round 0 is sampled by ML/MM MD with the given model (here the shipped network, which knows C, H
+    and O) instead of MM with an elastic zone; the frames are labelled like MM seeds and the model keeps the
+    molecule bonded. The cached segments are reused when the command runs again."""
+    from potentials.dataset import Dataset
+
+    shipped = Path(__file__).resolve().parents[2] / "inputs" / "models" / "small_b3lyp_svp.pt"
+    pdb = tmp_path / "formaldehyde.pdb"
+    pdb.write_text(FORMALDEHYDE)
+    assert cli(["prepare", str(pdb), "--ml", "resname FOR", "--nonperiodic", "--solvate", "0.5",
+                "--out", str(tmp_path / "prep")]) == 0          # the shipped model's embedding cutoff (1.2 nm)
+    system = tmp_path / "prep" / "system.toml"
+    (tmp_path / "learn.toml").write_text(CONFIG.replace("[validate]\nframes = 4", "[validate]\nframes = 0"))
+    out = tmp_path / "run"
+    args = ["learn", str(system), "--out", str(out), "--config", str(tmp_path / "learn.toml"), "--seed-only",
+            "--seed-model", str(shipped)]
+    assert cli(args) == 0
+    st = json.loads((out / "round_000" / "state.json").read_text())
+    assert st["record"] == {"model": str(shipped.resolve())}
+    z = np.load(out / "round_000" / "frames.npz")
+    assert len(z["frame_id"]) == 8 and all(str(t).startswith("r000/ml-") for t in z["trajectory"])
+    md = z["positions"][z["displaced"] == 0][:, :4] * 10.0                 # formaldehyde, Å
+    co = np.linalg.norm(md[:, 1] - md[:, 0], axis=1)
+    ch = np.linalg.norm(md[:, 2:] - md[:, :1], axis=2)
+    assert np.all((co > 1.05) & (co < 1.45)) and np.all((ch > 0.9) & (ch < 1.35)), (co, ch)
+    assert np.ptp(md[:, 0], axis=0).max() > 1e-3                           # the frames are not one structure
+    segs = sorted((out / "round_000" / "seed").glob("ml-T*/seg_*.npz"))
+    assert len(segs) == 4 and not list((out / "round_000" / "seed").glob("T*"))
+    with Dataset.open(out / "data.nc") as ds:
+        assert len(ds) == 8
+    stamp = [p.stat().st_mtime_ns for p in segs]
+    assert cli(args) == 0
+    assert [p.stat().st_mtime_ns for p in segs] == stamp
