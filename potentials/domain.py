@@ -5,7 +5,9 @@ where a frame holds one molecule, its charge), the sizes of the ML zones and the
 :func:`potentials.train` stores it as ``metadata["domain"]``; the ML client compares each zone with it at
 start-up (:func:`domain_news`) and warns with one line naming what the model has not seen. Molecules in a frame
 are the connected components of its covalent bonds (within 1.5 x the sum of covalent radii: hot and displaced
-training frames stretch bonds, hydrogen bonds (> 1.6 Å) stay apart).
+training frames stretch bonds, hydrogen bonds (> 1.6 Å) stay apart). A hydrogen is monovalent: it keeps only its
+nearest bonded partner, so a water hydrogen squeezed towards a carboxylate oxygen in a displaced frame does not
+merge the two molecules.
 """
 from __future__ import annotations
 
@@ -36,7 +38,15 @@ def molecules(numbers, positions) -> list[np.ndarray]:
     x = np.asarray(positions, dtype=np.float64).reshape(-1, 3)
     r = covalent_radii[z]
     d = np.linalg.norm(x[:, None] - x[None], axis=-1)
-    i, j = np.nonzero(d < BOND_FACTOR * (r[:, None] + r[None]))
+    near = d < BOND_FACTOR * (r[:, None] + r[None])
+    np.fill_diagonal(near, False)
+    for h in np.nonzero(z == 1)[0]:                     # hydrogen: one bond, to its nearest partner
+        partners = np.nonzero(near[h])[0]
+        if len(partners) > 1:
+            keep = partners[np.argmin(d[h, partners])]
+            near[h, :], near[:, h] = False, False
+            near[h, keep] = near[keep, h] = True
+    i, j = np.nonzero(near)
     _, label = connected_components(coo_matrix((np.ones(len(i)), (i, j)), shape=(len(z), len(z))), directed=False)
     first = {lab: k for k, lab in reversed(list(enumerate(label)))}
     return [np.nonzero(label == lab)[0] for lab in sorted(first, key=first.get)]

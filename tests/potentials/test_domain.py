@@ -29,6 +29,11 @@ def test_formula_and_molecules():
     dimer = np.concatenate([water, water + [2.9, 0.0, 0.0]])            # O…O 2.9 Å: a hydrogen-bonded pair
     parts = molecules([8, 1, 1] * 2, dimer)
     assert [p.tolist() for p in parts] == [[0, 1, 2], [3, 4, 5]]
+    # a hydrogen is monovalent: squeezed to 1.40 Å of the other oxygen (within 1.5 x the O-H radii, 1.46 Å) it stays
+    # with its own, nearer oxygen, so the pair stays two molecules; H2 stays one
+    squeezed = np.concatenate([water, water[[0, 2, 1]] + [0.96 + 1.40, 0.0, 0.0]])
+    assert [p.tolist() for p in molecules([8, 1, 1] * 2, squeezed)] == [[0, 1, 2], [3, 4, 5]]
+    assert [p.tolist() for p in molecules([1, 1], [[0, 0, 0], [0.74, 0, 0]])] == [[0, 1]]
 
 
 def test_training_domain_of_the_shipped_test_set():
