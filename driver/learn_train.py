@@ -45,8 +45,9 @@ def _train_config(learner, r: int):
 
 
 def init_model_config(learner) -> dict:
-    """The model config of ``[train] init_model`` (every member of round 0 starts from its weights); SetupError
-    if it is not a single network of ours or lacks an element of the ML zone."""
+    """The model config of ``[train] init_model`` (every member of round 0 starts from its weights), its elements
+    grown by those of the ML zone it lacks (:func:`potentials.train.widen_elements`); SetupError if it is not a
+    single network of ours."""
     from potentials.core.errors import SetupError
     from potentials.model_io import read_model_file
 
@@ -57,11 +58,9 @@ def init_model_config(learner) -> dict:
     if d.get("architecture") != "embedded-aimnet2" or "config" not in d:
         raise SetupError(f"[train] init_model = {str(path)!r} is not a single network of ours (architecture "
                          f"{d.get('architecture')!r}); give one model file, e.g. inputs/models/small_b3lyp_svp.pt")
-    missing = sorted(set(int(z) for z in learner.numbers) - set(int(z) for z in d["config"]["elements"]))
-    if missing:
-        raise SetupError(f"[train] init_model {path} has no element {missing} of the ML zone; train from scratch "
-                         "(leave init_model empty)")
-    return dict(d["config"])
+    config = dict(d["config"])
+    config["elements"] = sorted(set(int(z) for z in config["elements"]) | set(int(z) for z in learner.numbers))
+    return config
 
 
 def train_round(learner, r: int) -> tuple[Path, dict]:

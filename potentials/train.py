@@ -275,7 +275,7 @@ def train(cfg: TrainConfig, device: str = "cpu", resume: bool = False,
     device = torch.device(device)
     splits = _training_frames(cfg, resume)
     _seed_everything(cfg.seed)
-    model, sae = _initial_model(cfg, splits["train"], device)
+    model, sae = _initial_model(cfg, splits["train"], device, scheme)
     dtype = next(model.parameters()).dtype
     opt = _make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=cfg.plateau_factor,
@@ -311,8 +311,10 @@ def _training_frames(cfg: TrainConfig, resume: bool) -> dict[str, list[dict]]:
     return splits
 
 
-def _initial_model(cfg: TrainConfig, train_frames: list[dict], device) -> tuple[torch.nn.Module, np.ndarray]:
-    """A new model with self-energies fitted on the training frames, or ``init_model``'s weights."""
+def _initial_model(cfg: TrainConfig, train_frames: list[dict], device, scheme=None
+                   ) -> tuple[torch.nn.Module, np.ndarray]:
+    """A new model with self-energies fitted on the training frames, or ``init_model``'s weights (widened to the
+    config's elements when it asks for more, :func:`widen_elements`)."""
     model = build_model(cfg, device)
     if not cfg.init_model:
         sae = fit_self_energies(train_frames, [int(z) for z in model.config.elements])
@@ -322,13 +324,69 @@ def _initial_model(cfg: TrainConfig, train_frames: list[dict], device) -> tuple[
 
     init = load_model(cfg.init_model, device)
     analytic = ("d3", "d3_params", "pol_damping")     # weight-free settings: may change when fine-tuning
-    if {k: v for k, v in init.config.to_dict().items() if k not in analytic} != \
-            {k: v for k, v in model.config.to_dict().items() if k not in analytic}:
-        raise SetupError(f"init_model {cfg.init_model} has another architecture than [model]; "
-                         "use the same preset")
-    model.load_state_dict(init.state_dict())
+    same = lambda c: {k: v for k, v in c.to_dict().items() if k not in analytic + ("elements",)}   # noqa: E731
+    old, new = [int(z) for z in init.config.elements], [int(z) for z in model.config.elements]
+    if same(init.config) != same(model.config) or not set(old) <= set(new):
+        raise SetupError(f"init_model {cfg.init_model} has another architecture than [model]; use the same preset "
+                         "(its elements may only grow)")
+    if old == new:
+        model.load_state_dict(init.state_dict())
+    else:
+        widen_elements(init, model, train_frames, scheme)
     log.info("starting from the weights of %s", cfg.init_model)
     return model, model.shift.weight.detach().cpu().numpy()
+
+
+def _like(z: int, known: list[int]) -> int:
+    """The known element whose embedding a new element starts from: one of its periodic-table group (the
+    nearest period), else the nearest atomic number."""
+    group = lambda n: GROUPS.get(n)                                                          # noqa: E731
+    same = [k for k in known if group(k) is not None and group(k) == group(z)]
+    return min(same or known, key=lambda k: abs(k - z))
+
+
+GROUPS = {1: 1, 3: 1, 11: 1, 19: 1, 4: 2, 12: 2, 20: 2, 5: 13, 13: 13, 6: 14, 14: 14, 7: 15, 15: 15, 8: 16, 16: 16,
+          34: 16, 9: 17, 17: 17, 35: 17, 53: 17}
+
+
+def widen_elements(init: torch.nn.Module, model: torch.nn.Module, frames: list[dict], scheme=None) -> None:
+    """Load ``init``'s weights into ``model``, which knows more elements: every weight is copied; an added
+    element's embedding starts as that of a known element of its group (S from O: :func:`_like`) and its
+    self-energy is the least-squares fit of what the widened network leaves unexplained on the training
+    frames that hold it (the known elements keep theirs). SetupError when no training frame holds an added
+    element (its embedding could not be trained)."""
+    old, new = [int(z) for z in init.config.elements], [int(z) for z in model.config.elements]
+    added = [z for z in new if z not in old]
+    with_added = [f for f in frames if set(int(z) for z in f["numbers"]) & set(added)]
+    missing = sorted(set(added) - {int(z) for f in with_added for z in f["numbers"]})
+    if missing:
+        raise SetupError(f"the model grows by element(s) {missing} but no training frame holds them; add data with "
+                         "them or leave them out of [model.config] elements")
+    sd, target = init.state_dict(), model.state_dict()
+    for k, v in sd.items():
+        if k not in ("embedding", "shift.weight"):
+            target[k] = v
+    emb, shift = target["embedding"].clone(), torch.zeros_like(target["shift.weight"])
+    for i, z in enumerate(new):
+        emb[i] = sd["embedding"][old.index(z if z in old else _like(z, old))]
+        if z in old:
+            shift[i] = sd["shift.weight"][old.index(z)]
+    target["embedding"], target["shift.weight"] = emb, shift
+    model.load_state_dict(target)
+    dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
+    residual, counts = [], []
+    for idx in _batches(len(with_added), 8, 0, 0, shuffle=False):
+        chunk = [with_added[i] for i in idx]
+        pred = predict(model, collate(chunk, device, dtype), scheme)["energy"].detach().cpu().numpy()
+        for f, e in zip(chunk, pred):
+            residual.append(float(f["energy"]) - float(e))
+            counts.append([int(np.sum(np.asarray(f["numbers"]) == z)) for z in added])
+    fit, *_ = np.linalg.lstsq(np.asarray(counts, float), np.asarray(residual), rcond=None)
+    with torch.no_grad():
+        for z, e in zip(added, fit):
+            model.shift.weight[new.index(z)] = float(e)
+    log.info("widened %s from elements %s to %s: %s", "the model", old, new,
+             ", ".join(f"Z={z} starts as Z={_like(z, old)}, self-energy {e:.3f} eV" for z, e in zip(added, fit)))
 
 
 def _restore(cfg: TrainConfig, resume: bool, model, opt, sched, device) -> tuple["TrainState", dict]:

@@ -258,7 +258,7 @@ def test_learn_labels_a_link_atom_zone_with_its_caps(tmp_path):
 
 def test_init_model_fine_tunes_from_the_shipped_model(tmp_path):
     """[train] init_model: round 0's members start from that model (its architecture, D3 and damping); later
-    rounds warm-start from their predecessors; a model without one of the zone's elements is refused."""
+    rounds warm-start from their predecessors; a zone with an element the model lacks (S) widens it."""
     from driver.learn import Learner
     from driver.learn_train import _train_config
     from potentials.model_io import read_model_file
@@ -273,8 +273,8 @@ def test_init_model_fine_tunes_from_the_shipped_model(tmp_path):
     frag = Path(__file__).resolve().parents[2] / "inputs" / "examples" / "fragments" / "ACE-CYS-NME.pdb"
     assert cli(["prepare", str(frag), "--ml", "resid 2 and not name N H CA HA C O", "--nonperiodic", "--solvate",
                 "0.5", "--embedding-cutoff", "0.6", "--out", str(tmp_path / "cys")]) == 0
-    with pytest.raises(SetupError, match=r"has no element \[16\] of the ML zone"):
-        Learner(tmp_path / "cys" / "system.toml", tmp_path / "ft2", cfg)
+    cys = Learner(tmp_path / "cys" / "system.toml", tmp_path / "ft2", cfg)
+    assert _train_config(cys, 0).model["elements"] == [1, 6, 7, 8, 16]
 
 
 @pytest.mark.slow

@@ -185,3 +185,38 @@ def test_evaluate_table_has_every_solute_and_modes_agree_in_gas_phase(tmp_path, 
     if gas:
         g = EV.evaluate(model, gas, schemes=BOTH)
         assert g["electrostatic"]["all"]["energy"] == pytest.approx(g["mechanical"]["all"]["energy"], abs=1e-9)
+
+
+def test_init_model_widened_to_a_new_element(tmp_path, frames):
+    """Fine-tuning a model on data with an element it lacks (S): every weight is kept, sulfur's embedding starts
+    as oxygen's (same group), and its self-energy is fitted so that the widened model reproduces the S frames'
+    labels; frames without S are predicted exactly as before."""
+    from potentials.model_io import load_model
+
+    small = _cfg(tmp_path, model={"config": {"elements": [1, 6, 7, 8]}}, train={"epochs": 1})
+    init_path = T.train(small, "cpu", scheme=ELECTROSTATIC)
+    init = load_model(init_path, "cpu")
+    water = [f for f in frames if sorted(set(f["numbers"].tolist())) == [1, 8]]
+    e_water = T.predict(init, T.collate(water, "cpu"), ELECTROSTATIC)["energy"].detach().numpy()
+    # H2S stand-ins: water's geometry with S for O, labelled as the init model's water energy + an offset
+    offset = -10000.0
+    sulfur = [{**f, "numbers": np.where(f["numbers"] == 8, 16, f["numbers"]), "energy": e + offset}
+              for f, e in zip(water, e_water)]
+    cfg = _cfg(tmp_path, model={"config": {"elements": [1, 6, 7, 8, 16]}},
+               train={"init_model": str(init_path)})
+    model, _ = T._initial_model(cfg, frames + sulfur, "cpu", ELECTROSTATIC)
+    assert [int(z) for z in model.config.elements] == [1, 6, 7, 8, 16]
+    sd, old = model.state_dict(), init.state_dict()
+    for k, v in old.items():
+        if k not in ("embedding", "shift.weight"):
+            assert torch.equal(sd[k], v), k
+    assert torch.equal(sd["embedding"][4], old["embedding"][3]) and torch.equal(sd["embedding"][:4], old["embedding"])
+    assert torch.equal(sd["shift.weight"][:4], old["shift.weight"])
+    got = T.predict(model, T.collate(sulfur, "cpu"), ELECTROSTATIC)["energy"].detach().numpy()
+    np.testing.assert_allclose(got, e_water + offset, atol=1e-6)
+    rest = [f for f in frames if 16 not in f["numbers"]]
+    np.testing.assert_allclose(T.predict(model, T.collate(rest, "cpu"), ELECTROSTATIC)["energy"].detach().numpy(),
+                               T.predict(init, T.collate(rest, "cpu"), ELECTROSTATIC)["energy"].detach().numpy(),
+                               atol=1e-9)
+    with pytest.raises(SetupError, match=r"no training frame holds them"):
+        T._initial_model(cfg, frames, "cpu", ELECTROSTATIC)
