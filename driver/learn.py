@@ -153,7 +153,10 @@ class Learner:
         _load_preset(self.cfg.train.preset, Path.cwd())
         if self.cfg.train.init_model:
             from driver.learn_train import init_model_config
-            init_model_config(self)
+            init_model_config(self, self.cfg.train.init_model)
+        if self.cfg.final.init_model not in ("auto", "none", ""):
+            from driver.learn_train import init_model_config
+            init_model_config(self, self.cfg.final.init_model, "[final] init_model")
         if self.cfg.seed.model and not Path(self.cfg.seed.model).is_file():
             raise SetupError(f"[seed] model = {self.cfg.seed.model!r}: no such file; give a model file (ours, a "
                              "committee, MACE, AIMNet2 or ANI) or leave it empty to seed by MM")
@@ -418,20 +421,45 @@ class Learner:
     def finish(self, r: int, reason: str) -> dict:
         from driver.learn_report import write_card, write_report
 
-        final = self.round_dir(r) / "committee.pt"
-        shutil.copyfile(final, self.out / "model.pt")
+        model = self.round_dir(r) / "committee.pt"
         result = {"reason": reason, "round": r, "model": str(self.out / "model.pt"), "frames": self.n_labelled()}
+        if self.cfg.final.epochs:
+            fin = self.final(r)
+            model = Path(fin["model"])
+            result["final"] = {k: fin.get(k) for k in ("model", "errors", "n_train", "n_val", "init_model")}
+        shutil.copyfile(model, self.out / "model.pt")
         if self.cfg.validate.frames:
             from driver.learn_validate import validate
-            result["validation"] = validate(self, r)
+            result["validation"] = validate(self, r, final=bool(self.cfg.final.epochs))
         self._save_meta(finished=result)
         states = self.states()
         write_report(self, states, result)
         write_card(self, states, result)
-        log.info("done (%s): %s from round %d, %d frames; report %s, card %s", reason, self.out / "model.pt", r,
-                 result["frames"], self.out / "report.md", self.out / "model.md")
+        log.info("done (%s): %s from %s, %d frames; report %s, card %s", reason, self.out / "model.pt",
+                 f"the final training after round {r}" if "final" in result else f"round {r}", result["frames"],
+                 self.out / "report.md", self.out / "model.md")
         return result
 
+    def final(self, r: int) -> dict:
+        """``[final]``: train (or keep) the final committee on the loop's frames up to round ``r`` and its held-out
+        errors; the record is ``DIR/final/state.json`` (redone when the loop went on past its round)."""
+        from driver.learn_train import held_out_errors, train_final
+
+        path = self.out / "final" / "state.json"
+        st = json.loads(path.read_text()) if path.exists() else {}
+        if st.get("round") != r or st.get("epochs") != self.cfg.final.epochs:
+            st = {"round": r, "epochs": self.cfg.final.epochs, "stages": []}
+        if "trained" not in st["stages"]:
+            model, ids = train_final(self, r)
+            from driver.learn_train import final_init_model
+            st.update(model=str(model), init_model=final_init_model(self), **ids)
+            st["stages"].append("trained")
+            _write_json(path, st)
+        if "evaluated" not in st["stages"]:
+            st["errors"] = held_out_errors(self, -1, st)
+            st["stages"].append("evaluated")
+            _write_json(path, st)
+        return st
 
 def main(args: argparse.Namespace) -> int:
     """``mlmm learn SYSTEM.toml --out DIR [--config TOML] [--max-frames N] [--validate N] [--seed-only] [--print-config]``."""

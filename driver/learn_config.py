@@ -10,6 +10,7 @@ Sections::
     [explore]  ML/MM MD with the committee (rounds >= 1) and the selection of frames by committee disagreement
     [level]    the QM level of theory (potentials.qmmm_reference.LevelOfTheory: xc, basis, auxbasis, ...)
     [train]    committee training (preset, members, epochs, loss weights, warm start)
+    [final]    after the loop: the committee trained once more from scratch, longer (DIR/model.pt)
     [targets]  when to stop: held-out errors and the in-run uncertainty
     [budget]   frames, rounds, hours
     [validate] after the loop: errors of the final committee on frames sampled independently of the loop
@@ -91,6 +92,23 @@ class TrainSection:
 
 
 @dataclass(frozen=True)
+class FinalConfig:
+    """[final]: after the loop, the committee is trained once more from scratch on every train/val frame the loop
+    labelled, with a longer schedule and more weight on the forces (the rounds train briefly, to move on); it
+    becomes DIR/model.pt. The test trajectories stay held out. epochs = 0: the last round's committee instead."""
+
+    epochs: int = 400                    # 0: no final training
+    init_model: str = "auto"             # auto: [train] init_model if set, else the shipped network when [train] preset
+                                         # is "small" and [level] is its B3LYP/def2-SVP; "none": from scratch; a path
+    lr: float = 1e-3                     # from scratch; a fine-tuned start uses min(lr, [train] warm_lr)
+    w_forces: float = 4.0                # [train] w_energy, w_mm_forces and w_dipole are kept
+    plateau_patience: int = 20
+    min_lr: float = 1e-6
+    early_stopping: int = 60
+    max_minutes: float = 20.0            # per member (0: no limit)
+
+
+@dataclass(frozen=True)
 class Targets:
     """[targets]: the loop stops when all of them are met (held-out MAEs of the committee mean, and the fraction
     of explored frames whose force_std_max exceeds [explore] floor)."""
@@ -133,6 +151,7 @@ class LearnConfig:
     explore: ExploreConfig = field(default_factory=ExploreConfig)
     level: LevelOfTheory = field(default_factory=LevelOfTheory)
     train: TrainSection = field(default_factory=TrainSection)
+    final: FinalConfig = field(default_factory=FinalConfig)
     targets: Targets = field(default_factory=Targets)
     budget: Budget = field(default_factory=Budget)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
@@ -187,6 +206,10 @@ class LearnConfig:
              "[train] epochs, warm_epochs, batch_size, threads must be >= 1 and lr, warm_lr > 0")
         need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
              f"[train] device = {t.device!r}: choose auto, cpu, cuda or cuda:N")
+        f = self.final
+        need(f.epochs >= 0 and f.lr > 0 and f.w_forces >= 0 and f.plateau_patience >= 1 and f.early_stopping >= 1
+             and f.min_lr > 0 and f.max_minutes >= 0, "[final] epochs >= 0 (0: none), lr > 0, w_forces >= 0, "
+             "plateau_patience and early_stopping >= 1, min_lr > 0, max_minutes >= 0")
         need(self.qm_device in ("auto", "cpu", "gpu"), f"qm_device = {self.qm_device!r}: choose auto, cpu or gpu")
         need(self.budget.max_frames >= 0 and self.budget.max_rounds >= 0 and self.budget.max_hours >= 0,
              "[budget] values must be >= 0 (0: no limit)")

@@ -67,7 +67,7 @@ def write_report(learner, states: list[dict], result: dict) -> Path:
     cfg, out = learner.cfg, learner.out
     pngs = _plots(out, states, cfg)
     lines = [f"# mlmm learn: {learner.formula} (charge {learner.charge:+d}) in {learner.system_toml}", "",
-             f"**Result:** {result['reason']}; model `{result['model']}` = the committee of round {result['round']}, "
+             f"**Result:** {result['reason']}; model `{result['model']}` = {_which(result)}, "
              f"{result['frames']} labelled frames, {learner.meta.get('elapsed_s', 0.0) / 60:.1f} min in all.", "",
              "| round | how | candidates | above floor | stopped runs | selected | spread selected / random "
              "(kJ/mol/nm) | labelled (total) | train / val | test frames | E MAE | F MAE | MM F MAE |",
@@ -90,6 +90,16 @@ def write_report(learner, states: list[dict], result: dict) -> Path:
               f"explored frames above the floor. Selection window: force_std_max in [{e.floor_kjmol_nm:g}, "
               f"{e.ceiling_kjmol_nm:g}] kJ/mol/nm. Round r explores with the committee of round r − 1; the table's "
               "errors are those of the round's own committee.", ""]
+    fin = result.get("final")
+    if fin:
+        e = fin["errors"]
+        init = fin.get("init_model") or ""
+        lines += [f"**Final training** (`[final]`): {cfg.train.committee} members "
+                  + (f"fine-tuned from `{init}`" if init else "from scratch") + " on the loop's "
+                  f"{fin['n_train']} train / {fin['n_val']} val frames, at most {cfg.final.epochs} epochs, lr "
+                  f"{cfg.final.lr:g}, force weight {cfg.final.w_forces:g}: held-out E {_fmt(e.get('energy'))}, "
+                  f"F {_fmt(e.get('forces'))}, MM F {_fmt(e.get('mm_forces'))} on the same {e.get('n')} test "
+                  "frames.", ""]
     lines += [f"![{p}]({p})" for p in pngs]
     from driver.learn_validate import report_lines
     lines += [""] + report_lines(cfg, result.get("validation"))
@@ -116,7 +126,8 @@ def write_card(learner, states: list[dict], result: dict) -> Path:
     members = d.get("members") or []
     n_par = sum(int(np.prod(v.shape)) for v in members[0]["state_dict"].values()) if members else 0
     final = next(s for s in states if s["round"] == result["round"])
-    err = final.get("errors", {})
+    err = (result.get("final") or final).get("errors", {})
+    fin_init = (meta.get("final_init_model") or "") if result.get("final") else ""
     with Dataset.open(learner.dataset) as ds:
         counts = Counter(zip(ds.meta["split"], ds.meta["kind"]))
         secs = float(np.median(ds.meta["seconds"])) if ds.n else 0.0
@@ -132,7 +143,7 @@ def write_card(learner, states: list[dict], result: dict) -> Path:
     lines = [
         f"# {out.name}/model.pt: embedding-aware committee for {learner.formula} (charge {learner.charge:+d}), "
         f"{lvl.xc}/{lvl.basis} QM/MM", "",
-        f"**Status:** written by `mlmm learn` ({result['reason']}); committee of round {result['round']} of "
+        f"**Status:** written by `mlmm learn` ({result['reason']}); {_which(result)} of "
         f"`{learner.system_toml}`.", "",
         "| | |", "|---|---|",
         f"| file | `{out / 'model.pt'}` (committee, `potentials.committee` format, loads with `weights_only=True`; "
@@ -143,7 +154,9 @@ def write_card(learner, states: list[dict], result: dict) -> Path:
         f"| level of theory | **{lvl.xc}/{lvl.basis}** (PySCF RKS, density fitting {lvl.auxbasis}, grid level "
         f"{lvl.grid_level}, "
         f"conv_tol {lvl.conv_tol:g} Eh), point-charge embedding (`potentials.qmmm_reference.label_frame`); "
-        "no dispersion correction in the labels or the model |",
+        + ("no dispersion correction in the labels; the model adds D3(BJ) within the ML zone analytically (taken "
+           "from the network it was fine-tuned from) |" if members and members[0]["config"].get("d3") else
+           "no dispersion correction in the labels or the model |"),
         f"| records | `metadata[\"embedding\"]`: {emb.get('scheme')}, cutoff {emb.get('cutoff_nm')} nm, switch "
         f"{emb.get('switch_nm')} nm, long range {emb.get('long_range')}, {emb.get('mm_charges')} (the ML client "
         "refuses "
@@ -164,8 +177,14 @@ def write_card(learner, states: list[dict], result: dict) -> Path:
         f"{t.w_mm_forces:g}·MSE(ΔF_MM) + {t.w_dipole:g}·MSE(Δμ), AdamW lr {t.lr:g} (warm-started rounds "
         f"{t.warm_lr:g}), batch {t.batch_size}, at most "
         f"{t.epochs} epochs ({t.warm_epochs} when warm-started), {t.max_minutes:g} min per member, early stopping "
-        f"{t.early_stopping}; best validation state kept. Curves: "
-        f"`round_{result['round']:03d}/committee.member<k>_curve.png`.", "",
+        f"{t.early_stopping}; best validation state kept. "
+        + (f"After the loop (`[final]`) the members were trained once more "
+           + (f"starting from `{fin_init}`" if fin_init else "from scratch") + " on all its train/val "
+           f"frames: at most {cfg.final.epochs} epochs, lr {cfg.final.lr:g} on a plateau schedule (patience "
+           f"{cfg.final.plateau_patience}, down to {cfg.final.min_lr:g}), force weight {cfg.final.w_forces:g}, early "
+           f"stopping {cfg.final.early_stopping}, {cfg.final.max_minutes:g} min per member. Curves: "
+           "`final/committee.member<k>_curve.png`." if result.get("final") else
+           f"Curves: `round_{result['round']:03d}/committee.member<k>_curve.png`."), "",
         "## Held-out test errors", "",
         f"Committee mean, electrostatic embedding, all {err.get('n', 0)} test frames "
         f"({len(err.get('test_trajectories', []))} trajectories). MAEs; forces per Cartesian component.", "",
@@ -176,6 +195,13 @@ def write_card(learner, states: list[dict], result: dict) -> Path:
     path = out / "model.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _which(result: dict) -> str:
+    """What DIR/model.pt is, in words."""
+    if result.get("final"):
+        return f"the final committee (trained after round {result['round']}, `[final]`)"
+    return f"the committee of round {result['round']}"
 
 
 def _error_lines(cfg, states: list[dict], result: dict, err: dict) -> list[str]:

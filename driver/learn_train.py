@@ -19,6 +19,8 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "inputs" / "models" / "small_b3lyp_svp.pt"
+
 
 def _train_config(learner, r: int):
     from potentials.train_config import TrainConfig, _load_preset
@@ -29,7 +31,7 @@ def _train_config(learner, r: int):
     elements = sorted(set(int(z) for z in preset.get("elements", [])) | set(int(z) for z in learner.numbers))
     model = {"preset": t.preset, "config": {"elements": elements}}
     if t.init_model:                     # fine-tuning: the architecture (and D3, damping) of the starting model
-        model["config"] = init_model_config(learner)
+        model["config"] = init_model_config(learner, t.init_model)
     raw = {"model": model,
            "data": {"path": str(learner.dataset)},
            "output": {"model": str(d / "committee.pt")},
@@ -44,19 +46,18 @@ def _train_config(learner, r: int):
     return TrainConfig.from_dict(raw, base=d, where=f"mlmm learn round {r} training")
 
 
-def init_model_config(learner) -> dict:
-    """The model config of ``[train] init_model`` (every member of round 0 starts from its weights), its elements
-    grown by those of the ML zone it lacks (:func:`potentials.train.widen_elements`); SetupError if it is not a
-    single network of ours."""
+def init_model_config(learner, init_model: str, key: str = "[train] init_model") -> dict:
+    """The model config of ``init_model`` (the members start from its weights), its elements grown by those of the
+    ML zone it lacks (:func:`potentials.train.widen_elements`); SetupError if it is not a single network of ours."""
     from potentials.core.errors import SetupError
     from potentials.model_io import read_model_file
 
-    path = Path(learner.cfg.train.init_model)
+    path = Path(init_model)
     if not path.is_file():
-        raise SetupError(f"[train] init_model = {str(path)!r}: no such file")
+        raise SetupError(f"{key} = {str(path)!r}: no such file")
     d = read_model_file(path)
     if d.get("architecture") != "embedded-aimnet2" or "config" not in d:
-        raise SetupError(f"[train] init_model = {str(path)!r} is not a single network of ours (architecture "
+        raise SetupError(f"{key} = {str(path)!r} is not a single network of ours (architecture "
                          f"{d.get('architecture')!r}); give one model file, e.g. inputs/models/small_b3lyp_svp.pt")
     config = dict(d["config"])
     config["elements"] = sorted(set(int(z) for z in config["elements"]) | set(int(z) for z in learner.numbers))
@@ -66,6 +67,61 @@ def init_model_config(learner) -> dict:
 def train_round(learner, r: int) -> tuple[Path, dict]:
     """Train the committee of round ``r``; returns its file and the record of what it was trained on
     (``trained_trajectories``: train + val trajectories of the training snapshot; ``test_trajectories``)."""
+    t = learner.cfg.train
+    cfg = _train_config(learner, r)
+
+    def start(k):
+        init = learner.round_dir(r - 1) / f"committee.member{k}.pt" if (r > 0 and t.warm_start) else None
+        if init and init.is_file():
+            return dataclasses.replace(cfg, init_model=str(init), lr=t.warm_lr, epochs=t.warm_epochs), \
+                f", warm start from round {r - 1}"
+        return cfg, ""
+    return _train_committee(learner, cfg, start, f"round {r}", {"learn_round": r})
+
+
+def final_init_model(learner) -> str:
+    """The model ``[final]`` starts from ("" = from scratch): ``init_model = "auto"`` takes ``[train] init_model`` if
+    set, else the shipped network (``SHIPPED_MODEL``) when the rounds use its preset ("small") and its level of
+    theory (the default B3LYP/def2-SVP): fine-tuning it on the loop's frames beat training from scratch for formate
+    (PERFORMANCE.md section 12)."""
+    from potentials.qmmm_reference import LevelOfTheory
+
+    f, t, lvl = learner.cfg.final, learner.cfg.train, learner.cfg.level
+    if f.init_model == "none":
+        return ""
+    if f.init_model != "auto":
+        return f.init_model
+    if t.init_model:
+        return t.init_model
+    shipped_level = (lvl.xc, lvl.basis) == (LevelOfTheory().xc, LevelOfTheory().basis)
+    return str(SHIPPED_MODEL) if t.preset == "small" and shipped_level and SHIPPED_MODEL.is_file() else ""
+
+
+def train_final(learner, r: int) -> tuple[Path, dict]:
+    """``[final]``: the committee trained once more on every train/val frame of the loop (rounds 0..r), from scratch
+    or from :func:`final_init_model` (its architecture, elements widened to the zone's), with the final schedule,
+    into ``DIR/final/committee.pt``; returns it and its training record (as :func:`train_round`). Resumable like a
+    round."""
+    f = learner.cfg.final
+    d = learner.out / "final"
+    d.mkdir(exist_ok=True)
+    base = _train_config(learner, r)
+    cfg = dataclasses.replace(base, init_model="", output=str(d / "committee.pt"), checkpoint="", curve="",
+                              epochs=f.epochs, lr=f.lr, w_forces=f.w_forces, plateau_patience=f.plateau_patience,
+                              min_lr=f.min_lr, early_stopping=f.early_stopping, max_minutes=f.max_minutes)
+    init = final_init_model(learner)
+    if init:
+        cfg = dataclasses.replace(cfg, init_model=str(Path(init).resolve()),
+                                  model=init_model_config(learner, init, "[final] init_model"),
+                                  lr=min(f.lr, learner.cfg.train.warm_lr))
+    note = f", fine-tuned from {init}" if init else ", from scratch"
+    return _train_committee(learner, cfg, lambda k: (cfg, note), "final", {"learn_round": r, "final": True,
+                                                                          "final_init_model": init})
+
+
+def _train_committee(learner, cfg, start, tag: str, extra: dict) -> tuple[Path, dict]:
+    """Train (or keep, when finished) each member as ``start(k)`` -> (its config, a note) says; save the
+    committee to ``cfg.output``; return it and the record of its training split."""
     import torch
 
     from coupling.schemes import SCHEMES
@@ -74,25 +130,22 @@ def train_round(learner, r: int) -> tuple[Path, dict]:
     from potentials.dataset import Dataset
     from potentials.model_io import load_model
 
-    cfg = _train_config(learner, r)
     t = learner.cfg.train
     scheme = SCHEMES.get(cfg.embedding)()
     torch.set_num_threads(t.threads)
     paths = []
     for k in range(t.committee):
-        init = learner.round_dir(r - 1) / f"committee.member{k}.pt" if (r > 0 and t.warm_start) else None
-        kcfg = dataclasses.replace(cfg, init_model=str(init), lr=t.warm_lr, epochs=t.warm_epochs) \
-            if init and init.is_file() else cfg
+        kcfg, note = start(k)
         mcfg = member_config(kcfg, k)
         if finished(mcfg):
-            log.info("round %d: committee member %d/%d finished before, kept", r, k + 1, t.committee)
+            log.info("%s: committee member %d/%d finished before, kept", tag, k + 1, t.committee)
             paths.append(Path(mcfg.output))
             continue
-        log.info("round %d: training committee member %d/%d (%s, seed %d%s)", r, k + 1, t.committee, t.preset,
-                 mcfg.seed, ", warm start from round %d" % (r - 1) if kcfg is not cfg else "")
+        log.info("%s: training committee member %d/%d (%s, seed %d%s)", tag, k + 1, t.committee, t.preset,
+                 mcfg.seed, note)
         paths.append(train_member(kcfg, k, learner.device, resume=Path(mcfg.checkpoint).is_file(), scheme=scheme))
     members = [load_model(p) for p in paths]
-    save_committee(cfg.output, members, {"member_files": [str(p) for p in paths], "learn_round": r})
+    save_committee(cfg.output, members, {"member_files": [str(p) for p in paths], **extra})
     snap = Path(member_config(cfg, 0).checkpoint).with_suffix(".data.nc")
     with Dataset.open(snap if snap.is_file() else learner.dataset) as ds:
         split, traj, fid = ds.meta["split"], ds.meta["trajectory"], ds.meta["frame_id"]
@@ -100,7 +153,7 @@ def train_round(learner, r: int) -> tuple[Path, dict]:
         ids = {"trained_trajectories": trained,
                "trained_frame_ids": sorted(str(x) for x, s in zip(fid, split) if s in ("train", "val")),
                "n_train": int(np.sum(split == "train")), "n_val": int(np.sum(split == "val"))}
-    log.info("round %d: committee of %d members saved %s (%d train, %d val frames)", r, t.committee, cfg.output,
+    log.info("%s: committee of %d members saved %s (%d train, %d val frames)", tag, t.committee, cfg.output,
              ids["n_train"], ids["n_val"])
     return Path(cfg.output), ids
 
@@ -127,6 +180,6 @@ def held_out_errors(learner, r: int, st: dict) -> dict:
     row = res["electrostatic"]["all"]
     out = {k: float(row[k]) for k in ("energy", "forces", "mm_forces", "dipole") if k in row}
     out.update(n=int(row["n"]), test_frame_ids=sorted(str(f["frame_id"]) for f in frames), test_trajectories=test_traj)
-    log.info("round %d: held-out (%d test frames, %d trajectories) MAE energy %.3f kcal/mol, ML forces %.3f, MM forces "
-             "%.3f kcal/mol/Å", r, out["n"], len(test_traj), out["energy"], out["forces"], out.get("mm_forces", 0.0))
+    log.info("%s: held-out (%d test frames, %d trajectories) MAE energy %.3f kcal/mol, ML forces %.3f, MM forces "
+             "%.3f kcal/mol/Å", f"round {r}" if r >= 0 else "final committee", out["n"], len(test_traj), out["energy"], out["forces"], out.get("mm_forces", 0.0))
     return out

@@ -14,7 +14,7 @@ environment *after* the loop, with nothing shared:
 Each frame becomes a QM/MM cluster as in the loop (the QM zone, link caps included, in the switched point charges
 of the MM atoms within the system's embedding cutoff) and is labelled at ``[level]`` into
 ``DIR/validation_rNNN/data.nc`` (split ``test``; NNN: the round of the final committee, so a loop that goes on later
-is validated anew). The committee mean's MAEs, overall and per source, and the committee spread on the ML/MM frames
+is validated anew; ``validation_final_rNNN`` when ``[final]`` trained the model). The committee mean's MAEs, overall and per source, and the committee spread on the ML/MM frames
 go to ``DIR/validation_rNNN/errors.json``, the report and the card. Resumable like the rounds: MD is cached, frames
 are labelled once.
 """
@@ -31,13 +31,15 @@ log = logging.getLogger(__name__)
 SOURCES = ("mm", "md")
 
 
-def validate(learner, r: int) -> dict:
-    """Sample, label and evaluate the validation clusters of the committee of round ``r`` (``DIR/model.pt`` of a
-    finished :class:`driver.learn.Learner`); returns the error record (also ``DIR/validation_rNNN/errors.json``)."""
+def validate(learner, r: int, final: bool = False) -> dict:
+    """Sample, label and evaluate the validation clusters of ``DIR/model.pt`` of a finished
+    :class:`driver.learn.Learner`: the committee of round ``r``, or (``final``) the ``[final]`` committee trained
+    after it; returns the error record (also ``DIR/validation_rNNN/errors.json``, ``validation_final_rNNN`` for a
+    final committee)."""
     from driver.learn_label import label_frames
 
     v = learner.cfg.validate
-    d = learner.out / f"validation_r{r:03d}"
+    d = learner.out / (f"validation_final_r{r:03d}" if final else f"validation_r{r:03d}")
     d.mkdir(exist_ok=True)
     model = learner.out / "model.pt"
     out_json = d / "errors.json"

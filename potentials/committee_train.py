@@ -88,7 +88,7 @@ def train_member(cfg: "T.TrainConfig", k: int, device: str = "cpu", resume: bool
     if k > 0:
         splits, split = resplit(splits, mcfg.seed)
     T._seed_everything(mcfg.seed)
-    model, sae = T._initial_model(mcfg, splits["train"], dev)
+    model, sae = T._initial_model(mcfg, splits["train"], dev, scheme)
     dtype = next(model.parameters()).dtype
     opt = T._make_optimizer(model, mcfg)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=mcfg.plateau_factor,

@@ -29,8 +29,8 @@ END
 """
 
 # the smallest run that still has every part: 2 temperatures x 2 segments x 1 frame x (MD + displaced) = 8 seed
-# frames, one ML/MM run of 24 steps per round, 3 frames selected per round, 2 rounds, 2 members x 1 epoch; then
-# 4 validation frames (2 from a fresh MM chain, 2 from ML/MM MD with the final committee)
+# frames, one ML/MM run of 24 steps per round, 3 frames selected per round, 2 rounds, 2 members x 1 epoch; then the
+# final committee (2 members x 2 epochs, from scratch) and 4 validation frames (2 from a fresh MM chain, 2 from ML/MM MD with the final committee)
 CONFIG = """\
 split_pattern = ["train", "test", "val", "train"]
 [seed]
@@ -59,6 +59,8 @@ committee = 2
 epochs = 1
 warm_epochs = 1
 batch_size = 4
+[final]
+epochs = 2
 [budget]
 max_frames = 40
 max_rounds = 2
@@ -199,18 +201,23 @@ def test_learn_end_to_end_held_out_selection_and_resume(tmp_path):
     assert result["round"] == 2 and "round budget" in result["reason"]
     d = read_model_file(out / "model.pt")
     assert d["architecture"] == "embedded-aimnet2-committee" and len(d["members"]) == 2
+    # model.pt is the [final] committee: retrained from scratch on every train/val frame, the test frames held out
+    fin = json.loads((out / "final" / "state.json").read_text())
+    assert d["metadata"].get("final") is True and fin["round"] == 2 and result["final"]["errors"] == fin["errors"]
+    assert set(fin["trained_frame_ids"]) == set(states[2]["trained_frame_ids"])
+    assert not set(fin["errors"]["test_frame_ids"]) & set(fin["trained_frame_ids"])
     emb = d["metadata"]["embedding"]
     assert (emb["scheme"], emb["cutoff_nm"], emb["switch_nm"]) == ("electrostatic", 0.6, 0.2)
     card, report = (out / "model.md").read_text(), (out / "report.md").read_text()
     assert "hf/sto-3g" in card and "Held-out test errors" in card and "CH2O" in card
-    assert "| 2 | ML/MM MD |" in report
+    assert "| 2 | ML/MM MD |" in report and "Final training" in report and "final committee" in card
     for png in ("errors.png", "uncertainty.png", "frames.png"):
         assert (out / png).stat().st_size > 1000
     # independent validation: its own frames, from a fresh MM chain and ML/MM MD, none of them in the loop's data
-    val = json.loads((out / "validation_r002" / "errors.json").read_text())
+    val = json.loads((out / "validation_final_r002" / "errors.json").read_text())
     assert (val["all"]["n"], val["mm"]["n"], val["md"]["n"]) == (4, 2, 2) and val["round"] == 2
     assert all(np.isfinite(val["all"][k]) for k in ("energy", "forces", "mm_forces"))
-    with Dataset.open(out / "validation_r002" / "data.nc") as ds:
+    with Dataset.open(out / "validation_final_r002" / "data.nc") as ds:
         val_ids, val_pos = list(ds.meta["frame_id"]), [ds.frame(i)["positions"] for i in range(len(ds))]
     assert not set(val_ids) & set(ids) and all(i.startswith("validation/") for i in val_ids)
     with Dataset.open(out / "data.nc") as ds:
@@ -275,6 +282,13 @@ def test_init_model_fine_tunes_from_the_shipped_model(tmp_path):
                 "0.5", "--embedding-cutoff", "0.6", "--out", str(tmp_path / "cys")]) == 0
     cys = Learner(tmp_path / "cys" / "system.toml", tmp_path / "ft2", cfg)
     assert _train_config(cys, 0).model["elements"] == [1, 6, 7, 8, 16]
+    # [final] init_model = "auto": [train] init_model, else the shipped network at its own level and preset only
+    from driver.learn_train import SHIPPED_MODEL, final_init_model
+    assert final_init_model(learner) == str(shipped)
+    assert final_init_model(Learner(system, tmp_path / "d1", LearnConfig())) == str(SHIPPED_MODEL)
+    for raw in ({"level": {"xc": "hf", "basis": "sto-3g"}}, {"train": {"preset": "tiny"}},
+                {"final": {"init_model": "none"}}):
+        assert final_init_model(Learner(system, tmp_path / "d2", LearnConfig.from_dict(raw))) == "", raw
 
 
 @pytest.mark.slow
