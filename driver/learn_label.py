@@ -54,12 +54,13 @@ def dataset_writer(learner, path=None):
 def label_round(learner, r: int) -> int:
     """Label the frames of round ``r`` not in the dataset yet; returns how many of the round's frames the dataset
     holds now (this session's and those labelled before a restart; SCF failures are left out)."""
-    return label_frames(learner, learner.round_dir(r) / "frames.npz", learner.dataset, f"round {r}")
+    return label_frames(learner, learner.round_dir(r) / "frames.npz", learner.dataset, f"round {r}", "the round's")
 
 
-def label_frames(learner, frames_path, dataset, tag: str) -> int:
+def label_frames(learner, frames_path, dataset, tag: str, whose: str = "its") -> int:
     """Label the frames of ``frames_path`` (a ``frames.npz`` of :meth:`driver.learn.Learner._save_frames`) that
-    ``dataset`` does not hold yet; returns how many of them it holds now."""
+    ``dataset`` does not hold yet; returns how many of them it holds now. ``tag`` and ``whose`` word the log
+    lines ("round 2: ... of the round's 40")."""
     from potentials.qmmm_reference import append_frame, label_frame
 
     writer = dataset_writer(learner, dataset)
@@ -70,7 +71,6 @@ def label_frames(learner, frames_path, dataset, tag: str) -> int:
     z = np.load(frames_path)
     todo = [i for i, fid in enumerate(z["frame_id"]) if str(fid) not in done]
     lvl = learner.cfg.level
-    whose = "the round's" if tag.startswith("round") else "its"
     log.info("%s: labelling %d frames (%d of %s %d already labelled), %s/%s", tag, len(todo),
              len(z["frame_id"]) - len(todo), whose, len(z["frame_id"]), lvl.xc, lvl.basis)
     t_start, n_new = time.perf_counter(), 0

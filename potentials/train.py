@@ -408,10 +408,14 @@ def _restore(cfg: TrainConfig, resume: bool, model, opt, sched, device) -> tuple
     return state, best_state
 
 
+CURVE_EVERY_S = 60.0          # the loss-curve PNG is redrawn at most this often while training, and at the end
+
+
 def _fit(cfg: TrainConfig, model, opt, sched, state: "TrainState", best_state: dict, splits: dict, scheme,
          device, dtype) -> dict:
-    """The epoch loop (checkpoint and curve after every epoch); returns the best validation state."""
-    t_start = time.time()
+    """The epoch loop (checkpoint after every epoch, the curve at most every ``CURVE_EVERY_S``: drawing it takes
+    ~0.5 s, as long as an epoch of a few hundred frames); returns the best validation state."""
+    t_start = t_curve = time.time()
     while state.epoch < cfg.epochs:
         t0 = time.time()
         running = _train_epoch(cfg, model, opt, splits["train"], state.epoch, scheme, device, dtype)
@@ -435,7 +439,9 @@ def _fit(cfg: TrainConfig, model, opt, sched, state: "TrainState", best_state: d
                  "kcal/mol/Å | lr %.2g | %.0f s", state.epoch, h["train_loss"], h["val_loss"], h["val_score"],
                  h["val_energy_mae"], h["val_force_mae"], h["val_mm_force_mae"], lr, h["seconds"])
         _save_checkpoint(Path(cfg.checkpoint), model, opt, sched, state, best_state)
-        plot_curve(state.history, cfg.curve)
+        if time.time() - t_curve >= CURVE_EVERY_S:
+            plot_curve(state.history, cfg.curve)
+            t_curve = time.time()
         if _stop(cfg, state, lr, t_start):
             break
     return best_state
