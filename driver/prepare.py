@@ -112,12 +112,13 @@ def _prepare(args: argparse.Namespace) -> None:
     forcefield = open_forcefield(ff_names)
     expr = args.ml.strip()
     topology, positions, free_residues, q_free = _solute(args, src, forcefield, ff_names, expr)
-    padding = auto_padding(positions, select(topology, expr) if expr else np.zeros(0, np.int64), args.mm_cutoff,
+    padding = auto_padding(positions, _select(topology, expr, positions), args.mm_cutoff,
                            args.embedding_cutoff) if args.solvate == "auto" else args.solvate
     topology, positions, periodic = _surroundings(args, src, forcefield, topology, positions, padding)
 
-    # the final system: resolve the selection again (fixing/solvation changed the indices)
-    ml = select(topology, expr) if expr else np.zeros(0, np.int64)
+    # the final system: resolve the selection again (fixing/solvation changed the indices; a 'within' sees the
+    # solvent added around the zone)
+    ml = _select(topology, expr, positions, periodic)
     zone = ml_zone(topology, ml)
     box = np.asarray(topology.getPeriodicBoxVectors().value_in_unit(unit.nanometer)) if periodic else None
     if periodic:
@@ -134,6 +135,16 @@ def _prepare(args: argparse.Namespace) -> None:
         coupling=CouplingSpec(cutoff_nm=args.embedding_cutoff))
     spec.save(out / "system.toml")
     _final_charges(args, out, spec, ml, free_residues, q_free, structure)
+
+
+def _select(topology: app.Topology, expr: str, positions, periodic: bool = True) -> np.ndarray:
+    """The ML-zone atoms of ``expr`` in this topology and these positions (``within`` is a distance in them, minimum
+    image when the system is periodic)."""
+    if not expr:
+        return np.zeros(0, np.int64)
+    vectors = topology.getPeriodicBoxVectors() if periodic else None
+    box = np.asarray(vectors.value_in_unit(unit.nanometer)) if vectors is not None else None
+    return select(topology, expr, positions, box)
 
 
 def auto_padding(positions: np.ndarray, ml: np.ndarray, mm_cutoff: float, embedding_cutoff: float) -> float:
@@ -159,7 +170,7 @@ def _solute(args: argparse.Namespace, src: Path, forcefield: app.ForceField, ff_
     """The fixed solute, its template-less residues (their indices: kept through solvation) and their charge
     (e); registers the ML zone's template generator (element LJ, that charge spread over their atoms)."""
     topology, positions = fixed_structure(src, args.ph, fix=not args.no_fix, seed=int(getattr(args, "seed", 0)))
-    ml = select(topology, expr) if expr else np.zeros(0, np.int64)
+    ml = _select(topology, expr, positions)
     free = check_templates(forcefield, topology, ml, args.forcefield)
     infer_bonds(topology, positions, free)
     for res in free:

@@ -4,7 +4,7 @@ Grammar (keywords and operators are case-insensitive; values are matched exactly
 
     expr    := term ("or" term)*
     term    := factor ("and" factor)*
-    factor  := "not" factor | "(" expr ")" | keyword value+
+    factor  := "not" factor | "byres" factor | "within" DISTANCE "of" factor | "(" expr ")" | keyword value+
     keyword := resname | resid | index | name | chain | element
 
 * ``resname MOL HOH``: residue names.
@@ -12,33 +12,44 @@ Grammar (keywords and operators are case-insensitive; values are matched exactly
   an id with an insertion code (``52A``) matches literally.
 * ``index 0-20 25``: 0-based atom indices, ranges inclusive.
 * ``name CA CB``, ``chain A``, ``element C N``.
+* ``within 0.3 of (resid 27 and name OD1 OD2)``: atoms closer than the distance to any atom of the
+  selection (the selection's own atoms included), minimum image in a periodic box. The distance is in nm, or
+  in Å with the suffix ``A`` (``3A``); it needs positions (:func:`select` ``positions=``).
+* ``byres SEL``: every atom of each residue that has an atom in SEL (whole waters, whole residues).
 
-:func:`select` returns sorted 0-based atom indices."""
+:func:`select` returns sorted 0-based atom indices. :func:`is_geometric` says whether a selection depends on
+positions (``within``): ``mlmm prepare`` resolves it once, on the structure it writes, and keeps the atoms."""
 from __future__ import annotations
 
 import re
 
 import numpy as np
-from openmm import app
+from openmm import app, unit
 
 from potentials.core.errors import SetupError
 
 KEYWORDS = ("resname", "resid", "index", "name", "chain", "element")
-OPERATORS = ("and", "or", "not")
+OPERATORS = ("and", "or", "not", "byres", "within", "of")
 _TOKEN = re.compile(r"\(|\)|[^\s()]+")
 _RANGE = re.compile(r"^(-?\d+)(?:-(-?\d+))?$")
 
 
-def select(topology: app.Topology, expr: str) -> np.ndarray:
+def is_geometric(expr: str) -> bool:
+    """Whether the selection depends on positions (it uses ``within``)."""
+    return any(t.lower() == "within" for t in _TOKEN.findall(expr or ""))
+
+
+def select(topology: app.Topology, expr: str, positions=None, box=None) -> np.ndarray:
     """Resolve a selection string to sorted 0-based atom indices (int64).
 
-    Raises SetupError on a malformed expression (naming the offending token) or an empty result (listing the
-    residue names present).
+    ``positions`` (n, 3) nm and ``box`` (3, 3) nm or None (no periodicity) are needed by ``within`` only; without
+    them a selection that uses it is a SetupError. Raises SetupError on a malformed expression (naming the
+    offending token) or an empty result (listing the residue names present).
     """
     tokens = _TOKEN.findall(expr)
     if not tokens:
         raise SetupError("empty selection; give e.g. --ml \"resname MOL\"")
-    parser = _Parser(tokens, expr, _AtomTable(topology))
+    parser = _Parser(tokens, expr, _AtomTable(topology, positions, box))
     mask = parser.parse()
     indices = np.flatnonzero(mask).astype(np.int64)
     if len(indices) == 0:
@@ -51,9 +62,16 @@ def select(topology: app.Topology, expr: str) -> np.ndarray:
 class _AtomTable:
     """Per-atom attribute arrays, built once per topology."""
 
-    def __init__(self, topology: app.Topology):
+    def __init__(self, topology: app.Topology, positions=None, box=None):
         atoms = list(topology.atoms())
         self.n = len(atoms)
+        self.residue = np.array([a.residue.index for a in atoms], dtype=np.int64)
+        self.positions = None if positions is None else np.asarray(
+            positions.value_in_unit(unit.nanometer) if hasattr(positions, "value_in_unit") else positions,
+            dtype=np.float64).reshape(-1, 3)
+        if self.positions is not None and len(self.positions) != self.n:
+            raise SetupError(f"selection: {len(self.positions)} positions for {self.n} atoms")
+        self.box = None if box is None else np.asarray(box, dtype=np.float64).reshape(3, 3)
         self.resname = np.array([a.residue.name for a in atoms], dtype=object)
         self.resid = np.array([a.residue.id for a in atoms], dtype=object)
         self.name = np.array([a.name for a in atoms], dtype=object)
@@ -79,7 +97,7 @@ class _Parser:
 
     def error(self, msg: str) -> SetupError:
         return SetupError(f"selection '{self.expr}': {msg}; grammar: KEYWORD VALUE... combined with and/or/not/( ), "
-                          f"keywords: {', '.join(KEYWORDS)}")
+                          f"byres SEL, within DISTANCE of SEL; keywords: {', '.join(KEYWORDS)}")
 
     def peek(self) -> str | None:
         return self.tokens[self.pos] if self.pos < len(self.tokens) else None
@@ -112,6 +130,10 @@ class _Parser:
         self.pos += 1
         if low == "not":
             return ~self.factor()
+        if low == "byres":
+            return np.isin(self.t.residue, self.t.residue[self.factor()])
+        if low == "within":
+            return self.within()
         if tok == "(":
             mask = self.expr_()
             if self.peek() != ")":
@@ -127,6 +149,33 @@ class _Parser:
         if not values:
             raise self.error(f"keyword '{tok}' needs at least one value")
         return getattr(self, f"match_{low}")(values)
+
+    def within(self) -> np.ndarray:
+        """``within DISTANCE of FACTOR`` (after the keyword): atoms within the distance of any atom of FACTOR."""
+        dist = self.peek()
+        m = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)(nm|A)?", dist or "", flags=re.I)
+        if not m:
+            raise self.error(f"'within' needs a distance, e.g. within 0.3 of ... (nm) or within 3A of ... (Å), not "
+                             f"'{dist}'" if dist else "'within' needs a distance and 'of'")
+        cutoff = float(m.group(1)) * (0.1 if (m.group(2) or "").lower() == "a" else 1.0)
+        self.pos += 1
+        if (self.peek() or "").lower() != "of":
+            raise self.error(f"expected 'of' after 'within {dist}'")
+        self.pos += 1
+        ref = self.factor()
+        if self.t.positions is None:
+            raise self.error("'within' needs the atom positions (a selection given to `mlmm prepare`: it is resolved "
+                             "there, on the structure it writes)")
+        x, centres = self.t.positions, self.t.positions[ref]
+        out = np.zeros(self.t.n, bool)
+        for start in range(0, len(centres), 64):                  # (n, 64, 3) at a time: bounded memory
+            d = x[:, None, :] - centres[None, start:start + 64, :]
+            if self.t.box is not None:                              # minimum image, reduced (OpenMM) box vectors
+                for k in (2, 1, 0):
+                    v = self.t.box[k]
+                    d -= np.round(d[..., k] / v[k])[..., None] * v
+            out |= (np.einsum("nmk,nmk->nm", d, d) <= cutoff * cutoff).any(axis=1)
+        return out
 
     # ------------------------------------------------------------------ keywords
     def _isin(self, column: np.ndarray, values: list[str]) -> np.ndarray:

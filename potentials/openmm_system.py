@@ -28,7 +28,7 @@ from ase.data import covalent_radii
 from openmm import app, unit
 from scipy.spatial import cKDTree
 
-from potentials.atom_selection import select
+from potentials.atom_selection import is_geometric, select
 from potentials.core.errors import SetupError
 from potentials.core.spec import MMSpec, SystemSpec
 from potentials.core.units import ANGSTROM_PER_NM, KJMOL_PER_KCALMOL
@@ -327,12 +327,18 @@ def create_system(forcefield: app.ForceField, topology: app.Topology, mm: MMSpec
 
 def ml_indices_of(spec: SystemSpec, topology: app.Topology) -> np.ndarray:
     """The ML-zone atom indices of a spec: ``[ml] indices``, checked against ``[ml] selection`` when both are
-    given (resolving the selection when only it is given)."""
+    given (resolving the selection when only it is given). A selection with ``within`` depends on positions: it
+    was resolved by ``mlmm prepare``, and the indices it wrote are the zone."""
     n = topology.getNumAtoms()
     idx = np.unique(np.asarray(spec.ml.indices, dtype=np.int64))
     if len(idx) and (idx[0] < 0 or idx[-1] >= n):
         raise SetupError(f"[ml] indices run from {idx[0]} to {idx[-1]} but {spec.structure.file} has {n} atoms "
                          "(0-based); re-run `mlmm prepare`")
+    if spec.ml.selection and is_geometric(spec.ml.selection):
+        if len(idx) == 0:                      # resolved by `mlmm prepare` on the structure it wrote
+            raise SetupError(f"[ml] selection '{spec.ml.selection}' uses 'within' (positions): give [ml] indices "
+                             "too, as `mlmm prepare` writes them")
+        return idx
     if spec.ml.selection:
         sel = select(topology, spec.ml.selection)
         if len(idx) == 0:

@@ -108,3 +108,76 @@ def test_boundary(topology):
     assert "link-atoms" in msg and "whole molecules" in msg
     # inside a residue: selecting methanol's C and O cuts the four X-H bonds
     assert len(cut_bonds(topology, select(topology, "resname MOL and not element H"))) == 4
+
+
+@pytest.fixture(scope="module")
+def solvated():
+    """Methanol in a periodic TIP3P box (Modeller), topology + positions (nm) + box (nm)."""
+    from openmm import unit
+    mol = app.PDBFile(str(EXAMPLES / "methanol" / "input.pdb"))
+    ff = app.ForceField("amber14-all.xml", "amber14/tip3p.xml", str(EXAMPLES.parent / "forcefields" / "solutes.xml"))
+    modeller = app.Modeller(mol.topology, mol.positions)
+    modeller.addSolvent(ff, padding=0.6 * unit.nanometer)
+    pos = np.asarray(modeller.positions.value_in_unit(unit.nanometer))
+    box = np.asarray(modeller.topology.getPeriodicBoxVectors().value_in_unit(unit.nanometer))
+    return modeller.topology, pos, box
+
+
+@pytest.mark.parametrize("periodic", [False, True])
+def test_within_and_byres_agree_with_mdtraj(solvated, periodic):
+    top, pos, box = solvated
+    traj = mdtraj.Trajectory(pos[None], mdtraj.Topology.from_openmm(top))
+    if periodic:
+        traj.unitcell_vectors = box[None]
+    query = select(top, "resname MOL and element O")
+    for cutoff in (0.3, 0.5):
+        theirs = mdtraj.compute_neighbors(traj, cutoff, query, periodic=periodic)[0]
+        ours = select(top, f"within {cutoff} of (resname MOL and element O)", pos, box if periodic else None)
+        assert sorted(set(ours) - set(query)) == sorted(theirs)
+        assert set(query) <= set(ours)
+        assert np.array_equal(ours, select(top, f"within {cutoff * 10:g}A of (resname MOL and element O)", pos,
+                                           box if periodic else None))
+    # byres: whole residues; waters whose oxygen lies within 0.45 nm of methanol's O (unrelaxed solvent: no closer)
+    shell = select(top, "byres (resname HOH and element O and within 0.45 of (resname MOL and element O))", pos, box)
+    atoms = list(top.atoms())
+    residues = {atoms[i].residue for i in shell}
+    assert residues and len(shell) == 3 * len(residues) and all(r.name == "HOH" for r in residues)
+    # the atom nearest the box edge: its neighbours across the boundary count only with the box (minimum image)
+    edge = int(np.argmin(pos[:, 0]))
+    ours = select(top, f"within 0.4 of index {edge}", pos, box if periodic else None)
+    theirs = mdtraj.compute_neighbors(traj, 0.4, [edge], periodic=periodic)[0]
+    assert sorted(set(ours) - {edge}) == sorted(theirs)
+    if periodic:
+        assert len(ours) > len(select(top, f"within 0.4 of index {edge}", pos))
+
+
+@pytest.mark.parametrize("expr, message", [
+    ("within 0.3 of resname MOL", "needs the atom positions"),
+    ("within of resname MOL", "'within' needs a distance"),
+    ("within 0.3 resname MOL", "expected 'of'"),
+    ("within 3pm of resname MOL", "'within' needs a distance"),
+])
+def test_within_errors(solvated, expr, message):
+    top, pos, box = solvated
+    with pytest.raises(SetupError, match=message):
+        select(top, expr, None if "positions" in message else pos)
+
+
+def test_pocket_waters_of_the_dhfr_tutorial(tmp_path):
+    """The README's DHFR pocket-water zone by distance picks the three waters hydrogen-bonded to Asp27 (O within
+    0.3 nm of OD1/OD2; the next water is at 0.37 nm), the atoms the index form of the tutorial names."""
+    import gzip
+    import shutil
+
+    from openmm import unit
+    plain = tmp_path / "dhfr.pdb"
+    with gzip.open(EXAMPLES / "dhfr" / "dhfr_jac.pdb.gz", "rb") as fin, open(plain, "wb") as fout:
+        shutil.copyfileobj(fin, fout)
+    pdb = app.PDBFile(str(plain))
+    pos = np.asarray(pdb.positions.value_in_unit(unit.nanometer))
+    box = np.asarray(pdb.topology.getPeriodicBoxVectors().value_in_unit(unit.nanometer))
+    side = "resid 27 and resname ASP and name CB HB2 HB3 CG OD1 OD2"
+    by_distance = select(pdb.topology, f"({side}) or byres (resname HOH and name O and within 0.3 of "
+                                       "(resid 27 and resname ASP and name OD1 OD2))", pos, box)
+    by_index = select(pdb.topology, f"({side}) or index 10937-10939 10946-10948 11042-11044")
+    assert np.array_equal(by_distance, by_index) and len(by_index) == 15
