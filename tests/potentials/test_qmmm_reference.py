@@ -3,6 +3,7 @@ charges and QM atoms, and the end-to-end `mlmm label` pipeline (sampling, embedd
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -226,3 +227,30 @@ def test_qm_backend_choice(tmp_path):
     np.testing.assert_allclose(gpu.forces, cpu.forces, atol=1e-4)            # eV/Å
     np.testing.assert_allclose(gpu.mm_forces, cpu.mm_forces, atol=1e-4)
     np.testing.assert_allclose(gpu.dipole, cpu.dipole, atol=1e-4)
+
+
+FRAGMENTS = {"ASP": ("C2H3O2", -1), "SER": ("CH4O", 0), "CYS": ("CH4S", 0), "CYM": ("CH3S", -1),
+             "GLU": ("C3H5O2", -1)}
+
+
+def test_shipped_fragments_are_what_their_readme_says():
+    """inputs/data/fragments/<NAME>.nc (label_fragments.sh): 80 frames of one capped side chain each, split by MD
+    segment, and a label (the methanethiol one: sulfur) recomputed here equals the stored one."""
+    from potentials.dataset import Dataset
+    from potentials.domain import formula
+    root = Path(__file__).resolve().parents[2] / "inputs" / "data" / "fragments"
+    shipped = sorted(p.stem for p in root.glob("*.nc"))
+    assert set(FRAGMENTS) <= set(shipped), shipped
+    for name, (chem, charge) in FRAGMENTS.items():
+        with Dataset.open(root / f"{name}.nc") as ds:
+            assert len(ds) == 80 and ds.attrs["qm_xc"] == "b3lypg" and ds.attrs["qm_basis"] == "def2-svp"
+            fr = ds.frame(0)
+            assert formula(fr["numbers"]) == chem and int(fr["total_charge"]) == charge
+            split, traj = ds.meta["split"], ds.meta["trajectory"]
+            assert {str(s): int(np.sum(split == s)) for s in ("train", "val", "test")} == {"train": 48, "val": 16,
+                                                                                           "test": 16}
+            assert all(len(set(split[traj == t])) == 1 for t in set(traj))
+            if name == "CYS":
+                lab = label_frame(fr["numbers"], fr["positions"], charge, fr["mm_positions"], fr["mm_charges"])
+                assert lab.energy == pytest.approx(float(fr["energy"]), abs=1e-5)
+                np.testing.assert_allclose(lab.forces, fr["forces"], atol=1e-4)
