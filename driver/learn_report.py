@@ -172,19 +172,7 @@ def write_card(learner, states: list[dict], result: dict) -> Path:
         "committee, frames selected by committee disagreement. Split **by trajectory** (MD segment or ML/MM run): "
         "test trajectories are never trained on.", ""] + table + [
         "", "## Training", "",
-        f"Per round, {t.committee} members (seeds {t.seed}…{t.seed + t.committee - 1}, member k > 0 re-splits "
-        f"train/val by trajectory), loss {t.w_energy:g}·MSE(ΔE/N) + {t.w_forces:g}·MSE(ΔF_ML) + "
-        f"{t.w_mm_forces:g}·MSE(ΔF_MM) + {t.w_dipole:g}·MSE(Δμ), AdamW lr {t.lr:g} (warm-started rounds "
-        f"{t.warm_lr:g}), batch {t.batch_size}, at most "
-        f"{t.epochs} epochs ({t.warm_epochs} when warm-started), {t.max_minutes:g} min per member, early stopping "
-        f"{t.early_stopping}; best validation state kept. "
-        + (f"After the loop (`[final]`) the members were trained once more "
-           + (f"starting from `{fin_init}`" if fin_init else "from scratch") + " on all its train/val "
-           f"frames: at most {cfg.final.epochs} epochs, lr {cfg.final.lr:g} on a plateau schedule (patience "
-           f"{cfg.final.plateau_patience}, down to {cfg.final.min_lr:g}), force weight {cfg.final.w_forces:g}, early "
-           f"stopping {cfg.final.early_stopping}, {cfg.final.max_minutes:g} min per member. Curves: "
-           "`final/committee.member<k>_curve.png`." if result.get("final") else
-           f"Curves: `round_{result['round']:03d}/committee.member<k>_curve.png`."), "",
+        _training_text(cfg, result, fin_init), "",
         "## Held-out test errors", "",
         f"Committee mean, electrostatic embedding, all {err.get('n', 0)} test frames "
         f"({len(err.get('test_trajectories', []))} trajectories). MAEs; forces per Cartesian component.", "",
@@ -195,6 +183,24 @@ def write_card(learner, states: list[dict], result: dict) -> Path:
     path = out / "model.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _training_text(cfg, result: dict, fin_init: str) -> str:
+    """The card's training paragraph: the rounds' schedule and, after a ``[final]`` training, its own."""
+    t, f = cfg.train, cfg.final
+    text = (f"Per round, {t.committee} members (seeds {t.seed}…{t.seed + t.committee - 1}, member k > 0 re-splits "
+            f"train/val by trajectory), loss {t.w_energy:g}·MSE(ΔE/N) + {t.w_forces:g}·MSE(ΔF_ML) + "
+            f"{t.w_mm_forces:g}·MSE(ΔF_MM) + {t.w_dipole:g}·MSE(Δμ), AdamW lr {t.lr:g} (warm-started rounds "
+            f"{t.warm_lr:g}), batch {t.batch_size}, at most {t.epochs} epochs ({t.warm_epochs} when warm-started), "
+            f"{t.max_minutes:g} min per member, early stopping {t.early_stopping}; best validation state kept. ")
+    if not result.get("final"):
+        return text + f"Curves: `round_{result['round']:03d}/committee.member<k>_curve.png`."
+    return text + (f"After the loop (`[final]`) the members were trained once more "
+                   + (f"starting from `{fin_init}`" if fin_init else "from scratch") + " on all its train/val "
+                   f"frames: at most {f.epochs} epochs, lr {f.lr:g} on a plateau schedule (patience "
+                   f"{f.plateau_patience}, down to {f.min_lr:g}), force weight {f.w_forces:g}, early stopping "
+                   f"{f.early_stopping}, {f.max_minutes:g} min per member. Curves: "
+                   "`final/committee.member<k>_curve.png`.")
 
 
 def _which(result: dict) -> str:
