@@ -79,7 +79,8 @@ def evaluated_model(path, device: str, model_type: str | None = None):
     if isinstance(adapter, EmbeddedAIMNet2Adapter):
         return adapter.module, EVALUATED_SCHEMES
     if getattr(adapter, "n_members", None) is not None:           # a committee of the network: its mean
-        return ModelUnitsModule(adapter), EVALUATED_SCHEMES
+        from potentials.committee import CommitteeNetwork
+        return CommitteeNetwork([m.module for m in adapter.members]), EVALUATED_SCHEMES
     return ModelUnitsModule(adapter), (("model-charges", "emle", "mechanical") if adapter.predicts_charges
                                        else ("mechanical",))
 

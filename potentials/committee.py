@@ -108,6 +108,26 @@ def load_committee(path, device="cpu", contents: dict | None = None) -> list[Emb
     return out
 
 
+class CommitteeNetwork(torch.nn.Module):
+    """The committee's mean as one network in the network's own units and call (positions Å, φ V, E V/Å ->
+    energy eV, charges e, and the mean ``dispersion`` when the members add D3): what the training-side code
+    (:func:`potentials.train.predict`, ``mlmm evaluate``, ``mlmm learn``'s held-out errors) evaluates. It carries
+    member 0's ``config``, so the polarisation term gets the damped field (``pol_damping``) and the D3 term is
+    left out of the comparison with DFT labels, exactly as for a single network."""
+
+    def __init__(self, members: list[EmbeddedAIMNet2]):
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+        self.config = members[0].config
+
+    def forward(self, numbers, positions, mol_idx, charge, phi=None, efield=None, efield_pol=None) -> dict:
+        outs = [m(numbers, positions, mol_idx, charge, phi, efield, efield_pol=efield_pol) for m in self.members]
+        res = {k: torch.stack([o[k] for o in outs]).mean(0) for k in ("energy", "charges")}
+        if all("dispersion" in o for o in outs):
+            res["dispersion"] = torch.stack([o["dispersion"] for o in outs]).mean(0)
+        return res
+
+
 @MODELS.register(COMMITTEE)
 class CommitteeAdapter:
     """K networks (:class:`potentials.adapters.EmbeddedAIMNet2Adapter` each) behind one adapter.
