@@ -451,8 +451,7 @@ class Learner:
             st = {"round": r, "epochs": self.cfg.final.epochs, "stages": []}
         if "trained" not in st["stages"]:
             model, ids = train_final(self, r)
-            from driver.learn_train import final_init_model
-            st.update(model=str(model), init_model=final_init_model(self), **ids)
+            st.update(model=str(model), **ids)
             st["stages"].append("trained")
             _write_json(path, st)
         if "evaluated" not in st["stages"]:

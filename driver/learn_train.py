@@ -100,8 +100,8 @@ def final_init_model(learner) -> str:
 def train_final(learner, r: int) -> tuple[Path, dict]:
     """``[final]``: the committee trained once more on every train/val frame of the loop (rounds 0..r), from scratch
     or from :func:`final_init_model` (its architecture, elements widened to the zone's), with the final schedule,
-    into ``DIR/final/committee.pt``; returns it and its training record (as :func:`train_round`). Resumable like a
-    round."""
+    into ``DIR/final/committee.pt``; returns it and its training record (as :func:`train_round`, plus
+    ``init_model``: the start model, "" from scratch). Resumable like a round."""
     f = learner.cfg.final
     d = learner.out / "final"
     d.mkdir(exist_ok=True)
@@ -115,8 +115,9 @@ def train_final(learner, r: int) -> tuple[Path, dict]:
                                   model=init_model_config(learner, init, "[final] init_model"),
                                   lr=min(f.lr, learner.cfg.train.warm_lr))
     note = f", fine-tuned from {init}" if init else ", from scratch"
-    return _train_committee(learner, cfg, lambda k: (cfg, note), "final", {"learn_round": r, "final": True,
-                                                                          "final_init_model": init})
+    path, ids = _train_committee(learner, cfg, lambda k: (cfg, note), "final",
+                                 {"learn_round": r, "final": True, "final_init_model": init})
+    return path, {**ids, "init_model": init}
 
 
 def _train_committee(learner, cfg, start, tag: str, extra: dict) -> tuple[Path, dict]:
