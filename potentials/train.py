@@ -340,8 +340,7 @@ def _initial_model(cfg: TrainConfig, train_frames: list[dict], device, scheme=No
 def _like(z: int, known: list[int]) -> int:
     """The known element whose embedding a new element starts from: one of its periodic-table group (the
     nearest period), else the nearest atomic number."""
-    group = lambda n: GROUPS.get(n)                                                          # noqa: E731
-    same = [k for k in known if group(k) is not None and group(k) == group(z)]
+    same = [k for k in known if GROUPS.get(k) is not None and GROUPS.get(k) == GROUPS.get(z)]
     return min(same or known, key=lambda k: abs(k - z))
 
 
@@ -385,7 +384,7 @@ def widen_elements(init: torch.nn.Module, model: torch.nn.Module, frames: list[d
     with torch.no_grad():
         for z, e in zip(added, fit):
             model.shift.weight[new.index(z)] = float(e)
-    log.info("widened %s from elements %s to %s: %s", "the model", old, new,
+    log.info("widened the model from elements %s to %s: %s", old, new,
              ", ".join(f"Z={z} starts as Z={_like(z, old)}, self-energy {e:.3f} eV" for z, e in zip(added, fit)))
 
 
