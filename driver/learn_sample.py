@@ -220,6 +220,39 @@ def _atomic_savez(path: Path, **arrays) -> None:
     os.replace(tmp, path)
 
 
+def _run_segments(paths: list[Path], s0: Path, cfg, steps, equilibrate, restore, *, advance, positions, state,
+                  what: str, fix: str) -> list[np.ndarray]:
+    """The cached-segment loop of :func:`seed_segments` and :func:`model_segments`: equilibrate once into ``s0``
+    (the state after equilibration), then sample each missing segment from the previous one's final state
+    (``cfg.gap_ps`` before its first frame, ``cfg.spacing_ps`` between frames) and save it atomically. A
+    non-finite frame is a CalculationFailed naming the segment and ``fix``."""
+    from potentials.core.errors import CalculationFailed
+
+    if not s0.exists():
+        t0 = time.perf_counter()
+        equilibrate()
+        _atomic_savez(s0, **state())
+        log.info("%s: equilibrated %.1f ps (%.0f s)", what, cfg.equil_ps, time.perf_counter() - t0)
+    for s, path in enumerate(paths):
+        if path.exists():
+            continue
+        restore(paths[s - 1] if s else s0)
+        t0 = time.perf_counter()
+        frames = []
+        for k in range(cfg.frames_per_trajectory):
+            n = steps(cfg.gap_ps if k == 0 and s > 0 else (0.0 if k == 0 else cfg.spacing_ps))
+            if n:
+                advance(n, f"segment {s}")
+            frames.append(positions())
+        frames = np.asarray(frames, dtype=np.float32)
+        if not np.all(np.isfinite(frames)):
+            raise CalculationFailed(f"{what} blew up in segment {s}; {fix}")
+        _atomic_savez(path, positions=frames, **state())
+        log.info("%s: segment %d/%d, %d frames (%.0f s)", what, s + 1, cfg.trajectories, len(frames),
+                 time.perf_counter() - t0)
+    return [np.load(p)["positions"] for p in paths]
+
+
 def seed_segments(system: openmm.System, positions_nm: np.ndarray, box_nm, temperature: float, seed: int,
                   cfg, folder: Path) -> list[np.ndarray]:
     """The ``cfg.trajectories`` segments (each (frames, n_atoms, 3) nm, float32) of one MM chain at
@@ -242,36 +275,23 @@ def seed_segments(system: openmm.System, positions_nm: np.ndarray, box_nm, tempe
         return dict(final_positions=st.getPositions(asNumpy=True).value_in_unit(unit.nanometer),
                     final_velocities=st.getVelocities(asNumpy=True).value_in_unit(unit.nanometer / unit.picosecond))
 
-    s0 = folder / "state0.npz"
-    if not s0.exists():
-        t0 = time.perf_counter()
+    def equilibrate() -> None:
         ctx.setPositions(np.asarray(positions_nm))
         openmm.LocalEnergyMinimizer.minimize(ctx, 10.0, 1000)
         ctx.setVelocitiesToTemperature(temperature * unit.kelvin, int(seed))
         integ.step(steps(cfg.equil_ps))
-        _atomic_savez(s0, **state())
-        log.info("seed MD %g K: minimised and equilibrated %.1f ps (%.0f s)", temperature, cfg.equil_ps,
-                 time.perf_counter() - t0)
-    for s, path in enumerate(paths):
-        if path.exists():
-            continue
-        with np.load(paths[s - 1] if s else s0) as z:
+
+    def restore(path: Path) -> None:
+        with np.load(path) as z:
             ctx.setPositions(z["final_positions"])
             ctx.setVelocities(z["final_velocities"])
-        t0 = time.perf_counter()
-        frames = []
-        for k in range(cfg.frames_per_trajectory):
-            integ.step(steps(cfg.gap_ps if k == 0 and s > 0 else (0.0 if k == 0 else cfg.spacing_ps)))
-            frames.append(ctx.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer))
-        frames = np.asarray(frames, dtype=np.float32)
-        if not np.all(np.isfinite(frames)):
-            from potentials.core.errors import CalculationFailed
-            raise CalculationFailed(f"seed MD at {temperature:g} K blew up in segment {s}; lower [seed] timestep_fs "
-                                    "or raise bond_k")
-        _atomic_savez(path, positions=frames, **state())
-        log.info("seed MD %g K: segment %d/%d, %d frames (%.0f s)", temperature, s + 1, cfg.trajectories,
-                 len(frames), time.perf_counter() - t0)
-    return [np.load(p)["positions"] for p in paths]
+
+    return _run_segments(paths, folder / "state0.npz", cfg, steps, equilibrate, restore,
+                         advance=lambda n, where: integ.step(n),
+                         positions=lambda: ctx.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(
+                             unit.nanometer),
+                         state=state, what=f"seed MD {temperature:g} K",
+                         fix="lower [seed] timestep_fs or raise bond_k")
 
 
 def model_segments(system_toml: Path, model: Path, positions_nm: np.ndarray, temperature: float, seed: int, cfg,
@@ -321,30 +341,16 @@ def model_segments(system_toml: Path, model: Path, positions_nm: np.ndarray, tem
             atoms.set_positions(z["final_positions"])
             atoms.set_momenta(z["final_momenta"])
 
-    s0 = folder / "state0.npz"
-    if not s0.exists():
-        t0 = time.perf_counter()
+    def equilibrate() -> None:
         atoms.set_positions(np.asarray(positions_nm, dtype=np.float64) * ANGSTROM_PER_NM)
         thermalize_momenta(atoms, temperature, rng=rng)
         advance(steps(cfg.equil_ps), "equilibration")
-        _atomic_savez(s0, **state())
-        log.info("seed ML/MM MD %g K: equilibrated %.1f ps (%.0f s)", temperature, cfg.equil_ps,
-                 time.perf_counter() - t0)
-    for s, path in enumerate(paths):
-        if path.exists():
-            continue
-        restore(paths[s - 1] if s else s0)
-        t0 = time.perf_counter()
-        frames = []
-        for k in range(cfg.frames_per_trajectory):
-            n = steps(cfg.gap_ps if k == 0 and s > 0 else (0.0 if k == 0 else cfg.spacing_ps))
-            if n:
-                advance(n, f"segment {s}")
-            frames.append(atoms.get_positions() / ANGSTROM_PER_NM)
-        _atomic_savez(path, positions=np.asarray(frames, dtype=np.float32), **state())
-        log.info("seed ML/MM MD %g K: segment %d/%d, %d frames (%.0f s)", temperature, s + 1, cfg.trajectories,
-                 len(frames), time.perf_counter() - t0)
-    return [np.load(p)["positions"] for p in paths]
+
+    return _run_segments(paths, folder / "state0.npz", cfg, steps, equilibrate, restore,
+                         advance=advance,
+                         positions=lambda: atoms.get_positions() / ANGSTROM_PER_NM,
+                         state=state, what=f"seed ML/MM MD {temperature:g} K",
+                         fix="seed by MM ([seed] model = \"\") or lower the temperature")
 
 
 # ------------------------------------------------------------------------------------------ ML/MM exploration

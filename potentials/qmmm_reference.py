@@ -241,7 +241,13 @@ class LabelConfig:
     spacing_ps: float = 0.5
     droplet_radius_nm: float = 1.6
     cluster_waters: int = 80             # waters of the 'cluster' kind (a droplet of exactly this many)
-    ml_waters: int = 0                   # waters in the QM zone of solvated frames: the solute's nearest, per frame
+    ml_waters: int | tuple[int, ...] = 0  # waters in the QM zone of solvated frames: the solute's nearest, per
+    #                                      frame; a list cycles over the frames of a block (frame f: [f % len])
+
+    @property
+    def water_counts(self) -> tuple[int, ...]:
+        """``ml_waters`` as a tuple (one entry per frame position in a block, cycled)."""
+        return tuple(self.ml_waters) if isinstance(self.ml_waters, tuple) else (self.ml_waters,)
     embedding_cutoff_nm: float = _COUPLING.cutoff_nm
     embedding_switch_nm: float = _COUPLING.switch_width_nm
     cache: str = ""                      # MD cache folder; default: <out>.samples next to the dataset
@@ -260,11 +266,11 @@ class LabelConfig:
                 raise SetupError(f"{path}: split_pattern entry {s!r} must be train, val or test")
         if cfg.qm_device not in ("auto", "cpu", "gpu"):
             raise SetupError(f"{path}: qm_device = {cfg.qm_device!r}: choose auto, cpu or gpu")
-        if cfg.ml_waters < 0:
-            raise SetupError(f"{path}: ml_waters must be >= 0, not {cfg.ml_waters}")
-        if "cluster" in cfg.solvated_kinds and cfg.cluster_waters < max(1, cfg.ml_waters):
+        if not cfg.water_counts or min(cfg.water_counts) < 0:
+            raise SetupError(f"{path}: ml_waters must be >= 0 (a number or a non-empty list), not {cfg.ml_waters}")
+        if "cluster" in cfg.solvated_kinds and cfg.cluster_waters < max(1, *cfg.water_counts):
             raise SetupError(f"{path}: cluster_waters ({cfg.cluster_waters}) must be at least 1 and at least "
-                             f"ml_waters ({cfg.ml_waters})")
+                             f"ml_waters ({max(cfg.water_counts)})")
         return cfg
 
 
@@ -336,7 +342,8 @@ def plan(cfg: LabelConfig) -> list[Task]:
                     for s in cfg.solutes:
                         spec = chains[(s, k, t)]
                         copy = 1 if k == "gas" else c
-                        task = Task("", spec, b, f, copy, split, 0 if k == "gas" else cfg.ml_waters)
+                        waters = cfg.water_counts[f % len(cfg.water_counts)]
+                        task = Task("", spec, b, f, copy, split, 0 if k == "gas" else waters)
                         tasks.append(dataclasses.replace(task, frame_id=f"{task.trajectory}/f{f:02d}/c{copy}"))
     return tasks
 

@@ -167,6 +167,28 @@ def test_old_config_frame_ids_unchanged():
     assert t0[0].frame_id == t[0].frame_id.replace("-w2/", "/") and t0[0].chain == t[0].chain
 
 
+def test_ml_waters_list_cycles_over_the_frames_of_a_block(tmp_path):
+    """`ml_waters = [1, 3]`: frame f of every block gets the (f mod 2)-th count, from the same MD chain, so zones
+    of several sizes come from one labelling config; every id is unique and names its count."""
+    p = tmp_path / "zones.toml"
+    p.write_text("solutes = ['HOH', 'MOH']\nsolvated_kinds = ['cluster']\ntemperatures_K = [300.0]\n"
+                 "gas = false\nml_waters = [1, 3]\ntrajectories = 2\nframes_per_trajectory = 3\n"
+                 "displaced_copies = 1\n")
+    cfg = LabelConfig.from_toml(p)
+    tasks = plan(cfg)
+    assert len(tasks) == 2 * 2 * 3 * 2 and len({t.frame_id for t in tasks}) == len(tasks)
+    assert [t.ml_waters for t in tasks if t.chain.solute == "MOH" and t.block == 0 and t.copy == 0] == [1, 3, 1]
+    assert {t.zone_name for t in tasks} == {"HOH+1HOH", "HOH+3HOH", "MOH+1HOH", "MOH+3HOH"}
+    one = next(t for t in tasks if t.ml_waters == 1 and t.chain.solute == "MOH")
+    three = next(t for t in tasks if t.ml_waters == 3 and t.chain.solute == "MOH")
+    assert one.chain == three.chain and "-w1/" in one.frame_id and "-w3/" in three.frame_id
+    for bad, msg in (("ml_waters = []", "ml_waters must be >= 0"), ("ml_waters = [2, -1]", "ml_waters must be"),
+                     ("solvated_kinds = ['cluster']\ncluster_waters = 4\nml_waters = [1, 6]", "at least ml_waters")):
+        p.write_text(bad + "\n")
+        with pytest.raises(Exception, match=msg):
+            LabelConfig.from_toml(p)
+
+
 def test_label_cluster_zone_end_to_end(tmp_path):
     """`mlmm label` with a cluster and waters in the QM zone (PySCF, STO-3G): the stored frame is the QM
     zone (solute + 2 waters, solute charge), the 8 other waters are the charges, and the Labeller reproduces the

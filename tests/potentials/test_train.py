@@ -187,6 +187,26 @@ def test_evaluate_table_has_every_solute_and_modes_agree_in_gas_phase(tmp_path, 
         assert g["electrostatic"]["all"]["energy"] == pytest.approx(g["mechanical"]["all"]["energy"], abs=1e-9)
 
 
+def test_energy_offset_removed_ignores_a_constant_per_solute(tmp_path, frames):
+    """Shifting every reference energy of one solute by a constant changes its absolute energy MAE but not the
+    MAE with each solute's mean error removed (per solute and for "all"), and that MAE is the spread of the
+    signed errors about their mean."""
+    torch.manual_seed(3)
+    model = T.build_model(_cfg(tmp_path), "cpu")
+    one = str(frames[0]["solute"])
+    shifted = [dict(f, energy=float(f["energy"]) + (2.0 if str(f["solute"]) == one else 0.0)) for f in frames]
+    a = EV.evaluate(model, frames, schemes=BOTH)["electrostatic"]
+    b = EV.evaluate(model, shifted, schemes=BOTH)["electrostatic"]
+    assert b[one]["energy"] != pytest.approx(a[one]["energy"], abs=1e-3)
+    for key in (one, "all"):
+        assert b[key]["energy_offset_removed"] == pytest.approx(a[key]["energy_offset_removed"], rel=1e-9)
+    mine = [f for f in frames if str(f["solute"]) == one]
+    e = np.array([float(T.predict(model, T.collate([f], "cpu"), ELECTROSTATIC)["energy"][0].detach())
+                  - float(f["energy"]) for f in mine]) * EV.KCALMOL_PER_EV
+    assert a[one]["energy_offset_removed"] == pytest.approx(np.mean(np.abs(e - e.mean())), rel=1e-3, abs=1e-4)
+    assert "mean error removed" in EV.format_table({"electrostatic": a})
+
+
 def test_init_model_widened_to_a_new_element(tmp_path, frames):
     """Fine-tuning a model on data with an element it lacks (S): every weight is kept, sulfur's embedding starts
     as oxygen's (same group), and its self-energy is fitted so that the widened model reproduces the S frames'
