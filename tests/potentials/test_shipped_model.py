@@ -69,23 +69,53 @@ def test_shipped_model_matches_its_card_on_the_shipped_slice():
     assert ("all", "electrostatic") in expected and ("all", "mechanical") in expected
 
 
-def test_zones_model_matches_its_card_on_the_shipped_clusters():
-    """The preview model for multi-molecule zones (small_b3lyp_svp_zones.pt) reproduces its card's cluster table
-    on the test split of the shipped cluster data (never trained on), and records zones of 4 molecules."""
-    torch.set_num_threads(1)
-    model_path = MODELS / "small_b3lyp_svp_zones.pt"
-    card = model_path.with_suffix(".md").read_text()
-    expected = {}
-    for line in card.split("Multi-molecule clusters", 1)[1].split("Single solutes", 1)[0].splitlines():
+ZONES = MODELS / "small_b3lyp_svp_zones.pt"
+COLUMNS = ("n", "energy", "forces", "mm_forces", "dipole", "energy_offset_removed")
+
+
+def _zones_card_rows(start: str, stop: str) -> dict[str, dict[str, float]]:
+    """Rows of the zones card's table between the headings ``start`` and ``stop``: first cell -> metrics."""
+    text = ZONES.with_suffix(".md").read_text().split(start, 1)[1].split(stop, 1)[0]
+    rows = {}
+    for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) >= 6 and cells[0] in ("MOH+3HOH", "ACT+3HOH", "all"):
-            expected[cells[0]] = dict(zip(("n", "energy", "forces", "mm_forces", "dipole"), map(float, cells[1:6])))
+        if len(cells) >= 7 and cells[1].isdigit():
+            rows[cells[0]] = dict(zip(COLUMNS, map(float, cells[1:7])))
+    return rows
+
+
+def _assert_rows(expected: dict, got: dict, where: str) -> None:
+    assert got["n"] == expected["n"], where
+    for k in COLUMNS[1:]:
+        assert got[k] == pytest.approx(expected[k], abs=1.5e-3, rel=1e-3), (where, k, got[k], expected[k])
+
+
+def test_zones_model_matches_its_card_on_the_shipped_clusters():
+    """The model for multi-molecule zones (small_b3lyp_svp_zones.pt) reproduces its card's cluster table on the
+    test split of the shipped cluster data (never trained on), and records zones of 4 molecules."""
+    torch.set_num_threads(1)
+    expected = _zones_card_rows("Multi-molecule clusters (test split", "Capped fragments (test split")
     assert set(expected) == {"MOH+3HOH", "ACT+3HOH", "all"}
-    model = load_model(model_path)
+    model = load_model(ZONES)
     assert model.metadata["domain"]["ml_molecules"] == 4
     frames = T.load_frames(ROOT / "inputs" / "data" / "qmmm_clusters_b3lyp_svp.nc", "test")
     res = EV.evaluate(model, frames, schemes={"electrostatic": SCHEMES.get("electrostatic")()})["electrostatic"]
     for zone, row in expected.items():
-        assert res[zone]["n"] == row["n"]
-        for k in ("energy", "forces", "mm_forces", "dipole"):
-            assert res[zone][k] == pytest.approx(row[k], abs=1.5e-3, rel=1e-3), (zone, k, res[zone][k], row[k])
+        _assert_rows(row, res[zone], zone)
+
+
+def test_zones_model_matches_its_card_on_each_capped_fragment():
+    """The card's errors per fragment kind are those of the model on each shipped fragment's test split, and the
+    model knows sulfur (Cys, Cys-) and records every fragment's formula in its domain."""
+    torch.set_num_threads(1)
+    expected = _zones_card_rows("Capped fragments (test split", "Single solutes")
+    files = sorted((ROOT / "inputs" / "data" / "fragments").glob("*.nc"))
+    assert {name.split()[0] for name in expected} == {f.stem for f in files}
+    model = load_model(ZONES)
+    assert 16 in model.config.elements
+    formulas = {m["formula"] for m in model.metadata["domain"]["molecules"]}
+    scheme = {"electrostatic": SCHEMES.get("electrostatic")()}
+    for name, row in expected.items():
+        frames = T.load_frames(ROOT / "inputs" / "data" / "fragments" / f"{name.split()[0]}.nc", "test")
+        assert name.split()[1].strip("()") in formulas
+        _assert_rows(row, EV.evaluate(model, frames, schemes=scheme)["electrostatic"]["all"], name)
