@@ -23,7 +23,8 @@ LABEL_SCHEME = "electrostatic"
 
 
 def label_main(args: argparse.Namespace) -> int:
-    """``mlmm label --out FILE [--config TOML] [--frames N] [--qm-device auto|cpu|gpu] [--print-config]``."""
+    """``mlmm label --out FILE [--config TOML] [--frames N] [--shard K/N] [--qm-device auto|cpu|gpu]
+    [--print-config]``."""
     import torch
 
     from coupling.schemes import SCHEMES
@@ -40,8 +41,18 @@ def label_main(args: argparse.Namespace) -> int:
     torch.set_num_threads(threads)
     config_text = Path(config_path).read_text() if config_path else ""
     run(cfg, args.out, SCHEMES.get(LABEL_SCHEME).point_charges, frames=args.frames, config_text=config_text,
-        threads=threads)
+        threads=threads, shard=_shard(getattr(args, "shard", None)))
     return 0
+
+
+def _shard(text: str | None) -> tuple[int, int]:
+    """``--shard K/N`` as (K, N); None = the whole plan."""
+    if text is None:
+        return (1, 1)
+    k, _, n = text.partition("/")
+    if not (k.strip().isdigit() and n.strip().isdigit()) or not 1 <= int(k) <= int(n):
+        raise SetupError(f"--shard {text!r}: give K/N with 1 <= K <= N (two jobs: --shard 1/2 and --shard 2/2)")
+    return int(k), int(n)
 
 
 def train_main(args: argparse.Namespace) -> int:

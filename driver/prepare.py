@@ -24,6 +24,7 @@ import os
 import random
 import shlex
 import sys
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -271,11 +272,22 @@ def fixed_structure(src: Path, ph: float, fix: bool = True, seed: int = 0) -> tu
     Missing residues (gaps) are never modelled. With ``fix=False`` missing heavy atoms are an error and the
     structure is returned as read. Positions in nm. ``seed``: PDBFixer's and (Python's ``random``) OpenMM's
     hydrogen placement; the hydrogens are relaxed on the Reference platform (the same numbers everywhere).
+    CHARMM's HSE residues are read as HIS with their hydrogens (:func:`_standard_histidines`).
     """
+    renamed = _standard_histidines(src)
+    try:
+        return _fixed_structure(renamed or src, src, ph, fix, seed)
+    finally:
+        if renamed:
+            renamed.unlink()
+
+
+def _fixed_structure(path: Path, src: Path, ph: float, fix: bool, seed: int) -> tuple[app.Topology, np.ndarray]:
+    """:func:`fixed_structure` of the file ``path`` (``src`` or its renamed copy; errors name ``src``)."""
     from pdbfixer import PDBFixer
 
     try:
-        fixer = PDBFixer(filename=str(src))
+        fixer = PDBFixer(filename=str(path))
     except Exception as exc:    # PDBFixer/OpenMM readers raise assorted exception types on bad files
         raise SetupError(f"cannot read {src}: {exc}") from None
     fixer.missingResidues = {}
@@ -289,7 +301,7 @@ def fixed_structure(src: Path, ph: float, fix: bool = True, seed: int = 0) -> tu
             more = f" ({len(missing)} residues in all)" if len(missing) > 1 else ""
             raise SetupError(f"residue {res.id} {res.name} (chain {res.chain.id}) is missing heavy atoms "
                              f"{', '.join(names)}{more}; run without --no-fix to add them")
-        return read_structure(src)
+        return read_structure(path)
     if missing:
         log.info("adding missing heavy atoms to %d residue(s)", len(missing))
         fixer.addMissingAtoms(seed=seed)
@@ -302,6 +314,25 @@ def fixed_structure(src: Path, ph: float, fix: bool = True, seed: int = 0) -> tu
     if modeller.topology.getNumAtoms() > n_before:
         log.info("added %d hydrogens (pH %.1f)", modeller.topology.getNumAtoms() - n_before, ph)
     return modeller.topology, _nm(modeller.positions)
+
+
+def _standard_histidines(src: Path) -> Path | None:
+    """CHARMM's HSE (H on NE2) is the one histidine name OpenMM's PDB reader does not know (HSD, HSP and Amber's
+    HID/HIE/HIP it maps to HIS): a PDB file with HSE residues is copied with them renamed HIS, the hydrogens as
+    they are, so the protonation state the file gives is kept. Returns the copy (the caller deletes it), or None."""
+    if src.suffix.lower() != ".pdb" or not src.is_file():
+        return None
+    lines = src.read_text(errors="replace").splitlines(keepends=True)
+    hse = [i for i, line in enumerate(lines) if line.startswith(("ATOM  ", "HETATM")) and line[17:20] == "HSE"]
+    if not hse:
+        return None
+    for i in hse:
+        lines[i] = lines[i][:17] + "HIS" + lines[i][20:]
+    log.info("read %d HSE atom(s) as HIS (CHARMM's name for the NE2-protonated histidine)", len(hse))
+    fd, name = tempfile.mkstemp(suffix=".pdb", prefix=src.stem + "-")
+    with os.fdopen(fd, "w") as fh:
+        fh.writelines(lines)
+    return Path(name)
 
 
 def solvate(forcefield: app.ForceField, topology: app.Topology, positions: np.ndarray, padding: float,

@@ -90,10 +90,16 @@ class DatasetWriter:
         else:
             with _open(self.path, "r", wait_s) as nc:
                 missing = [v for v in ("complete", "energy", "mm_forces") if v not in nc.variables]
+                fixed = not nc.dimensions["frame"].isunlimited()
             if missing:
                 raise SetupError(f"{self.path} is not a QM/MM dataset (no {missing}); choose another --out")
+            if fixed:                   # a compacted copy (e.g. shipped): rewritten appendable, frames kept
+                ds = Dataset.open(self.path, wait_s)
+                self._create({**ds.attrs, **(attributes or {})}, ds)
 
-    def _create(self, attributes: Mapping[str, object]) -> None:
+    def _create(self, attributes: Mapping[str, object], ds: "Dataset | None" = None) -> None:
+        """Write a new, appendable file (unlimited dimensions) in one step: a temporary file renamed over
+        ``self.path``; with ``ds``, its complete frames are copied in first."""
         tmp = self.path.with_suffix(self.path.suffix + ".tmp")
         with netCDF4.Dataset(tmp, "w", format="NETCDF4") as nc:
             for d in ("frame", "atom", "charge"):
@@ -118,6 +124,15 @@ class DatasetWriter:
             nc.Conventions = "ipi-mlmm QM/MM reference data v1"
             for key, value in attributes.items():
                 nc.setncattr(key, value if not isinstance(value, bool) else int(value))
+            if ds is not None and ds.n:
+                for dim, arrays in (("frame", ds.meta), ("atom", ds.atoms), ("charge", ds.charges)):
+                    for name, data in arrays.items():
+                        if name not in nc.variables:        # an extra variable (e.g. a trainer's gas_energy)
+                            v = nc.createVariable(name, str if data.dtype == object else data.dtype,
+                                                  ds.var_dims[name])
+                            v.setncatts({k: a for k, a in ds.var_attrs[name].items() if k != "_FillValue"})
+                        nc[name][:len(data)] = data
+                nc["complete"][:ds.n] = 1
         os.replace(tmp, self.path)
 
     def add_history(self, line: str) -> None:

@@ -472,14 +472,29 @@ def _check_level(path: Path, cfg: LabelConfig) -> None:
                              f"{cfg.embedding_cutoff_nm} nm; write to a new --out file")
 
 
+def shard_of(plan_: list[Task], shard: tuple[int, int]) -> list[Task]:
+    """Shard ``k`` of ``n`` (``shard = (k, n)``, 1 <= k <= n): the planned frames whose id hashes to k (CRC-32
+    mod n), in plan order. n labellers, one per shard, share a plan without overlap, and the hash spreads every
+    solute, setting and copy over all shards (every n-th frame would give each shard one solute)."""
+    k, n = shard
+    if not 1 <= k <= n:
+        raise SetupError(f"shard {k}/{n} does not exist; shards are 1/{n} to {n}/{n}")
+    return [t for t in plan_ if zlib.crc32(t.frame_id.encode()) % n == k - 1]
+
+
 def run(cfg: LabelConfig, out: str | Path, point_charges: PointChargesFactory | None, frames: int | None = None,
-        config_text: str = "", threads: int = 1) -> int:
+        config_text: str = "", threads: int = 1, shard: tuple[int, int] = (1, 1)) -> int:
     """Label the planned frames of ``cfg`` that dataset ``out`` does not hold yet (at most ``frames`` new
     ones), appending each to ``out``; ``point_charges`` gives the embedded MM charges (see :class:`Labeller`).
-    ``config_text`` is stored in the dataset's provenance. Returns the number of new frames."""
+    ``config_text`` is stored in the dataset's provenance. With ``shard = (k, n)`` only shard k of n of the plan
+    (:func:`shard_of`) is labelled: n such jobs may append to the same ``out`` at once (each append holds the
+    file's lock), each sampling MD into its own cache folder. Returns the number of new frames."""
     from .dataset import DatasetWriter
     out = Path(out)
+    tasks = shard_of(plan(cfg), shard)
     cache = Path(cfg.cache) if cfg.cache else out.with_suffix(".samples")
+    if shard[1] > 1:
+        cache = cache.with_name(f"{cache.name}-shard{shard[0]}of{shard[1]}")
     qm_backend(cfg.qm_device)                       # a GPU asked for but not there: refused before any file is made
     if out.exists():
         _check_level(out, cfg)
@@ -491,10 +506,11 @@ def run(cfg: LabelConfig, out: str | Path, point_charges: PointChargesFactory | 
     done = writer.frame_ids()
     if skipped_path.exists():
         done |= {line.split("\t")[0] for line in skipped_path.read_text().splitlines() if line}
-    todo = [t for t in plan(cfg) if t.frame_id not in done]
+    todo = [t for t in tasks if t.frame_id not in done]
     limit = frames if frames is not None else len(todo)
-    log.info("labelling %d of %d planned frames into %s (%d done, %d thread(s), MD cache %s)",
-             min(limit, len(todo)), len(todo) + len(done), out, len(done), threads, cache)
+    log.info("labelling %d of %d planned frames%s into %s (%d done, %d thread(s), MD cache %s)",
+             min(limit, len(todo)), len(tasks), f" (shard {shard[0]}/{shard[1]})" if shard[1] > 1 else "", out,
+             len(tasks) - len(todo), threads, cache)
     labeller = Labeller(cfg, cache, point_charges)
     log.info("QM on the %s (%s)", labeller.backend.upper(), "gpu4pyscf" if labeller.backend == "gpu" else "PySCF")
     t_start, n_new = time.perf_counter(), 0

@@ -270,3 +270,22 @@ def test_solvent_relaxation_keeps_the_ml_zone_fixed(tmp_path):
         ctx.setPositions(pos)
         return ctx.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
     assert energy(*relaxed) < energy(*raw) - 100.0
+
+
+@pytest.mark.parametrize("fix", [True, False])
+def test_charmm_hse_is_read_as_his_with_its_protonation(tmp_path, fix):
+    """CHARMM's HSE (OpenMM's reader knows HSD and HSP, not HSE) is read as HIS with H on NE2 and none on ND1,
+    the same atoms as the Amber-named fragment; the user's file is left as it was."""
+    from driver.prepare import fixed_structure
+    src = EXAMPLES / "fragments" / "ACE-HIE-NME.pdb"
+    hse = tmp_path / "hse.pdb"
+    text = "".join(line[:17] + "HSE" + line[20:] if line.startswith("ATOM") and line[17:20] == "HIS" else line
+                   for line in src.read_text().splitlines(keepends=True))
+    hse.write_text(text)
+    top, pos = fixed_structure(hse, 7.0, fix=fix)
+    ref, ref_pos = fixed_structure(src, 7.0, fix=fix)
+    his = [r for r in top.residues() if r.index == 1][0]
+    assert his.name == "HIS" and {"HE2", "HD1"} & {a.name for a in his.atoms()} == {"HE2"}
+    assert [(a.name, a.residue.name) for a in top.atoms()] == [(a.name, a.residue.name) for a in ref.atoms()]
+    np.testing.assert_allclose(pos, ref_pos, atol=1e-6)
+    assert hse.read_text() == text and not list(Path(os.environ.get("TMPDIR", "/tmp")).glob("hse-*.pdb"))

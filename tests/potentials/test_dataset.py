@@ -97,6 +97,32 @@ def test_compact_copy(tmp_path):
                 np.testing.assert_array_equal(fa[k], fb[k])
 
 
+def test_labelling_continues_in_a_compacted_copy(tmp_path):
+    """A shipped (compacted, fixed-size) file is made appendable on first use: old frames kept, new ones added."""
+    rng = np.random.default_rng(4)
+    src, dst = tmp_path / "a.nc", tmp_path / "b.nc"
+    w = DatasetWriter(src, {"title": "x"})
+    frames = [_frame(i, rng) for i in range(5)]
+    for f in frames[:4]:
+        w.append(f)
+    with netCDF4.Dataset(src, "a") as nc:
+        v = nc.createVariable("gas_energy", "f8", ("frame",), fill_value=np.nan)
+        v.units = "eV"
+        v[:4] = np.arange(4.0)
+    compact(src, dst)
+    w = DatasetWriter(dst)
+    assert w.frame_ids() == {str(f["frame_id"]) for f in frames[:4]}
+    assert w.append(frames[4]) == 4
+    with Dataset.open(src) as a, Dataset.open(dst) as b:
+        assert len(b) == 5 and b.attrs["title"] == "x" and b.units["gas_energy"] == "eV"
+        np.testing.assert_array_equal(b.meta["gas_energy"][:4], np.arange(4.0))
+        for i in range(4):
+            fa, fb = a.frame(i), b.frame(i)
+            for k in fa:
+                np.testing.assert_array_equal(fa[k], fb[k])
+        np.testing.assert_array_equal(b.frame(4)["forces"], frames[4]["forces"])
+
+
 def test_bad_files(tmp_path):
     with pytest.raises(SetupError, match="does not exist"):
         Dataset.open(tmp_path / "none.nc")

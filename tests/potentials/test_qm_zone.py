@@ -253,3 +253,48 @@ def test_zone_config_errors(tmp_path):
         LabelConfig.from_toml(p)
     with pytest.raises(SetupError, match="unknown sampling kind"):
         ChainSpec("MOH", "clusters", 300.0, seed=1)
+
+
+def test_two_shards_label_one_file_at_once(tmp_path):
+    """`mlmm label --shard 1/2` and `--shard 2/2` run at the same time into one file (PySCF, STO-3G): together
+    they label every planned frame exactly once, each frame whole; a shard that does not exist is one line."""
+    import subprocess
+    import sys
+
+    from potentials.dataset import Dataset
+    from potentials.qmmm_reference import shard_of
+    cfg_path = tmp_path / "cluster.toml"
+    cfg_path.write_text("""
+solutes = ["MOH"]
+solvated_kinds = ["cluster"]
+cluster_waters = 6
+ml_waters = 1
+temperatures_K = [300.0]
+gas = false
+trajectories = 1
+frames_per_trajectory = 3
+displaced_copies = 1
+split_pattern = ["train"]
+equil_ps = 0.05
+spacing_ps = 0.05
+[level]
+basis = "sto-3g"
+grid_level = 1
+conv_tol = 1e-7
+""")
+    out = tmp_path / "c.nc"
+    argv = [sys.executable, "-m", "driver.cli", "label", "--out", str(out), "--config", str(cfg_path)]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    jobs = [subprocess.Popen([*argv, "--shard", f"{k}/2"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True) for k in (1, 2)]
+    logs = [j.communicate(timeout=600)[0] for j in jobs]
+    assert [j.returncode for j in jobs] == [0, 0], logs
+    tasks = plan(LabelConfig.from_toml(cfg_path))
+    assert sorted(t.frame_id for k in (1, 2) for t in shard_of(tasks, (k, 2))) == sorted(t.frame_id for t in tasks)
+    with Dataset.open(out) as ds:
+        ids = [str(ds.frame(i)["frame_id"]) for i in range(len(ds))]
+        assert sorted(ids) == sorted(t.frame_id for t in tasks) and len(ds) == 6
+        assert all(ds.frame(i)["numbers"].tolist() == [6, 1, 1, 1, 8, 1, 8, 1, 1] for i in range(len(ds)))
+    bad = subprocess.run([*argv, "--shard", "3/2"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "--shard '3/2'" in bad.stderr and "Traceback" not in bad.stderr
+    assert len(Dataset.open(out)) == 6                  # the refused job touched nothing
