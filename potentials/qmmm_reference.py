@@ -312,10 +312,12 @@ def plan(cfg: LabelConfig) -> list[Task]:
     temperature) only, plus the cluster size for the 'cluster' kind (``MOH-cluster80-300K-s...``). Gas-phase
     frames never hold waters (their ids do not carry ``-w``).
     """
-    from .sampling import ChainSpec, SOLUTE_CHARGE
+    from .sampling import ChainSpec, solute_parts
     for s in cfg.solutes:
-        if s not in SOLUTE_CHARGE:
-            raise SetupError(f"config: unknown solute {s!r}; choose from {sorted(SOLUTE_CHARGE)}")
+        try:
+            solute_parts(s)
+        except SetupError as exc:
+            raise SetupError(f"config: {exc}") from None
     settings = [(k, t) for k in cfg.solvated_kinds for t in cfg.temperatures_K]
     if cfg.gas:
         settings.append(("gas", cfg.gas_temperature_K))

@@ -25,6 +25,10 @@ Choices (documented here because the dataset depends on them):
   the solute centroid in a solvated cube, with the same flat-bottom restraint at the distance of the farthest
   kept oxygen + 0.02 nm (0.87–0.88 nm for 80 waters around methanol or acetate). Its chain id names the
   size (``MOH-cluster80-300K-s...``).
+* Pairs (solute ``"MAM+ACT"``, a salt bridge; any two or more solutes joined by ``+``): the molecules are built
+  one after the other, each next one mirrored and 0.55 nm further along +x (polar ends facing), minimised together, and
+  kept in contact by a flat-bottom restraint (k = 500 kJ/mol/nm^2 beyond ``PAIR_RADIUS_NM``) on the distance of
+  each one's centroid from the first's, in every kind; the pair is one QM zone, its charge the sum.
 * QM zones with waters (``qm_zone``): the solute plus its ``n`` nearest waters, by the minimum-image
   distance of each water oxygen to the nearest solute atom, chosen per frame. Waters are recognised by
   their TIP3P charges (-0.834, 0.417, 0.417; O is the negative atom), so MD caches written before this
@@ -62,6 +66,8 @@ MM_CUTOFF_NM = 0.9
 DROPLET_K = 500.0            # kJ/mol/nm^2, flat-bottom restraint on water oxygens
 WATER_NM3 = 0.0299           # volume per water molecule in liquid water at 300 K (nm^3)
 TIP3P_CHARGES = (-0.834, 0.417, 0.417)
+PAIR_RADIUS_NM = 0.6         # flat-bottom radius of the pair restraint (centroid distance; contact ~0.4 nm)
+PAIR_STEP_NM = 0.55          # start: the next molecule of a pair, mirrored, this far along +x (polar ends facing)
 
 
 def _methyl(center: np.ndarray, axis: np.ndarray, bond: float, phase: float = 0.0) -> list[np.ndarray]:
@@ -99,6 +105,21 @@ def _solute_atoms(name: str) -> list[tuple[str, str, np.ndarray]]:
 SOLUTE_CHARGE = {"HOH": 0, "MOH": 0, "ACT": -1, "MAM": 1}
 
 
+def solute_parts(name: str) -> list[str]:
+    """The molecules of a solute name: ``"MAM+ACT"`` (an ion pair in one QM zone) -> ``["MAM", "ACT"]``."""
+    parts = name.split("+")
+    bad = [p for p in parts if p not in SOLUTE_CHARGE]
+    if bad:
+        raise SetupError(f"unknown solute {bad[0]!r} in {name!r}; choose one of {sorted(SOLUTE_CHARGE)}, or a pair "
+                         "of them joined by '+' (e.g. 'MAM+ACT')")
+    return parts
+
+
+def solute_charge(name: str) -> int:
+    """Total charge (e) of a solute or of a pair (``"MAM+ACT"``: 0)."""
+    return sum(SOLUTE_CHARGE[p] for p in solute_parts(name))
+
+
 @dataclass(frozen=True)
 class ChainSpec:
     """One MD chain: solute residue name, kind ('periodic' | 'droplet' | 'gas' | 'cluster'), temperature (K),
@@ -118,8 +139,7 @@ class ChainSpec:
     cluster_waters: int = 80
 
     def __post_init__(self):
-        if self.solute not in SOLUTE_CHARGE:
-            raise SetupError(f"unknown solute {self.solute!r}; choose one of {sorted(SOLUTE_CHARGE)}")
+        solute_parts(self.solute)
         if self.kind not in KINDS:
             raise SetupError(f"unknown sampling kind {self.kind!r}; choose one of {KINDS}")
         if self.kind == "cluster" and self.cluster_waters < 1:
@@ -162,32 +182,38 @@ def _platform() -> tuple[openmm.Platform, dict]:
 
 
 def build(spec: ChainSpec) -> tuple[app.Topology, openmm.System, np.ndarray]:
-    """Topology, OpenMM System and starting positions (nm) for one chain (solute is residue 0)."""
+    """Topology, OpenMM System and starting positions (nm) for one chain (the solute's molecules are residues
+    0, 1, ...: one, or a pair)."""
     ff = app.ForceField("amber14/tip3p.xml", str(SOLUTES_XML))
     top = app.Topology()
-    res = top.addResidue(spec.solute, top.addChain())
-    atoms, xyz = [], []
-    for name, element, pos in _solute_atoms(spec.solute):
-        atoms.append(top.addAtom(name, app.Element.getBySymbol(element), res))
-        xyz.append(pos * NM_PER_ANGSTROM)
-    for a, b in _bonds(spec.solute):
-        top.addBond(atoms[a], atoms[b])
+    chain = top.addChain()
+    xyz, groups = [], []
+    for k, part in enumerate(solute_parts(spec.solute)):
+        res = top.addResidue(part, chain)
+        atoms = [top.addAtom(name, app.Element.getBySymbol(element), res) for name, element, _ in _solute_atoms(part)]
+        for a, b in _bonds(part):
+            top.addBond(atoms[a], atoms[b])
+        local = np.array([pos for _, _, pos in _solute_atoms(part)]) * NM_PER_ANGSTROM
+        if k:                   # mirrored, so that its polar end (+x in _solute_atoms) faces the one before
+            local = local * [-1.0, 1.0, 1.0] + [k * PAIR_STEP_NM, 0.0, 0.0]
+        xyz.extend(local)
+        groups.append([a.index for a in atoms])
     positions = np.array(xyz)
-    n_solute = len(atoms)
+    n_solute = len(positions)
     # minimise the solute alone so the solvent is placed around a sensible geometry
-    positions = _minimise(top, ff.createSystem(top, nonbondedMethod=app.NoCutoff, rigidWater=False),
-                          positions)
+    positions = _minimise(top, _with_pair_restraint(ff.createSystem(top, nonbondedMethod=app.NoCutoff,
+                                                                    rigidWater=False), groups), positions)
     positions -= positions.mean(axis=0)
     if spec.kind == "gas":
         system = ff.createSystem(top, nonbondedMethod=app.NoCutoff, rigidWater=False)
-        return top, system, positions
+        return top, _with_pair_restraint(system, groups), positions
     modeller = app.Modeller(top, positions * unit.nanometer)
     if spec.kind == "periodic":
         modeller.addSolvent(ff, model="tip3p", boxSize=openmm.Vec3(1, 1, 1) * BOX_WIDTH_NM * unit.nanometer,
                             neutralize=True)
         system = ff.createSystem(modeller.topology, nonbondedMethod=app.PME, rigidWater=False,
                                  nonbondedCutoff=MM_CUTOFF_NM * unit.nanometer)
-        return modeller.topology, system, _positions_nm(modeller.positions)
+        return modeller.topology, _with_pair_restraint(system, groups, True), _positions_nm(modeller.positions)
     if spec.kind == "cluster":
         # cluster: solvate a cube big enough for the requested number of waters, keep the nearest ones
         n = spec.cluster_waters
@@ -197,7 +223,7 @@ def build(spec: ChainSpec) -> tuple[app.Topology, openmm.System, np.ndarray]:
                             neutralize=False)
         pos = _positions_nm(modeller.positions)
         centre = pos[:n_solute].mean(axis=0)
-        waters = [res for res in modeller.topology.residues() if res.name == "HOH" and res.index != 0]
+        waters = [res for res in modeller.topology.residues() if res.name == "HOH" and res.index >= len(groups)]
         oxygens = [[a.index for a in res.atoms() if a.element.symbol == "O"][0] for res in waters]
         dist = np.linalg.norm(pos[oxygens] - centre, axis=1)
         if len(waters) < n:
@@ -227,7 +253,23 @@ def build(spec: ChainSpec) -> tuple[app.Topology, openmm.System, np.ndarray]:
             g = restraint.addGroup([oxygen])
             restraint.addBond([0, g], [])
     system.addForce(restraint)
-    return modeller.topology, system, _positions_nm(modeller.positions)
+    return modeller.topology, _with_pair_restraint(system, groups), _positions_nm(modeller.positions)
+
+
+def _with_pair_restraint(system: openmm.System, groups: list[list[int]], periodic: bool = False) -> openmm.System:
+    """Add the flat-bottom restraint that keeps the molecules of a pair together (module docstring); a single
+    solute's system is returned unchanged."""
+    if len(groups) > 1:
+        pair = openmm.CustomCentroidBondForce(2, "k_pair*step(d-r_pair)*(d-r_pair)^2; d=distance(g1,g2)")
+        pair.addGlobalParameter("k_pair", DROPLET_K)
+        pair.addGlobalParameter("r_pair", PAIR_RADIUS_NM)
+        pair.setUsesPeriodicBoundaryConditions(periodic)
+        for g in groups:
+            pair.addGroup(g)
+        for k in range(1, len(groups)):
+            pair.addBond([0, k], [])
+        system.addForce(pair)
+    return system
 
 
 def _bonds(name: str) -> list[tuple[int, int]]:
@@ -250,12 +292,13 @@ def _minimise(top: app.Topology, system: openmm.System, positions: np.ndarray) -
     return ctx.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
 
 
-def system_data(top: app.Topology, system: openmm.System, solute_charge: int) -> ChainSystem:
+def system_data(top: app.Topology, system: openmm.System, solute_charge: int, n_molecules: int = 1) -> ChainSystem:
+    """The :class:`ChainSystem` of a built system whose solute is its first ``n_molecules`` residues."""
     nb = next(f for f in system.getForces() if isinstance(f, openmm.NonbondedForce))
     charges = np.array([nb.getParticleParameters(i)[0].value_in_unit(unit.elementary_charge)
                         for i in range(system.getNumParticles())])
     residue = np.array([a.residue.index for a in top.atoms()])
-    ml = np.flatnonzero(residue == 0)
+    ml = np.flatnonzero(residue < n_molecules)
     numbers = np.array([a.element.atomic_number for a in top.atoms()])[ml]
     box = None
     if top.getPeriodicBoxVectors() is not None:
@@ -347,7 +390,7 @@ class Chain:
         """Build, minimise and equilibrate; write system.xml, topology.pdb, state0.npz and (last) meta.npz."""
         self.dir.mkdir(parents=True, exist_ok=True)
         top, system, pos = build(self.spec)
-        d = system_data(top, system, SOLUTE_CHARGE[self.spec.solute])
+        d = system_data(top, system, solute_charge(self.spec.solute), len(solute_parts(self.spec.solute)))
         sim = self._simulation(top, system)
         sim.context.setPositions(pos)
         sim.minimizeEnergy(maxIterations=1000)

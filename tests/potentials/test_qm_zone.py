@@ -298,3 +298,39 @@ conv_tol = 1e-7
     bad = subprocess.run([*argv, "--shard", "3/2"], cwd=REPO, env=env, capture_output=True, text=True)
     assert bad.returncode != 0 and "--shard '3/2'" in bad.stderr and "Traceback" not in bad.stderr
     assert len(Dataset.open(out)) == 6                  # the refused job touched nothing
+
+
+def test_ion_pair_zone_end_to_end(tmp_path):
+    """An ion pair with a water in one QM zone (`solutes = ["MAM+ACT"]`, PySCF STO-3G): the neutral zone
+    MAM+ACT+1HOH is labelled in the field of the other waters, and the domain record sees three molecules."""
+    from driver.pipeline import label_main
+    from potentials.dataset import Dataset
+    from potentials.domain import training_domain
+    cfg_path = tmp_path / "pair.toml"
+    cfg_path.write_text("""
+solutes = ["MAM+ACT"]
+solvated_kinds = ["cluster"]
+cluster_waters = 10
+ml_waters = 1
+temperatures_K = [300.0]
+gas = false
+trajectories = 1
+frames_per_trajectory = 1
+displaced_copies = 0
+split_pattern = ["train"]
+equil_ps = 0.05
+[level]
+basis = "sto-3g"
+grid_level = 1
+conv_tol = 1e-8
+""")
+    out = tmp_path / "p.nc"
+    assert label_main(argparse.Namespace(out=str(out), config=str(cfg_path), frames=None)) == 0
+    with Dataset.open(out) as ds:
+        fr = ds.frame(0)
+        assert str(fr["solute"]) == "MAM+ACT+1HOH" and int(fr["total_charge"]) == 0
+        assert fr["numbers"].tolist() == [6, 1, 1, 1, 7, 1, 1, 1] + [6, 1, 1, 1, 6, 8, 8] + [8, 1, 1]
+        assert fr["n_charges"] == 3 * 9 and abs(float(fr["mm_charges"].sum())) < 1e-5
+        assert str(fr["frame_id"]).startswith("MAM+ACT-cluster10-300K-s")
+        dom = training_domain([fr])
+    assert dom["ml_molecules"] == 3 and {m["formula"] for m in dom["molecules"]} == {"CH6N", "C2H3O2", "H2O"}

@@ -73,3 +73,41 @@ def test_displace_lengths():
     d = np.linalg.norm(out - pos, axis=1) * 10.0               # Å
     assert np.all(d[[0, 1, 8, 9]] == 0)
     assert np.all((d[2:8] >= 0.05) & (d[2:8] <= 0.15))
+
+
+def test_ion_pair_is_one_solute_held_in_contact(tmp_path):
+    """'MAM+ACT' (a salt bridge): two residues, one neutral QM solute; minimised with an N-H...O contact, and the
+    flat-bottom pair restraint keeps the centroids together in a hot cluster (it is zero inside its radius)."""
+    from potentials.sampling import PAIR_RADIUS_NM, solute_charge, solute_parts
+    assert solute_parts("MAM+ACT") == ["MAM", "ACT"] and solute_charge("MAM+ACT") == 0
+    with pytest.raises(Exception, match="unknown solute 'NA' in 'MAM\\+NA'"):
+        ChainSpec("MAM+NA", "gas", 300.0, seed=1)
+    top, system, pos = build(ChainSpec("MAM+ACT", "gas", 300.0, seed=1))
+    res = [r.name for r in top.residues()]
+    assert res == ["MAM", "ACT"] and top.getNumBonds() == 7 + 6
+    d = system_data(top, system, 0, 2)
+    assert len(d.ml_indices) == 15 and d.charges.sum() == pytest.approx(0.0, abs=1e-6)
+    names = [(a.residue.name, a.element.symbol) for a in top.atoms()]
+    n = [i for i, x in enumerate(names) if x == ("MAM", "N")]
+    o = [i for i, x in enumerate(names) if x == ("ACT", "O")]
+    assert np.linalg.norm(pos[n][:, None] - pos[o][None], axis=-1).min() < 0.30          # N-H...O salt bridge
+    spec = ChainSpec("MAM+ACT", "cluster", 400.0, seed=2, cluster_waters=12, equil_ps=0.2, gap_ps=0.05,
+                     spacing_ps=0.1)
+    chain = Chain(spec, tmp_path)
+    frames = chain.block(0, 3)
+    data = chain.data
+    assert list(data.ml_indices) == list(range(15)) and data.solute_charge == 0
+    mam, act = data.ml_indices[:8], data.ml_indices[8:]
+    for x in frames:
+        assert np.linalg.norm(x[mam].mean(0) - x[act].mean(0)) < PAIR_RADIUS_NM + 0.1
+    forces = [f for f in system.getForces() if isinstance(f, openmm.CustomCentroidBondForce)]
+    assert len(forces) == 1 and forces[0].getNumBonds() == 1
+    for f in system.getForces():
+        f.setForceGroup(1 if isinstance(f, openmm.CustomCentroidBondForce) else 0)
+    ctx = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+    ctx.setPositions(pos)
+    assert ctx.getState(getEnergy=True, groups={1}).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole) == 0.0
+    far = pos.copy()
+    far[8:] += [0.5, 0.0, 0.0]
+    ctx.setPositions(far)
+    assert ctx.getState(getEnergy=True, groups={1}).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole) > 1.0
