@@ -200,13 +200,12 @@ def build(spec: ChainSpec) -> tuple[app.Topology, openmm.System, np.ndarray]:
         groups.append([a.index for a in atoms])
     positions = np.array(xyz)
     n_solute = len(positions)
-    # minimise the solute alone so the solvent is placed around a sensible geometry
-    positions = _minimise(top, _with_pair_restraint(ff.createSystem(top, nonbondedMethod=app.NoCutoff,
-                                                                    rigidWater=False), groups), positions)
+    # minimise the solute alone so the solvent is placed around a sensible geometry (the gas phase's own system)
+    vacuum = _with_pair_restraint(ff.createSystem(top, nonbondedMethod=app.NoCutoff, rigidWater=False), groups)
+    positions = _minimise(top, vacuum, positions)
     positions -= positions.mean(axis=0)
     if spec.kind == "gas":
-        system = ff.createSystem(top, nonbondedMethod=app.NoCutoff, rigidWater=False)
-        return top, _with_pair_restraint(system, groups), positions
+        return top, vacuum, positions
     modeller = app.Modeller(top, positions * unit.nanometer)
     if spec.kind == "periodic":
         modeller.addSolvent(ff, model="tip3p", boxSize=openmm.Vec3(1, 1, 1) * BOX_WIDTH_NM * unit.nanometer,
