@@ -100,7 +100,7 @@ class DatasetWriter:
     def _create(self, attributes: Mapping[str, object], ds: "Dataset | None" = None) -> None:
         """Write a new, appendable file (unlimited dimensions) in one step: a temporary file renamed over
         ``self.path``; with ``ds``, its complete frames are copied in first."""
-        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+        tmp = self.path.with_suffix(f"{self.path.suffix}.{os.getpid()}.tmp")      # per process: jobs may race
         with netCDF4.Dataset(tmp, "w", format="NETCDF4") as nc:
             for d in ("frame", "atom", "charge"):
                 nc.createDimension(d, None)
@@ -133,7 +133,15 @@ class DatasetWriter:
                             v.setncatts({k: a for k, a in ds.var_attrs[name].items() if k != "_FillValue"})
                         nc[name][:len(data)] = data
                 nc["complete"][:ds.n] = 1
-        os.replace(tmp, self.path)
+        if ds is not None:
+            os.replace(tmp, self.path)
+            return
+        try:                # a new file: only the first of several jobs starting at once creates it
+            os.link(tmp, self.path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
 
     def add_history(self, line: str) -> None:
         """Append a line to the global ``history`` attribute (one per labelling session)."""
