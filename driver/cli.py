@@ -210,6 +210,12 @@ def _add_label(sub) -> None:
     s.add_argument("--qm-device", choices=("auto", "cpu", "gpu"), default=None,
                    help="QM on the CPU (PySCF) or a CUDA GPU (gpu4pyscf); default: the config's qm_device (auto: "
                         "the GPU when gpu4pyscf and a device are there)")
+    s.add_argument("--export-jobs", default=None, metavar="JOBS.npz", help="sample the MD and write the QM inputs of "
+                   "the frames --out lacks to JOBS.npz instead of labelling; label them elsewhere (a GPU node "
+                   "needs only PySCF/gpu4pyscf) with `python -m potentials.qm_jobs JOBS.npz RESULTS.npz --qm-device "
+                   "gpu --workers 8`")
+    s.add_argument("--import-labels", default=None, metavar="RESULTS.npz", help="append the frames labelled by "
+                   "`python -m potentials.qm_jobs` to --out (no sampling, no QM)")
     _add_print_config(s)
 
 

@@ -24,7 +24,7 @@ LABEL_SCHEME = "electrostatic"
 
 def label_main(args: argparse.Namespace) -> int:
     """``mlmm label --out FILE [--config TOML] [--frames N] [--shard K/N] [--qm-device auto|cpu|gpu]
-    [--print-config]``."""
+    [--export-jobs JOBS.npz | --import-labels RESULTS.npz] [--print-config]``."""
     import torch
 
     from coupling.schemes import SCHEMES
@@ -40,6 +40,15 @@ def label_main(args: argparse.Namespace) -> int:
     threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
     torch.set_num_threads(threads)
     config_text = Path(config_path).read_text() if config_path else ""
+    if getattr(args, "import_labels", None):
+        from potentials.qm_jobs import import_labels
+        import_labels(args.import_labels, args.out)
+        return 0
+    if getattr(args, "export_jobs", None):
+        from potentials.qm_jobs import export
+        export(cfg, args.out, args.export_jobs, SCHEMES.get(LABEL_SCHEME).point_charges, frames=args.frames,
+               config_text=config_text, shard=_shard(getattr(args, "shard", None)))
+        return 0
     run(cfg, args.out, SCHEMES.get(LABEL_SCHEME).point_charges, frames=args.frames, config_text=config_text,
         threads=threads, shard=_shard(getattr(args, "shard", None)))
     return 0

@@ -151,9 +151,7 @@ class DatasetWriter:
 
     def frame_ids(self) -> set[str]:
         """Ids of the complete frames already in the file (to skip them on restart)."""
-        with _open(self.path, "r", self.wait_s) as nc:
-            n = _n_complete(nc)
-            return set(nc.variables["frame_id"][:n]) if n else set()
+        return frame_ids(self.path, self.wait_s)
 
     def append(self, frame: Mapping[str, object]) -> int:
         """Write one frame (a dict with every field of the layout); returns its index.
@@ -190,6 +188,13 @@ class DatasetWriter:
             nc.sync()
             nc["complete"][i] = 1
         return i
+
+
+def frame_ids(path: str | os.PathLike, wait_s: float = 120.0) -> set[str]:
+    """Ids of the complete frames of a dataset file (read-only: a compacted file stays as it is)."""
+    with _open(Path(path), "r", wait_s) as nc:
+        n = _n_complete(nc)
+        return set(nc.variables["frame_id"][:n]) if n else set()
 
 
 class Dataset:

@@ -130,7 +130,7 @@ def _host(x) -> np.ndarray:
 def _scf(numbers, positions, charge, mm_positions, mm_charges, level: LevelOfTheory, attempt: int,
          backend: str = "cpu"):
     from pyscf import gto
-    if backend == "gpu":                 # gpu4pyscf mirrors pyscf.dft / pyscf.qmmm (energies agree to 1e-9 Hartree)
+    if backend == "gpu":                 # gpu4pyscf mirrors pyscf.dft and pyscf.qmmm.add_mm_charges
         from gpu4pyscf import dft, qmmm
     else:
         from pyscf import dft, qmmm
@@ -142,7 +142,7 @@ def _scf(numbers, positions, charge, mm_positions, mm_charges, level: LevelOfThe
     mf.conv_tol = level.conv_tol
     mf.max_cycle = level.max_cycle
     if mm_charges is not None and len(mm_charges):
-        mf = qmmm.mm_charge(mf, np.asarray(mm_positions, dtype=np.float64) * BOHR_PER_ANGSTROM,
+        mf = qmmm.add_mm_charges(mf, np.asarray(mm_positions, dtype=np.float64) * BOHR_PER_ANGSTROM,
                             np.asarray(mm_charges, dtype=np.float64), unit="Bohr")
     if attempt == 1:            # damping + level shift for oscillating SCF
         mf.damp, mf.level_shift, mf.diis_start_cycle, mf.max_cycle = 0.5, 0.3, 4, 2 * level.max_cycle
@@ -424,15 +424,25 @@ class Labeller:
         x = self.inputs(task)
         lab = label_frame(x["numbers"], x["positions"], x["charge"], x["mm_positions"], x["mm_charges"],
                           self.cfg.level, self.backend)
-        spec = task.chain
-        kind = "displaced" if (task.copy > 0 and spec.kind != "gas") else spec.kind
-        return dict(frame_id=task.frame_id, trajectory=task.trajectory, solute=task.zone_name, kind=kind,
-                    environment=spec.kind, split=task.split, total_charge=x["charge"],
-                    temperature=spec.temperature, displaced=int(task.copy > 0), block=task.block,
-                    index_in_block=task.index, energy=lab.energy, dipole=lab.dipole, quadrupole=lab.quadrupole,
-                    scf_cycles=lab.scf_cycles, seconds=lab.seconds, numbers=x["numbers"],
-                    positions=x["positions"], forces=lab.forces, mm_positions=x["mm_positions"],
-                    mm_charges=x["mm_charges"], mm_forces=lab.mm_forces)
+        return record(frame_meta(task, x), x, lab)
+
+
+def frame_meta(task: Task, x: dict[str, object]) -> dict[str, object]:
+    """The dataset fields of a task that do not come from the QM calculation (scalars and strings)."""
+    spec = task.chain
+    kind = "displaced" if (task.copy > 0 and spec.kind != "gas") else spec.kind
+    return dict(frame_id=task.frame_id, trajectory=task.trajectory, solute=task.zone_name, kind=kind,
+                environment=spec.kind, split=task.split, total_charge=int(x["charge"]),
+                temperature=float(spec.temperature), displaced=int(task.copy > 0), block=task.block,
+                index_in_block=task.index)
+
+
+def record(meta: dict[str, object], x: dict[str, object], lab: Label) -> dict[str, object]:
+    """A dataset record: a frame's metadata (:func:`frame_meta`), its QM inputs (numbers, positions,
+    mm_positions, mm_charges) and its label."""
+    return dict(meta, energy=lab.energy, dipole=lab.dipole, quadrupole=lab.quadrupole, scf_cycles=lab.scf_cycles,
+                seconds=lab.seconds, numbers=x["numbers"], positions=x["positions"], forces=lab.forces,
+                mm_positions=x["mm_positions"], mm_charges=x["mm_charges"], mm_forces=lab.mm_forces)
 
 
 def provenance(cfg: LabelConfig, config_text: str) -> dict[str, object]:
@@ -484,6 +494,24 @@ def shard_of(plan_: list[Task], shard: tuple[int, int]) -> list[Task]:
     return [t for t in plan_ if zlib.crc32(t.frame_id.encode()) % n == k - 1]
 
 
+def pending(cfg: LabelConfig, out: Path, shard: tuple[int, int] = (1, 1)) -> tuple[list[Task], list[Task], Path]:
+    """(the planned tasks of shard k of n, those that dataset ``out`` neither holds nor lists as skipped, the MD
+    cache folder); checks that an existing ``out`` has the config's level of theory."""
+    from .dataset import frame_ids
+    tasks = shard_of(plan(cfg), shard)
+    cache = Path(cfg.cache) if cfg.cache else out.with_suffix(".samples")
+    if shard[1] > 1:
+        cache = cache.with_name(f"{cache.name}-shard{shard[0]}of{shard[1]}")
+    done: set[str] = set()
+    if out.exists():
+        _check_level(out, cfg)
+        done = frame_ids(out)
+    skipped_path = out.with_suffix(".skipped.txt")
+    if skipped_path.exists():
+        done |= {line.split("\t")[0] for line in skipped_path.read_text().splitlines() if line}
+    return tasks, [t for t in tasks if t.frame_id not in done], cache
+
+
 def run(cfg: LabelConfig, out: str | Path, point_charges: PointChargesFactory | None, frames: int | None = None,
         config_text: str = "", threads: int = 1, shard: tuple[int, int] = (1, 1)) -> int:
     """Label the planned frames of ``cfg`` that dataset ``out`` does not hold yet (at most ``frames`` new
@@ -493,22 +521,13 @@ def run(cfg: LabelConfig, out: str | Path, point_charges: PointChargesFactory | 
     file's lock), each sampling MD into its own cache folder. Returns the number of new frames."""
     from .dataset import DatasetWriter
     out = Path(out)
-    tasks = shard_of(plan(cfg), shard)
-    cache = Path(cfg.cache) if cfg.cache else out.with_suffix(".samples")
-    if shard[1] > 1:
-        cache = cache.with_name(f"{cache.name}-shard{shard[0]}of{shard[1]}")
     qm_backend(cfg.qm_device)                       # a GPU asked for but not there: refused before any file is made
-    if out.exists():
-        _check_level(out, cfg)
+    tasks, todo, cache = pending(cfg, out, shard)
     prov = provenance(cfg, config_text)
     writer = DatasetWriter(out, prov)
     writer.add_history(f"{prov['created']} mlmm label session: git {prov['git_commit']}, pyscf "
                        f"{prov['pyscf_version']}, openmm {prov['openmm_version']}, {threads} thread(s)")
     skipped_path = out.with_suffix(".skipped.txt")
-    done = writer.frame_ids()
-    if skipped_path.exists():
-        done |= {line.split("\t")[0] for line in skipped_path.read_text().splitlines() if line}
-    todo = [t for t in tasks if t.frame_id not in done]
     limit = frames if frames is not None else len(todo)
     log.info("labelling %d of %d planned frames%s into %s (%d done, %d thread(s), MD cache %s)",
              min(limit, len(todo)), len(tasks), f" (shard {shard[0]}/{shard[1]})" if shard[1] > 1 else "", out,

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import openmm
 import pytest
+from label_configs import cluster_toml
 
 from potentials.qmmm_reference import LabelConfig, Labeller, Task, plan
 from potentials.sampling import (Chain, ChainSpec, ChainSystem, TIP3P_CHARGES, build, nearest_waters, qm_zone,
@@ -151,7 +152,9 @@ def test_old_config_frame_ids_unchanged():
     assert "HOH-droplet-300K-s20915262/b011/f00/c0" in ids
     assert solutes == {t.zone_name for t in old} == {"HOH", "MOH", "ACT", "MAM"}
     new = plan(LabelConfig.from_toml(REPO / "inputs" / "data" / "label_config_clusters.toml"))
-    assert len(new) == 2 * 2 * 20 * 5 * 2 and len({t.frame_id for t in new}) == len(new)
+    assert len(new) == 2 * 2 * 60 * 5 * 2 and len({t.frame_id for t in new}) == len(new)
+    with Dataset.open(REPO / "inputs" / "data" / "qmmm_clusters_b3lyp_svp.nc") as ds:   # 60 blocks extend 20
+        assert {str(i) for i in ds.meta["frame_id"]} <= {t.frame_id for t in new}
     assert {t.zone_name for t in new} == {"MOH+3HOH", "ACT+3HOH"}
     assert all("-cluster80-" in t.frame_id and "-w3/" in t.frame_id for t in new)
     assert not {t.frame_id for t in new} & {t.frame_id for t in old}
@@ -196,23 +199,7 @@ def test_label_cluster_zone_end_to_end(tmp_path):
     from driver.pipeline import label_main
     from potentials.dataset import Dataset
     cfg_path = tmp_path / "cluster.toml"
-    cfg_path.write_text("""
-solutes = ["MOH"]
-solvated_kinds = ["cluster"]
-cluster_waters = 10
-ml_waters = 2
-temperatures_K = [300.0]
-gas = false
-trajectories = 1
-frames_per_trajectory = 1
-displaced_copies = 1
-split_pattern = ["train"]
-equil_ps = 0.05
-[level]
-basis = "sto-3g"
-grid_level = 1
-conv_tol = 1e-8
-""")
+    cfg_path.write_text(cluster_toml(ml_waters=2))
     out = tmp_path / "c.nc"
     assert label_main(argparse.Namespace(out=str(out), config=str(cfg_path), frames=None)) == 0
     cfg = LabelConfig.from_toml(cfg_path)
@@ -264,24 +251,7 @@ def test_two_shards_label_one_file_at_once(tmp_path):
     from potentials.dataset import Dataset
     from potentials.qmmm_reference import shard_of
     cfg_path = tmp_path / "cluster.toml"
-    cfg_path.write_text("""
-solutes = ["MOH"]
-solvated_kinds = ["cluster"]
-cluster_waters = 6
-ml_waters = 1
-temperatures_K = [300.0]
-gas = false
-trajectories = 1
-frames_per_trajectory = 3
-displaced_copies = 1
-split_pattern = ["train"]
-equil_ps = 0.05
-spacing_ps = 0.05
-[level]
-basis = "sto-3g"
-grid_level = 1
-conv_tol = 1e-7
-""")
+    cfg_path.write_text(cluster_toml(cluster_waters=6, frames=3, conv_tol=1e-7, spacing_ps=0.05))
     out = tmp_path / "c.nc"
     argv = [sys.executable, "-m", "driver.cli", "label", "--out", str(out), "--config", str(cfg_path)]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
@@ -307,23 +277,7 @@ def test_ion_pair_zone_end_to_end(tmp_path):
     from potentials.dataset import Dataset
     from potentials.domain import training_domain
     cfg_path = tmp_path / "pair.toml"
-    cfg_path.write_text("""
-solutes = ["MAM+ACT"]
-solvated_kinds = ["cluster"]
-cluster_waters = 10
-ml_waters = 1
-temperatures_K = [300.0]
-gas = false
-trajectories = 1
-frames_per_trajectory = 1
-displaced_copies = 0
-split_pattern = ["train"]
-equil_ps = 0.05
-[level]
-basis = "sto-3g"
-grid_level = 1
-conv_tol = 1e-8
-""")
+    cfg_path.write_text(cluster_toml(solute="MAM+ACT", displaced_copies=0))
     out = tmp_path / "p.nc"
     assert label_main(argparse.Namespace(out=str(out), config=str(cfg_path), frames=None)) == 0
     with Dataset.open(out) as ds:
