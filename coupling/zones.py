@@ -106,10 +106,11 @@ def ml_numbers(topology, ml_indices) -> np.ndarray:
     return np.asarray(out, dtype=np.int64)
 
 
-def _fragments(topology, ml_indices) -> list[list[int]]:
+def _fragments(topology, ml_indices) -> list[tuple[list[int], list[tuple[int, int]] | None]]:
     """The ML zone's covalently bonded fragments (connected components of the bonds among ML atoms), each as
-    atomic numbers, with one hydrogen per bond it cuts (the link-atom cap). Atoms of residues the structure
-    gives no bonds for fall back to their residue."""
+    (atomic numbers, bonds as pairs of indices into them), with one hydrogen per bond it cuts (the link-atom cap,
+    bonded to its ML atom). Atoms of residues the structure gives no bonds for fall back to their residue; such a
+    fragment's bonds are None (unknown)."""
     ml = [int(i) for i in np.asarray(ml_indices).reshape(-1)]
     inside = set(ml)
     parent = {i: i for i in ml}
@@ -123,11 +124,13 @@ def _fragments(topology, ml_indices) -> list[list[int]]:
     atoms = list(topology.atoms())
     caps: dict[int, int] = {}
     bonded: set[int] = set()
+    pairs: list[tuple[int, int]] = []
     for a, b in topology.bonds():
         ia, ib = a.index in inside, b.index in inside
         if ia and ib:
             parent[root(a.index)] = root(b.index)
             bonded.update((a.index, b.index))
+            pairs.append((a.index, b.index))
         elif ia or ib:
             q = a.index if ia else b.index
             caps[q] = caps.get(q, 0) + 1
@@ -136,11 +139,20 @@ def _fragments(topology, ml_indices) -> list[list[int]]:
         if i not in bonded:
             r = atoms[i].residue.index
             parent[i] = root(by_res.setdefault(r, i))
-    groups: dict[int, list[int]] = {}
+    members: dict[int, list[int]] = {}
     for i in ml:
-        z = atoms[i].element.atomic_number if atoms[i].element is not None else 0
-        groups.setdefault(root(i), []).extend([z] + [1] * caps.get(i, 0))
-    return list(groups.values())
+        members.setdefault(root(i), []).append(i)
+    out = []
+    for group in members.values():
+        local = {i: k for k, i in enumerate(group)}
+        z = [atoms[i].element.atomic_number if atoms[i].element is not None else 0 for i in group]
+        links = [(local[i], local[j]) for i, j in pairs if i in local]
+        for i in group:                       # caps: hydrogens bonded to the atom whose bond was cut
+            for _ in range(caps.get(i, 0)):
+                links.append((local[i], len(z)))
+                z.append(1)
+        out.append((z, None if any(i not in bonded for i in group) and len(group) > 1 else links))
+    return out
 
 
 def zone_molecules(topology, ml_indices) -> int:
@@ -148,15 +160,17 @@ def zone_molecules(topology, ml_indices) -> int:
     return len(_fragments(topology, ml_indices))
 
 
-def zone_formulas(topology, ml_indices, charge: int) -> list[tuple[str, int | None]]:
-    """(Hill formula, charge) of each molecule (bonded fragment, with its link-atom caps) of the ML zone; the
-    charge is the zone's when it holds one molecule, else None (the force field's per-residue charges are not
-    the model's business)."""
-    from potentials.domain import formula
+def zone_formulas(topology, ml_indices, charge: int) -> list[tuple[str, int | None, str | None]]:
+    """(Hill formula, charge, bond-graph key) of each molecule (bonded fragment, with its link-atom caps) of the
+    ML zone; the charge is the zone's when it holds one molecule, else None (the force field's per-residue
+    charges are not the model's business); the key (:func:`potentials.domain.graph_key`) is None where the
+    structure gives no bonds."""
+    from potentials.domain import formula, graph_key
 
     frags = _fragments(topology, ml_indices)
     one = len(frags) == 1
-    return [(formula(z), int(charge) if one else None) for z in frags]
+    return [(formula(z), int(charge) if one else None, None if links is None else graph_key(z, links))
+            for z, links in frags]
 
 
 def warn_new_domain(metadata: dict, topology, ml_indices, charge: int, where: str = "model") -> list[str]:
@@ -165,7 +179,7 @@ def warn_new_domain(metadata: dict, topology, ml_indices, charge: int, where: st
     record)."""
     from potentials.domain import domain_news
 
-    n_model = sum(len(f) for f in _fragments(topology, ml_indices))            # link-atom caps included
+    n_model = sum(len(z) for z, _ in _fragments(topology, ml_indices))         # link-atom caps included
     news = domain_news((metadata or {}).get("domain") or {}, zone_formulas(topology, ml_indices, charge), n_model)
     if news:
         seen = ", ".join(m["formula"] + (f" ({m['charge']:+d})" if m["charge"] is not None else "")

@@ -67,3 +67,40 @@ def test_ml_client_names_what_is_new_at_start_up(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         MLEngine.from_spec(tmp_path / "system.toml", tmp_path / "w.pt")
     assert not [r for r in caplog.records if "was not trained on" in r.getMessage()]
+
+
+def _side_chain_zone(pdb: Path):
+    """Topology of a capped fragment and its side chain cut at CA-CB (the link-atom zone of label_fragments.sh)."""
+    from openmm.app import PDBFile
+    top = PDBFile(str(pdb)).topology
+    ml = [a.index for a in top.atoms() if a.residue.index == 1 and a.name not in ("N", "H", "CA", "HA", "C", "O")]
+    return top, ml
+
+
+def test_tautomers_are_told_apart():
+    """HID and HIE (H on ND1 or NE2) share the formula C4H6N2; their bond graphs differ. The bond graph of the
+    shipped HIE frames (from geometry) equals that of an HIE zone cut from a PDB (from its topology, with the cap),
+    and the shipped zones model, trained on HID but not HIE, warns for an HIE zone only."""
+    from coupling.zones import zone_formulas
+    from potentials.domain import graph_key
+    from potentials.model_io import read_model_file
+    ring = [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 1)]          # CB-CG, CG-ND1-CE1-NE2-CD2-CG
+    z = [6, 6, 7, 6, 7, 6, 1]
+    hid, hie = graph_key(z, ring + [(2, 6)]), graph_key(z, ring + [(4, 6)])
+    assert hid != hie
+    perm = [3, 0, 6, 2, 5, 1, 4]
+    where = {p: i for i, p in enumerate(perm)}
+    assert graph_key([z[p] for p in perm], [(where[a], where[b]) for a, b in ring + [(2, 6)]]) == hid
+    frags = ROOT / "inputs" / "examples" / "fragments"
+    zones = {name: zone_formulas(*_side_chain_zone(frags / f"ACE-{name}-NME.pdb"), 0) for name in ("HID", "HIE")}
+    assert zones["HID"][0][:2] == zones["HIE"][0][:2] == ("C4H6N2", 0) and zones["HID"][0][2] != zones["HIE"][0][2]
+    # (one strongly displaced frame of the 80 adds a second graph, with a ring 1,3 pair at 1.27 x the radii sum)
+    shipped_hie = training_domain(load_frames(ROOT / "inputs" / "data" / "fragments" / "HIE.nc"))
+    graphs = [g for m in shipped_hie["molecules"] for g in m["graphs"]]
+    assert zones["HIE"][0][2] in graphs and zones["HID"][0][2] not in graphs
+    dom = read_model_file(ROOT / "inputs" / "models" / "small_b3lyp_svp_zones.pt")["metadata"]["domain"]
+    assert domain_news(dom, zones["HID"], 13) == []
+    assert domain_news(dom, zones["HIE"], 13) == [
+        "C4H6N2 bonded differently from every training C4H6N2 (another isomer or tautomer)"]
+    old = {**dom, "molecules": [{k: v for k, v in m.items() if k != "graphs"} for m in dom["molecules"]]}
+    assert domain_news(old, zones["HIE"], 13) == []                  # a record without graphs: formula only
