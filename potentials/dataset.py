@@ -24,6 +24,8 @@ writer only trust the leading run of complete frames, and the next append overwr
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import time
 from collections.abc import Mapping
@@ -88,14 +90,15 @@ class DatasetWriter:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._create(attributes or {})
         else:
-            with _open(self.path, "r", wait_s) as nc:
-                missing = [v for v in ("complete", "energy", "mm_forces") if v not in nc.variables]
-                fixed = not nc.dimensions["frame"].isunlimited()
-            if missing:
-                raise SetupError(f"{self.path} is not a QM/MM dataset (no {missing}); choose another --out")
-            if fixed:                   # a compacted copy (e.g. shipped): rewritten appendable, frames kept
-                ds = Dataset.open(self.path, wait_s)
-                self._create({**ds.attrs, **(attributes or {})}, ds)
+            with _folder_lock(self.path):        # jobs starting at once: one rewrites, the others see the result
+                with _open(self.path, "r", wait_s) as nc:
+                    missing = [v for v in ("complete", "energy", "mm_forces") if v not in nc.variables]
+                    fixed = not nc.dimensions["frame"].isunlimited()
+                if missing:
+                    raise SetupError(f"{self.path} is not a QM/MM dataset (no {missing}); choose another --out")
+                if fixed:               # a compacted copy (e.g. shipped): rewritten appendable, frames kept
+                    ds = Dataset.open(self.path, wait_s)
+                    self._create({**ds.attrs, **(attributes or {})}, ds)
 
     def _create(self, attributes: Mapping[str, object], ds: "Dataset | None" = None) -> None:
         """Write a new, appendable file (unlimited dimensions) in one step: a temporary file renamed over
@@ -188,6 +191,18 @@ class DatasetWriter:
             nc.sync()
             nc["complete"][i] = 1
         return i
+
+
+@contextlib.contextmanager
+def _folder_lock(path: Path):
+    """An exclusive lock (flock) on the folder holding ``path``, for the check-and-rewrite of a compacted file:
+    the file itself cannot be flocked (HDF5 locks it its own way), and a lock file would be left behind."""
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)                     # releases the lock
 
 
 def frame_ids(path: str | os.PathLike, wait_s: float = 120.0) -> set[str]:

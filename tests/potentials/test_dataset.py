@@ -182,3 +182,30 @@ def test_writer_waits_for_a_reader_lock(tmp_path):
         holder.wait(timeout=30)
     with Dataset.open(path) as ds:
         assert len(ds) == 2
+
+
+def _append_one(path: str, i: int) -> None:
+    w = DatasetWriter(path)
+    w.append(_frame(i, np.random.default_rng(i)))
+
+
+def test_jobs_starting_at_once_on_a_compacted_copy_keep_every_frame(tmp_path):
+    """Four processes open the same compacted file at once and each appends a frame: the file is rewritten
+    appendable once (under a folder lock), so no job's rewrite drops a frame another job appended."""
+    import multiprocessing as mp
+    src, dst = tmp_path / "a.nc", tmp_path / "b.nc"
+    w = DatasetWriter(src, {"title": "x"})
+    for i in range(3):
+        w.append(_frame(i, np.random.default_rng(i)))
+    compact(src, dst)
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_append_one, args=(str(dst), 10 + k)) for k in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0] * 4
+    with Dataset.open(dst) as b:
+        assert len(b) == 7 and {str(b.frame(i)["frame_id"]) for i in range(7)} == \
+            {str(_frame(i, np.random.default_rng(i))["frame_id"]) for i in (0, 1, 2, 10, 11, 12, 13)}
+    assert not list(tmp_path.glob("*.tmp"))
