@@ -291,6 +291,9 @@ def _add_learn(sub) -> None:
                    "final committee's errors on them (overrides [validate] frames; default 40, 0: none)")
     s.add_argument("--seed-only", action="store_true", help="only sample and label round 0 (the MM seed) into "
                    "DIR/data.nc and stop: a dataset for `mlmm train`, e.g. capped fragments for a general model")
+    s.add_argument("--export-jobs", default=None, metavar="JOBS.npz", help="with --seed-only: sample round 0 and "
+                   "write the QM inputs of its frames to JOBS.npz instead of labelling them (label elsewhere with "
+                   "`python -m potentials.qm_jobs`, import with `mlmm label --out DIR/data.nc --import-labels`)")
     s.add_argument("--seed-model", default=None, metavar="MODEL", help="seed round 0 by ML/MM MD with this model "
                    "(ours, a committee, MACE, AIMNet2 or ANI) instead of MM (overrides [seed] model)")
     _add_print_config(s)

@@ -192,12 +192,19 @@ class Learner:
         return backend
 
     # ------------------------------------------------------------------------------------------ the loop
-    def run(self, seed_only: bool = False) -> dict:
+    def run(self, seed_only: bool = False, export_jobs: str | None = None) -> dict:
+        if export_jobs and not seed_only:
+            raise SetupError("--export-jobs goes with --seed-only (later rounds need the committee trained on the "
+                             "labels)")
         r = 0
         while True:
             st = self.state(r)
             if r == 0:
                 self.seed(st)
+                if export_jobs:
+                    from driver.learn_label import export_round
+                    n = export_round(self, 0, export_jobs)
+                    return {"reason": "seed only, exported (--export-jobs)", "round": 0, "jobs": n}
                 if seed_only:
                     self.label(0, st)
                     result = {"reason": "seed only (--seed-only): sampled and labelled, not trained", "round": 0,
@@ -461,7 +468,8 @@ class Learner:
         return st
 
 def main(args: argparse.Namespace) -> int:
-    """``mlmm learn SYSTEM.toml --out DIR [--config TOML] [--max-frames N] [--validate N] [--seed-only] [--print-config]``."""
+    """``mlmm learn SYSTEM.toml --out DIR [--config TOML] [--max-frames N] [--validate N] [--seed-only
+    [--export-jobs JOBS.npz]] [--print-config]``."""
     from potentials.core.config import describe
 
     cfg = LearnConfig.from_toml(args.config)
@@ -489,7 +497,7 @@ def main(args: argparse.Namespace) -> int:
     root.addHandler(handler)
     try:
         log.info("mlmm learn %s --out %s (%s)", args.system, args.out, args.config or "default config")
-        learner.run(seed_only=bool(getattr(args, "seed_only", False)))
+        learner.run(seed_only=bool(getattr(args, "seed_only", False)), export_jobs=getattr(args, "export_jobs", None))
     finally:
         root.removeHandler(handler)
         root.setLevel(level)

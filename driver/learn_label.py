@@ -24,7 +24,6 @@ def dataset_writer(learner, path=None):
     attributes (level of theory, embedding cutoff and switch: what ``mlmm train`` stamps into the model), or
     reopened after checking that its level of theory is the config's."""
     from potentials.dataset import Dataset, DatasetWriter
-    from potentials.qmmm_reference import LabelConfig, provenance
 
     path = learner.dataset if path is None else path
     if path.exists():
@@ -39,6 +38,13 @@ def dataset_writer(learner, path=None):
                     raise SetupError(f"{path} was labelled with {key} = {ds.attrs[key]}, the system has {value}; "
                                      "use a new --out folder")
         return DatasetWriter(path)
+    return DatasetWriter(path, dataset_provenance(learner))
+
+
+def dataset_provenance(learner) -> dict:
+    """The global attributes of a learner's dataset: ``mlmm label``'s provenance plus what ``mlmm learn`` did."""
+    from potentials.qmmm_reference import LabelConfig, provenance
+
     c = learner.spec.coupling
     prov = provenance(LabelConfig(solutes=(), level=learner.cfg.level, embedding_cutoff_nm=c.cutoff_nm,
                                   embedding_switch_nm=c.switch_width_nm, seed=learner.cfg.random_seed),
@@ -48,7 +54,7 @@ def dataset_writer(learner, path=None):
                 sampling="round 0: OpenMM MD with an elastic ML zone (driver/learn_sample.py); rounds >= 1: ML/MM "
                          "MD with the committee, frames selected by committee disagreement (driver/learn.py)",
                 split_rule="by trajectory (seed MD segment or ML/MM run): split_pattern[t % len(split_pattern)]")
-    return DatasetWriter(path, prov)
+    return prov
 
 
 def label_round(learner, r: int) -> int:
@@ -57,50 +63,80 @@ def label_round(learner, r: int) -> int:
     return label_frames(learner, learner.round_dir(r) / "frames.npz", learner.dataset, f"round {r}", "the round's")
 
 
-def label_frames(learner, frames_path, dataset, tag: str, whose: str = "its") -> int:
-    """Label the frames of ``frames_path`` (a ``frames.npz`` of :meth:`driver.learn.Learner._save_frames`) that
-    ``dataset`` does not hold yet; returns how many of them it holds now. ``tag`` and ``whose`` word the log
-    lines ("round 2: ... of the round's 40")."""
-    from potentials.qmmm_reference import append_frame, label_frame
-
-    writer = dataset_writer(learner, dataset)
-    done = writer.frame_ids()
+def _pending(learner, frames_path, writer) -> tuple[object, list[int]]:
+    """(the frames file, the indices of its frames the dataset neither holds nor lists as SCF failures)."""
+    done = writer.frame_ids() if writer is not None else set()
     skipped_path = learner.out / "skipped.txt"
     if skipped_path.exists():
         done |= {line.split("\t")[0] for line in skipped_path.read_text().splitlines() if line}
     z = np.load(frames_path)
-    todo = [i for i, fid in enumerate(z["frame_id"]) if str(fid) not in done]
+    return z, [i for i, fid in enumerate(z["frame_id"]) if str(fid) not in done]
+
+
+def _frame_inputs(learner, z, i: int) -> tuple[dict, dict]:
+    """(dataset metadata, QM inputs) of frame ``i`` of a frames file: the zone as the network sees it and the
+    embedding's point charges (float32, as stored)."""
+    pos = z["positions"][i].astype(np.float64)
+    ml, mm_pos, q = learner.point_charges.frame(pos, learner.box)
+    x = dict(numbers=learner.numbers, positions=np.asarray(ml) * ANGSTROM_PER_NM,
+             mm_positions=(np.asarray(mm_pos) * ANGSTROM_PER_NM).astype(np.float32),
+             mm_charges=np.asarray(q).astype(np.float32))
+    displaced = int(z["displaced"][i]) > 0
+    meta = dict(frame_id=str(z["frame_id"][i]), trajectory=str(z["trajectory"][i]), solute=learner.formula,
+                kind="displaced" if displaced else learner.environment, environment=learner.environment,
+                split=str(z["split"][i]), total_charge=int(learner.charge), temperature=float(z["temperature"][i]),
+                displaced=int(displaced), block=int(z["block"][i]), index_in_block=int(z["index"][i]))
+    return meta, x
+
+
+def export_round(learner, r: int, jobs) -> int:
+    """Write the QM inputs of round ``r``'s frames that the dataset lacks to the jobs file ``jobs``
+    (:mod:`potentials.qm_jobs`: label them on another machine, import with ``mlmm label --import-labels``);
+    returns how many."""
+    from potentials.dataset import DatasetWriter
+    from potentials.qm_jobs import write_jobs
+
+    writer = DatasetWriter(learner.dataset) if learner.dataset.exists() else None
+    z, todo = _pending(learner, learner.round_dir(r) / "frames.npz", writer)
+    if not todo:
+        raise SetupError(f"{learner.dataset} already holds every frame of round {r}; nothing to export")
+    pairs = [_frame_inputs(learner, z, i) for i in todo]
+    write_jobs(jobs, [m for m, _ in pairs], [x for _, x in pairs], learner.cfg.level, dataset_provenance(learner),
+               learner.dataset)
+    log.info("round %d: wrote %d QM jobs to %s; label them (python -m potentials.qm_jobs) and import them with "
+             "`mlmm label --out %s --import-labels RESULTS.npz`", r, len(todo), jobs, learner.dataset)
+    return len(todo)
+
+
+def label_frames(learner, frames_path, dataset, tag: str, whose: str = "its") -> int:
+    """Label the frames of ``frames_path`` (a ``frames.npz`` of :meth:`driver.learn.Learner._save_frames`) that
+    ``dataset`` does not hold yet; returns how many of them it holds now. ``tag`` and ``whose`` word the log
+    lines ("round 2: ... of the round's 40")."""
+    from potentials.qmmm_reference import append_frame, label_frame, record
+
+    writer = dataset_writer(learner, dataset)
+    skipped_path = learner.out / "skipped.txt"
+    z, todo = _pending(learner, frames_path, writer)
     lvl = learner.cfg.level
     log.info("%s: labelling %d frames (%d of %s %d already labelled), %s/%s", tag, len(todo),
              len(z["frame_id"]) - len(todo), whose, len(z["frame_id"]), lvl.xc, lvl.basis)
     t_start, n_new = time.perf_counter(), 0
     for n, i in enumerate(todo, 1):
-        pos = z["positions"][i].astype(np.float64)
-        ml, mm_pos, q = learner.point_charges.frame(pos, learner.box)
-        x = dict(positions=np.asarray(ml) * ANGSTROM_PER_NM,
-                 mm_positions=(np.asarray(mm_pos) * ANGSTROM_PER_NM).astype(np.float32),
-                 mm_charges=np.asarray(q).astype(np.float32))
-        fid = str(z["frame_id"][i])
+        meta, x = _frame_inputs(learner, z, i)
+        fid = meta["frame_id"]
         try:
-            lab = label_frame(learner.numbers, x["positions"], learner.charge, x["mm_positions"], x["mm_charges"], lvl,
+            lab = label_frame(x["numbers"], x["positions"], learner.charge, x["mm_positions"], x["mm_charges"], lvl,
                               learner.qm_device)
         except CalculationFailed as exc:
             log.warning("skip %s: %s", fid, exc)
             with open(skipped_path, "a") as fh:
                 fh.write(f"{fid}\t{exc}\n")
             continue
-        displaced = int(z["displaced"][i]) > 0
-        rec = dict(frame_id=fid, trajectory=str(z["trajectory"][i]), solute=learner.formula,
-                   kind="displaced" if displaced else learner.environment, environment=learner.environment,
-                   split=str(z["split"][i]), total_charge=learner.charge, temperature=float(z["temperature"][i]),
-                   displaced=int(displaced), block=int(z["block"][i]), index_in_block=int(z["index"][i]),
-                   energy=lab.energy, dipole=lab.dipole, quadrupole=lab.quadrupole, scf_cycles=lab.scf_cycles,
-                   seconds=lab.seconds, numbers=learner.numbers, forces=lab.forces, mm_forces=lab.mm_forces, **x)
-        append_frame(writer, rec)
+        append_frame(writer, record(meta, x, lab))
         n_new += 1
         rate = n / (time.perf_counter() - t_start)
-        log.info("[%d/%d] %s E=%.4f eV m=%d qm=%.1fs | ETA %.1f min", n, len(todo), fid, lab.energy, len(q),
-                 lab.seconds, (len(todo) - n) / max(rate, 1e-9) / 60.0)
+        log.info("[%d/%d] %s E=%.4f eV m=%d qm=%.1fs | ETA %.1f min", n, len(todo), fid, lab.energy,
+                 len(x["mm_charges"]), lab.seconds, (len(todo) - n) / max(rate, 1e-9) / 60.0)
     held = len({str(x) for x in z["frame_id"]} & writer.frame_ids())
     log.info("%s: %d frames labelled now, %d of its %d in the dataset", tag, n_new, held, len(z["frame_id"]))
     return held

@@ -86,25 +86,34 @@ def export(cfg, out: str | os.PathLike, jobs: str | os.PathLike, point_charges, 
     if not todo:
         raise SetupError(f"{out} already holds every planned frame of this config; nothing to export")
     labeller = Labeller(dataclasses.replace(cfg, qm_device="cpu"), cache, point_charges)   # no QM here
-    metas, inputs = [], {k: [] for k in _INPUTS}
+    metas, inputs = [], []
     for i, task in enumerate(todo):
         x = labeller.inputs(task)
         metas.append(frame_meta(task, x))
-        for k in _INPUTS:
-            inputs[k].append(np.asarray(x[k]))
+        inputs.append(x)
         if (i + 1) % 100 == 0:
             log.info("exported %d/%d", i + 1, len(todo))
-    header = dict(level=asdict(cfg.level), provenance=provenance(cfg, config_text), dataset=str(out))
-    jobs.parent.mkdir(parents=True, exist_ok=True)
-    _save(jobs, dict(format=np.asarray(JOBS_FORMAT), header=_text(header), meta=_text(metas),
-                     n_atoms=np.array([len(n) for n in inputs["numbers"]], np.int32),
-                     n_mm=np.array([len(q) for q in inputs["mm_charges"]], np.int32),
-                     numbers=np.concatenate(inputs["numbers"]).astype(np.int16),
-                     positions=np.concatenate(inputs["positions"]).astype(np.float64).reshape(-1, 3),
-                     mm_positions=np.concatenate(inputs["mm_positions"]).astype(np.float32).reshape(-1, 3),
-                     mm_charges=np.concatenate(inputs["mm_charges"]).astype(np.float32)))
+    write_jobs(jobs, metas, inputs, cfg.level, provenance(cfg, config_text), out)
     log.info("wrote %d QM jobs (%d planned) to %s", len(todo), len(tasks), jobs)
     return len(todo)
+
+
+def write_jobs(path: str | os.PathLike, metas: list[dict], inputs: list[dict], level, provenance: dict,
+               dataset: str | os.PathLike) -> None:
+    """Write a jobs file: per frame its dataset metadata (``metas``, :func:`potentials.qmmm_reference.frame_meta`)
+    and QM inputs (``inputs``: numbers, positions Å, mm_positions Å, mm_charges e), the level of theory and the
+    dataset attributes (``provenance``) a dataset made from them gets."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = dict(level=asdict(level), provenance=provenance, dataset=str(dataset))
+    col = {k: [np.asarray(x[k]) for x in inputs] for k in _INPUTS}
+    _save(path, dict(format=np.asarray(JOBS_FORMAT), header=_text(header), meta=_text(metas),
+                     n_atoms=np.array([len(n) for n in col["numbers"]], np.int32),
+                     n_mm=np.array([len(q) for q in col["mm_charges"]], np.int32),
+                     numbers=np.concatenate(col["numbers"]).astype(np.int16),
+                     positions=np.concatenate(col["positions"]).astype(np.float64).reshape(-1, 3),
+                     mm_positions=np.concatenate(col["mm_positions"]).astype(np.float32).reshape(-1, 3),
+                     mm_charges=np.concatenate(col["mm_charges"]).astype(np.float32)))
 
 
 # ---- the worker side: numpy + PySCF/gpu4pyscf only ------------------------------------------------------

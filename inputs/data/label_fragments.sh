@@ -7,6 +7,10 @@
 # kept, `mlmm learn` skips what it has). Each fragment's frames end up in data/fragments/<name>/data.nc, the
 # record format of `mlmm label` (add them as [data] extra of `mlmm train`).
 #   OMP_NUM_THREADS=1 bash inputs/data/label_fragments.sh [NAME ...]      # default: all, smallest first
+# With EXPORT_JOBS=DIR the QM is left for another machine: each fragment's sampled frames go to DIR/<name>.npz
+# (`mlmm learn --seed-only --export-jobs`); label them with `python -m potentials.qm_jobs DIR/<name>.npz
+# DIR/<name>_labels.npz --qm-device gpu` and import with `mlmm label --out data/fragments/<name>/data.nc
+# --import-labels DIR/<name>_labels.npz`.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 MLMM=${MLMM:-mlmm}
@@ -42,5 +46,7 @@ for name in "${names[@]}"; do
   if [ -f "inputs/data/fragments/$name.nc" ] && [ ! -f "data/fragments/$name/data.nc" ]; then
     mkdir -p "data/fragments/$name" && cp "inputs/data/fragments/$name.nc" "data/fragments/$name/data.nc"
   fi
-  "$MLMM" learn "$prep/system.toml" --out "data/fragments/$name" --config "$CFG" --seed-only
+  "$MLMM" learn "$prep/system.toml" --out "data/fragments/$name" --config "$CFG" --seed-only \
+      ${EXPORT_JOBS:+--export-jobs "$EXPORT_JOBS/$name.npz"} || [ -n "${EXPORT_JOBS:-}" ]   # exporting: a
+  #                                                           fragment with every frame labelled has nothing to export
 done

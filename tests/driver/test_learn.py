@@ -260,7 +260,7 @@ def test_learn_labels_a_link_atom_zone_with_its_caps(tmp_path):
     assert abs(np.linalg.norm(cap - r[0]) - 1.09) < 0.15
     assert np.min(np.linalg.norm(charged - cap, axis=1)) > 1.0     # no charge on the cap: CA's moved to N, HA, C
     meta = torch.load(out / "model.pt", weights_only=True)["metadata"]
-    assert {"formula": "C2H3O2", "charge": -1} in meta["domain"]["molecules"]
+    assert ("C2H3O2", -1) in {(m["formula"], m["charge"]) for m in meta["domain"]["molecules"]}
 
 
 def test_init_model_fine_tunes_from_the_shipped_model(tmp_path):
@@ -325,3 +325,39 @@ def test_seed_model_samples_round_0_by_ml_mm(tmp_path):
     stamp = [p.stat().st_mtime_ns for p in segs]
     assert cli(args) == 0
     assert [p.stat().st_mtime_ns for p in segs] == stamp
+
+
+@pytest.mark.slow
+def test_seed_frames_exported_labelled_elsewhere_and_imported(tmp_path, capsys):
+    """--seed-only --export-jobs: round 0 is sampled and its QM inputs written (no dataset, no QM); labelled by
+    `python -m potentials.qm_jobs` and imported with `mlmm label --import-labels`, they are the frames a plain
+    --seed-only run would label: run in the same folder it finds nothing left, and a label equals a direct PySCF
+    calculation of the stored inputs."""
+    from potentials.dataset import Dataset
+    from potentials.qmmm_reference import LevelOfTheory, label_frame
+
+    system = _prepare(tmp_path)
+    (tmp_path / "learn.toml").write_text(CONFIG.replace("[validate]\nframes = 4", "[validate]\nframes = 0"))
+    out, jobs, labels = tmp_path / "run", tmp_path / "jobs.npz", tmp_path / "labels.npz"
+    args = ["learn", str(system), "--out", str(out), "--config", str(tmp_path / "learn.toml"), "--seed-only"]
+    assert cli([*args, "--export-jobs", str(jobs)]) == 0
+    assert jobs.exists() and not (out / "data.nc").exists()
+    r = subprocess.run([sys.executable, "-m", "potentials.qm_jobs", str(jobs), str(labels), "--qm-device", "cpu",
+                        "--workers", "2"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert cli(["label", "--out", str(out / "data.nc"), "--import-labels", str(labels)]) == 0
+    stamp = (out / "data.nc").stat().st_mtime_ns
+    assert cli(args) == 0                                   # nothing left to label: the ids are learn's own
+    assert (out / "data.nc").stat().st_mtime_ns == stamp
+    assert json.loads((out / "learn.json").read_text())["seed_only"]["frames"] == 8
+    with Dataset.open(out / "data.nc") as ds:
+        assert len(ds) == 8 and ds.attrs["qm_xc"] == "hf" and "mlmm learn" in ds.attrs["title"]
+        f = ds.frame(3)
+    lab = label_frame(f["numbers"], f["positions"], int(f["total_charge"]), f["mm_positions"], f["mm_charges"],
+                      LevelOfTheory(xc="hf", basis="sto-3g", auxbasis="weigend", conv_tol=1e-8))
+    assert abs(lab.energy - float(f["energy"])) < 1e-6
+    np.testing.assert_allclose(lab.forces, f["forces"], atol=1e-4)
+    capsys.readouterr()
+    assert cli(["learn", str(system), "--out", str(tmp_path / "x"), "--config", str(tmp_path / "learn.toml"),
+                "--export-jobs", str(jobs)]) == 2
+    assert "--export-jobs goes with --seed-only" in capsys.readouterr().err
