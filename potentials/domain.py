@@ -87,8 +87,8 @@ def molecules(numbers, positions) -> list[np.ndarray]:
 
 
 def training_domain(frames: list[dict]) -> dict:
-    """The ``metadata["domain"]`` record of ``frames`` (dicts with numbers, positions Å, total_charge): per
-    molecule (formula, charge), the keys of the bond graphs it came in (:func:`graph_key`)."""
+    """The ``metadata["domain"]`` record of ``frames`` (dicts with numbers, positions Å, total_charge); its
+    ``graphs`` map each formula to the keys of the bond graphs it came in (:func:`graph_key`)."""
     elements, mols, sizes, most = set(), {}, [], 0
     for f in frames:
         z = np.asarray(f["numbers"], dtype=int)
@@ -101,9 +101,12 @@ def training_domain(frames: list[dict]) -> dict:
             key = (formula(z[p]), int(f["total_charge"]) if len(parts) == 1 else None)
             i, j = np.nonzero(np.triu(near[np.ix_(p, p)]))
             mols.setdefault(key, set()).add(graph_key(z[p], zip(i, j)))
+    graphs: dict[str, set[str]] = {}
+    for (m, _), keys in mols.items():
+        graphs.setdefault(m, set()).update(keys)
     return {"elements": sorted(elements),
-            "molecules": [{"formula": m, "charge": q, "graphs": sorted(mols[(m, q)])}
-                          for m, q in sorted(mols, key=lambda t: (t[0], str(t[1])))],
+            "molecules": [{"formula": m, "charge": q} for m, q in sorted(mols, key=lambda t: (t[0], str(t[1])))],
+            "graphs": {m: sorted(keys) for m, keys in sorted(graphs.items())},
             "zone_atoms": [min(sizes), max(sizes)] if sizes else [0, 0], "ml_molecules": most}
 
 
@@ -116,10 +119,7 @@ def domain_news(domain: dict, zone: list[tuple], n_atoms: int) -> list[str]:
         return []
     seen = {(m["formula"], m["charge"]) for m in domain.get("molecules", [])}
     formulas = {f for f, _ in seen}
-    graphs: dict[str, set[str]] = {}
-    for m in domain.get("molecules", []):
-        if "graphs" in m:
-            graphs.setdefault(m["formula"], set()).update(m["graphs"])
+    graphs = {f: set(keys) for f, keys in (domain.get("graphs") or {}).items()}
     news = []
     for item in sorted(set(zone), key=lambda t: (t[0], str(t[1:]))):
         f, q, key = (*item, None)[:3]

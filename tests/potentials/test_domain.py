@@ -96,11 +96,11 @@ def test_tautomers_are_told_apart():
     assert zones["HID"][0][:2] == zones["HIE"][0][:2] == ("C4H6N2", 0) and zones["HID"][0][2] != zones["HIE"][0][2]
     # (one strongly displaced frame of the 80 adds a second graph, with a ring 1,3 pair at 1.27 x the radii sum)
     shipped_hie = training_domain(load_frames(ROOT / "inputs" / "data" / "fragments" / "HIE.nc"))
-    graphs = [g for m in shipped_hie["molecules"] for g in m["graphs"]]
-    assert zones["HIE"][0][2] in graphs and zones["HID"][0][2] not in graphs
+    assert zones["HIE"][0][2] in shipped_hie["graphs"]["C4H6N2"]
+    assert zones["HID"][0][2] not in shipped_hie["graphs"]["C4H6N2"]
     dom = read_model_file(ROOT / "inputs" / "models" / "small_b3lyp_svp_zones.pt")["metadata"]["domain"]
     assert domain_news(dom, zones["HID"], 13) == []
     assert domain_news(dom, zones["HIE"], 13) == [
         "C4H6N2 bonded differently from every training C4H6N2 (another isomer or tautomer)"]
-    old = {**dom, "molecules": [{k: v for k, v in m.items() if k != "graphs"} for m in dom["molecules"]]}
+    old = {k: v for k, v in dom.items() if k != "graphs"}
     assert domain_news(old, zones["HIE"], 13) == []                  # a record without graphs: formula only
