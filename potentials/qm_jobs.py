@@ -39,6 +39,7 @@ JOBS_FORMAT = "mlmm-qm-jobs/1"
 LABELS_FORMAT = "mlmm-qm-labels/1"
 _INPUTS = ("numbers", "positions", "mm_positions", "mm_charges")
 MAX_ERRORS = 5                  # errors (not SCF failures) tolerated before label_jobs stops
+STALL_S = 1800.0                # no frame finishing for this long: a worker died (its frame is lost); stop
 
 
 def _text(value) -> np.ndarray:
@@ -163,14 +164,16 @@ def _versions(backend: str) -> dict[str, str]:
 
 
 def label_jobs(jobs: str | os.PathLike, results: str | os.PathLike, qm_device: str = "auto", workers: int = 1,
-               deadline_s: float | None = None, save_every_s: float = 20.0, threads: int | None = None) -> int:
+               deadline_s: float | None = None, save_every_s: float = 20.0, threads: int | None = None,
+               stall_s: float = STALL_S) -> int:
     """Label the frames of ``jobs`` that ``results`` does not hold yet, in ``workers`` processes (each on the
     GPU with ``qm_device = "gpu"``); ``results`` is rewritten atomically every ``save_every_s`` and at the end.
     Past ``deadline_s`` (seconds from the start) no new frame is waited for. ``threads``: per worker (default:
-    the cores shared out). A frame whose SCF fails, or whose calculation raises, is recorded as failed (with the
-    reason) and not retried; one that raises anything else is logged and left for a later run, and more than
+    the cores shared out). A frame whose SCF does not converge is recorded as failed (with the reason) and not
+    retried; one whose calculation raises anything else is logged and left for a later run, and more than
     ``MAX_ERRORS`` such (and over 10 % of the frames) stop the run with SetupError: a broken installation must
-    not mark a whole batch as failed. Returns the number of new labels."""
+    not mark a whole batch as failed. No frame finishing for ``stall_s`` (a worker killed, e.g. out of memory,
+    loses its frame) also stops it with SetupError, after saving. Returns the number of new labels."""
     import multiprocessing as mp
 
     from potentials.qmmm_reference import qm_backend
@@ -202,10 +205,14 @@ def label_jobs(jobs: str | os.PathLike, results: str | os.PathLike, qm_device: s
                 log.info("deadline reached: stopping with %d of %d labelled", new, len(todo))
                 break
             try:
-                i, lab, why = it.next(timeout=left)
+                i, lab, why = it.next(timeout=stall_s if left is None else min(left, stall_s))
             except mp.TimeoutError:
-                log.info("deadline reached: stopping with %d of %d labelled", new, len(todo))
-                break
+                if left is not None and left <= stall_s:
+                    log.info("deadline reached: stopping with %d of %d labelled", new, len(todo))
+                    break
+                flush()
+                raise SetupError(f"no frame finished in {stall_s:.0f} s (a worker died or hangs); {new} new labels "
+                                 f"kept in {results}: run the command again to go on") from None
             if lab is False:            # an error, not an SCF failure: not recorded, so a later run retries it
                 errors.append(why)
                 log.warning("error on %s: %s", metas[i]["frame_id"], why)
@@ -238,7 +245,7 @@ def _write_results(path: Path, data, metas, frames, done: dict, info: dict) -> N
 
     def cat(key, dtype, shape):
         parts = [np.asarray(getattr(lab, key), dtype) for lab in labs]
-        return np.concatenate(parts).reshape(shape) if parts else np.zeros(shape if shape[0] != -1 else (0, 3), dtype)
+        return np.concatenate(parts).reshape(shape) if parts else np.zeros((0, 3), dtype)
 
     sub = [frames[i] for i in ok]
     _save(path, dict(
@@ -323,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("jobs", help="jobs file from `mlmm label --export-jobs`")
     p.add_argument("results", help="results file (.npz), resumed if it exists; `mlmm label --import-labels` reads it")
     p.add_argument("--qm-device", choices=("auto", "cpu", "gpu"), default="auto")
-    p.add_argument("--workers", type=int, default=1, help="worker processes (several share one GPU well)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (on a GPU they share the device)")
     p.add_argument("--threads", type=int, default=None, help="threads per worker (default: the cores shared out)")
     p.add_argument("--deadline-s", type=float, default=None, help="stop waiting for new labels after S seconds")
     args = p.parse_args(argv)

@@ -73,3 +73,26 @@ def test_a_wrong_file_is_one_line(tmp_path):
                        cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "does not exist" in r.stdout
     assert not (tmp_path / "d.nc").exists()
+
+
+def test_a_worker_that_dies_stops_the_run_instead_of_hanging(tmp_path, monkeypatch):
+    """A worker killed mid-frame loses that frame; the parent notices no progress within stall_s, saves what it
+    has and stops with one line (it never waits forever)."""
+    from potentials import qm_jobs
+    from potentials.core.errors import SetupError
+    from potentials.qmmm_reference import LevelOfTheory
+    z = np.array([8, 1, 1])
+    x = np.array([[0.0, 0.0, 0.1173], [0.0, 0.7572, -0.4692], [0.0, -0.7572, -0.4692]])
+    metas = [dict(frame_id=f"w/b000/f0{k}/c0", total_charge=0) for k in range(2)]
+    inputs = [dict(numbers=z, positions=x, mm_positions=np.zeros((0, 3)), mm_charges=np.zeros(0))] * 2
+    jobs = tmp_path / "j.npz"
+    qm_jobs.write_jobs(jobs, metas, inputs, LevelOfTheory(basis="sto-3g", grid_level=1), {}, "d.nc")
+    monkeypatch.setattr(qm_jobs, "_label_one", _die)
+    with pytest.raises(SetupError, match="no frame finished in 5 s"):
+        qm_jobs.label_jobs(jobs, tmp_path / "r.npz", "cpu", workers=1, stall_s=5.0)
+    assert (tmp_path / "r.npz").exists()
+
+
+def _die(i):
+    import os
+    os._exit(1)

@@ -155,6 +155,14 @@ def test_old_config_frame_ids_unchanged():
     assert len(new) == 2 * 2 * 60 * 5 * 2 and len({t.frame_id for t in new}) == len(new)
     with Dataset.open(REPO / "inputs" / "data" / "qmmm_clusters_b3lyp_svp.nc") as ds:   # 60 blocks extend 20
         assert {str(i) for i in ds.meta["frame_id"]} <= {t.frame_id for t in new}
+    for name in ("zones", "ionpairs"):          # shipped partial datasets: frames of their configs' plans
+        planned = {t.frame_id: t for t in plan(LabelConfig.from_toml(REPO / "inputs" / "data" /
+                                                                     f"label_config_{name}.toml"))}
+        with Dataset.open(REPO / "inputs" / "data" / f"qmmm_{name}_b3lyp_svp.nc") as ds:
+            ids, zones = [str(i) for i in ds.meta["frame_id"]], [str(z) for z in ds.meta["solute"]]
+            splits = [str(x) for x in ds.meta["split"]]
+        assert ids and set(ids) <= set(planned) and len(set(ids)) == len(ids)
+        assert all(planned[i].zone_name == z and planned[i].split == x for i, z, x in zip(ids, zones, splits))
     assert {t.zone_name for t in new} == {"MOH+3HOH", "ACT+3HOH"}
     assert all("-cluster80-" in t.frame_id and "-w3/" in t.frame_id for t in new)
     assert not {t.frame_id for t in new} & {t.frame_id for t in old}
