@@ -63,12 +63,12 @@ def label_round(learner, r: int) -> int:
     return label_frames(learner, learner.round_dir(r) / "frames.npz", learner.dataset, f"round {r}", "the round's")
 
 
-def _pending(learner, frames_path, writer) -> tuple[object, list[int]]:
-    """(the frames file, the indices of its frames the dataset neither holds nor lists as SCF failures)."""
-    done = writer.frame_ids() if writer is not None else set()
-    skipped_path = learner.out / "skipped.txt"
-    if skipped_path.exists():
-        done |= {line.split("\t")[0] for line in skipped_path.read_text().splitlines() if line}
+def _pending(learner, frames_path, have: set[str]) -> tuple[object, list[int]]:
+    """(the frames file, the indices of its frames that are neither in ``have`` (the dataset's ids) nor listed
+    as SCF failures)."""
+    from potentials.qmmm_reference import skipped_ids
+
+    done = have | skipped_ids(learner.out / "skipped.txt")
     z = np.load(frames_path)
     return z, [i for i, fid in enumerate(z["frame_id"]) if str(fid) not in done]
 
@@ -93,11 +93,11 @@ def export_round(learner, r: int, jobs) -> int:
     """Write the QM inputs of round ``r``'s frames that the dataset lacks to the jobs file ``jobs``
     (:mod:`potentials.qm_jobs`: label them on another machine, import with ``mlmm label --import-labels``);
     returns how many."""
-    from potentials.dataset import DatasetWriter
+    from potentials.dataset import frame_ids
     from potentials.qm_jobs import write_jobs
 
-    writer = DatasetWriter(learner.dataset) if learner.dataset.exists() else None
-    z, todo = _pending(learner, learner.round_dir(r) / "frames.npz", writer)
+    have = frame_ids(learner.dataset) if learner.dataset.exists() else set()     # read-only: no writer needed
+    z, todo = _pending(learner, learner.round_dir(r) / "frames.npz", have)
     if not todo:
         raise SetupError(f"{learner.dataset} already holds every frame of round {r}; nothing to export")
     pairs = [_frame_inputs(learner, z, i) for i in todo]
@@ -112,11 +112,10 @@ def label_frames(learner, frames_path, dataset, tag: str, whose: str = "its") ->
     """Label the frames of ``frames_path`` (a ``frames.npz`` of :meth:`driver.learn.Learner._save_frames`) that
     ``dataset`` does not hold yet; returns how many of them it holds now. ``tag`` and ``whose`` word the log
     lines ("round 2: ... of the round's 40")."""
-    from potentials.qmmm_reference import append_frame, label_frame, record
+    from potentials.qmmm_reference import add_skipped, append_frame, label_frame, record
 
     writer = dataset_writer(learner, dataset)
-    skipped_path = learner.out / "skipped.txt"
-    z, todo = _pending(learner, frames_path, writer)
+    z, todo = _pending(learner, frames_path, writer.frame_ids())
     lvl = learner.cfg.level
     log.info("%s: labelling %d frames (%d of %s %d already labelled), %s/%s", tag, len(todo),
              len(z["frame_id"]) - len(todo), whose, len(z["frame_id"]), lvl.xc, lvl.basis)
@@ -129,8 +128,7 @@ def label_frames(learner, frames_path, dataset, tag: str, whose: str = "its") ->
                               learner.qm_device)
         except CalculationFailed as exc:
             log.warning("skip %s: %s", fid, exc)
-            with open(skipped_path, "a") as fh:
-                fh.write(f"{fid}\t{exc}\n")
+            add_skipped(learner.out / "skipped.txt", [(fid, exc)])
             continue
         append_frame(writer, record(meta, x, lab))
         n_new += 1

@@ -60,10 +60,28 @@ def _load(path: str | os.PathLike, fmt: str) -> dict[str, np.ndarray]:
     return data
 
 
+def _offsets(data: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Where each frame's atoms and point charges start in the concatenated arrays (one extra entry: the end)."""
+    return (np.concatenate([[0], np.cumsum(data["n_atoms"])]).astype(int),
+            np.concatenate([[0], np.cumsum(data["n_mm"])]).astype(int))
+
+
+def _packed(inputs: list[dict]) -> dict[str, np.ndarray]:
+    """The concatenated input arrays (with per-frame counts) of per-frame QM inputs; :func:`_split` undoes it."""
+    col = {k: [np.asarray(x[k]) for x in inputs] for k in _INPUTS}
+
+    def cat(k, dtype, shape):
+        return (np.concatenate(col[k]) if inputs else np.zeros(0)).astype(dtype).reshape(shape)
+
+    return dict(n_atoms=np.array([len(n) for n in col["numbers"]], np.int32),
+                n_mm=np.array([len(q) for q in col["mm_charges"]], np.int32),
+                numbers=cat("numbers", np.int16, -1), positions=cat("positions", np.float64, (-1, 3)),
+                mm_positions=cat("mm_positions", np.float32, (-1, 3)), mm_charges=cat("mm_charges", np.float32, -1))
+
+
 def _split(data: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
     """Per-frame input arrays from the concatenated ones."""
-    a = np.concatenate([[0], np.cumsum(data["n_atoms"])])
-    c = np.concatenate([[0], np.cumsum(data["n_mm"])])
+    a, c = _offsets(data)
     return [dict(numbers=data["numbers"][a[i]:a[i + 1]], positions=data["positions"][a[i]:a[i + 1]],
                  mm_positions=data["mm_positions"][c[i]:c[i + 1]], mm_charges=data["mm_charges"][c[i]:c[i + 1]])
             for i in range(len(data["n_atoms"]))]
@@ -107,14 +125,7 @@ def write_jobs(path: str | os.PathLike, metas: list[dict], inputs: list[dict], l
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     header = dict(level=asdict(level), provenance=provenance, dataset=str(dataset))
-    col = {k: [np.asarray(x[k]) for x in inputs] for k in _INPUTS}
-    _save(path, dict(format=np.asarray(JOBS_FORMAT), header=_text(header), meta=_text(metas),
-                     n_atoms=np.array([len(n) for n in col["numbers"]], np.int32),
-                     n_mm=np.array([len(q) for q in col["mm_charges"]], np.int32),
-                     numbers=np.concatenate(col["numbers"]).astype(np.int16),
-                     positions=np.concatenate(col["positions"]).astype(np.float64).reshape(-1, 3),
-                     mm_positions=np.concatenate(col["mm_positions"]).astype(np.float32).reshape(-1, 3),
-                     mm_charges=np.concatenate(col["mm_charges"]).astype(np.float32)))
+    _save(path, dict(format=np.asarray(JOBS_FORMAT), header=_text(header), meta=_text(metas), **_packed(inputs)))
 
 
 # ---- the worker side: numpy + PySCF/gpu4pyscf only ------------------------------------------------------
@@ -243,35 +254,27 @@ def _write_results(path: Path, data, metas, frames, done: dict, info: dict) -> N
               if m["frame_id"] in done and done[m["frame_id"]][0] is None]
     labs: list[Label] = [done[metas[i]["frame_id"]][0] for i in ok]
 
-    def cat(key, dtype, shape):
+    def cat(key, dtype):
         parts = [np.asarray(getattr(lab, key), dtype) for lab in labs]
-        return np.concatenate(parts).reshape(shape) if parts else np.zeros((0, 3), dtype)
+        return np.concatenate(parts) if parts else np.zeros((0, 3), dtype)
 
-    sub = [frames[i] for i in ok]
     _save(path, dict(
         format=np.asarray(LABELS_FORMAT), header=_text(dict(json.loads(str(data["header"])), labelled=info)),
-        meta=_text([metas[i] for i in ok]), failed=_text(failed),
-        n_atoms=np.array([len(x["numbers"]) for x in sub], np.int32),
-        n_mm=np.array([len(x["mm_charges"]) for x in sub], np.int32),
-        numbers=np.concatenate([x["numbers"] for x in sub]) if sub else np.zeros(0, np.int16),
-        positions=np.concatenate([x["positions"] for x in sub]) if sub else np.zeros((0, 3)),
-        mm_positions=np.concatenate([x["mm_positions"] for x in sub]) if sub else np.zeros((0, 3), np.float32),
-        mm_charges=np.concatenate([x["mm_charges"] for x in sub]) if sub else np.zeros(0, np.float32),
+        meta=_text([metas[i] for i in ok]), failed=_text(failed), **_packed([frames[i] for i in ok]),
         energy=np.array([lab.energy for lab in labs], np.float64),
         dipole=np.array([lab.dipole for lab in labs], np.float64).reshape(-1, 3),
         quadrupole=np.array([lab.quadrupole for lab in labs], np.float64).reshape(-1, 6),
         scf_cycles=np.array([lab.scf_cycles for lab in labs], np.int32),
         seconds=np.array([lab.seconds for lab in labs], np.float64),
         note=_text([lab.note for lab in labs]),
-        forces=cat("forces", np.float64, (-1, 3)), mm_forces=cat("mm_forces", np.float32, (-1, 3))))
+        forces=cat("forces", np.float64).reshape(-1, 3), mm_forces=cat("mm_forces", np.float32).reshape(-1, 3)))
 
 
 def _labels(data: dict[str, np.ndarray]) -> list:
     """The Labels of a results file, in the order of its ``meta``."""
     from potentials.qmmm_reference import Label
     notes = json.loads(str(data["note"]))
-    a = np.concatenate([[0], np.cumsum(data["n_atoms"])])
-    c = np.concatenate([[0], np.cumsum(data["n_mm"])])
+    a, c = _offsets(data)
     return [Label(energy=float(data["energy"][i]), forces=data["forces"][a[i]:a[i + 1]],
                   mm_forces=data["mm_forces"][c[i]:c[i + 1]], dipole=data["dipole"][i],
                   quadrupole=data["quadrupole"][i], scf_cycles=int(data["scf_cycles"][i]),
@@ -294,7 +297,7 @@ def import_labels(results: str | os.PathLike, out: str | os.PathLike) -> int:
     ``<out>.skipped.txt`` as ``mlmm label`` writes them. The level of theory must match ``out``'s. Returns the
     number of frames appended."""
     from potentials.dataset import DatasetWriter, frame_ids
-    from potentials.qmmm_reference import LabelConfig, LevelOfTheory, _check_level, append_frame, record
+    from potentials.qmmm_reference import LabelConfig, LevelOfTheory, _check_level, add_skipped, append_frame, record
     results, out = Path(results), Path(out)
     data = _load(results, LABELS_FORMAT)
     header = json.loads(str(data["header"]))
@@ -315,8 +318,7 @@ def import_labels(results: str | os.PathLike, out: str | os.PathLike) -> int:
         n += 1
     failed = [(fid, why) for fid, why in json.loads(str(data["failed"])) if fid not in have]
     if failed:
-        with open(out.with_suffix(".skipped.txt"), "a") as fh:
-            fh.writelines(f"{fid}\t{why}\n" for fid, why in failed)
+        add_skipped(out.with_suffix(".skipped.txt"), failed)
     log.info("appended %d labelled frames from %s to %s (%d already there, %d SCF failures listed in %s)", n,
              results, out, len(json.loads(str(data["meta"]))) - n, len(failed), out.with_suffix(".skipped.txt"))
     return n

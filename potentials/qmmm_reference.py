@@ -506,10 +506,21 @@ def pending(cfg: LabelConfig, out: Path, shard: tuple[int, int] = (1, 1)) -> tup
     if out.exists():
         _check_level(out, cfg)
         done = frame_ids(out)
-    skipped_path = out.with_suffix(".skipped.txt")
-    if skipped_path.exists():
-        done |= {line.split("\t")[0] for line in skipped_path.read_text().splitlines() if line}
+    done |= skipped_ids(out.with_suffix(".skipped.txt"))
     return tasks, [t for t in tasks if t.frame_id not in done], cache
+
+
+def skipped_ids(path: Path) -> set[str]:
+    """Frame ids of a skipped-frames list (``<frame id>\\t<why>`` per line; none if there is no file)."""
+    if not path.exists():
+        return set()
+    return {line.split("\t")[0] for line in path.read_text().splitlines() if line}
+
+
+def add_skipped(path: Path, items) -> None:
+    """Append (frame id, why) pairs to a skipped-frames list: frames whose SCF failed, not labelled again."""
+    with open(path, "a") as fh:
+        fh.writelines(f"{fid}\t{why}\n" for fid, why in items)
 
 
 def run(cfg: LabelConfig, out: str | Path, point_charges: PointChargesFactory | None, frames: int | None = None,
@@ -541,8 +552,7 @@ def run(cfg: LabelConfig, out: str | Path, point_charges: PointChargesFactory | 
             rec = labeller.frame(task)
         except CalculationFailed as exc:
             log.warning("skip %s: %s", task.frame_id, exc)
-            with open(skipped_path, "a") as fh:
-                fh.write(f"{task.frame_id}\t{exc}\n")
+            add_skipped(skipped_path, [(task.frame_id, exc)])
             continue
         append_frame(writer, rec)
         n_new += 1
