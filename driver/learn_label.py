@@ -3,7 +3,8 @@
 residue selection and switch the ML client uses, the system's ``[coupling]`` cutoff and switch) and a
 :func:`potentials.qmmm_reference.label_frame` calculation at ``[level]``, and is appended to ``DIR/data.nc`` in the
 record format of ``mlmm label`` (:class:`potentials.qmmm_reference.Labeller`). Frames already in the dataset (by
-id) or listed in ``DIR/skipped.txt`` (SCF failures) are not labelled again, so a killed round continues where it
+id) or listed in ``DIR/data.skipped.txt`` (SCF failures, the list `mlmm label` and ``--import-labels`` keep;
+``DIR/skipped.txt``, where earlier versions wrote them, is still read) are not labelled again, so a killed round continues where it
 stopped. Writes hold SIGTERM/SIGINT/SIGHUP until the frame is complete (``mlmm label``'s ``append_frame``).
 """
 from __future__ import annotations
@@ -66,9 +67,9 @@ def label_round(learner, r: int) -> int:
 def _pending(learner, frames_path, have: set[str]) -> tuple[object, list[int]]:
     """(the frames file, the indices of its frames that are neither in ``have`` (the dataset's ids) nor listed
     as SCF failures)."""
-    from potentials.qmmm_reference import skipped_ids
+    from potentials.qmmm_reference import skipped_ids, skipped_path
 
-    done = have | skipped_ids(learner.out / "skipped.txt")
+    done = have | skipped_ids(skipped_path(learner.dataset)) | skipped_ids(learner.out / "skipped.txt")
     z = np.load(frames_path)
     return z, [i for i, fid in enumerate(z["frame_id"]) if str(fid) not in done]
 
@@ -112,7 +113,7 @@ def label_frames(learner, frames_path, dataset, tag: str, whose: str = "its") ->
     """Label the frames of ``frames_path`` (a ``frames.npz`` of :meth:`driver.learn.Learner._save_frames`) that
     ``dataset`` does not hold yet; returns how many of them it holds now. ``tag`` and ``whose`` word the log
     lines ("round 2: ... of the round's 40")."""
-    from potentials.qmmm_reference import add_skipped, append_frame, label_frame, record
+    from potentials.qmmm_reference import add_skipped, append_frame, label_frame, record, skipped_path
 
     writer = dataset_writer(learner, dataset)
     z, todo = _pending(learner, frames_path, writer.frame_ids())
@@ -128,7 +129,7 @@ def label_frames(learner, frames_path, dataset, tag: str, whose: str = "its") ->
                               learner.qm_device)
         except CalculationFailed as exc:
             log.warning("skip %s: %s", fid, exc)
-            add_skipped(learner.out / "skipped.txt", [(fid, exc)])
+            add_skipped(skipped_path(learner.dataset), [(fid, exc)])
             continue
         append_frame(writer, record(meta, x, lab))
         n_new += 1

@@ -297,7 +297,8 @@ def import_labels(results: str | os.PathLike, out: str | os.PathLike) -> int:
     ``<out>.skipped.txt`` as ``mlmm label`` writes them. The level of theory must match ``out``'s. Returns the
     number of frames appended."""
     from potentials.dataset import DatasetWriter, frame_ids
-    from potentials.qmmm_reference import LabelConfig, LevelOfTheory, _check_level, add_skipped, append_frame, record
+    from potentials.qmmm_reference import (LabelConfig, LevelOfTheory, _check_level, add_skipped, append_frame, record,
+                                            skipped_path)
     results, out = Path(results), Path(out)
     data = _load(results, LABELS_FORMAT)
     header = json.loads(str(data["header"]))
@@ -318,9 +319,9 @@ def import_labels(results: str | os.PathLike, out: str | os.PathLike) -> int:
         n += 1
     failed = [(fid, why) for fid, why in json.loads(str(data["failed"])) if fid not in have]
     if failed:
-        add_skipped(out.with_suffix(".skipped.txt"), failed)
+        add_skipped(skipped_path(out), failed)
     log.info("appended %d labelled frames from %s to %s (%d already there, %d SCF failures listed in %s)", n,
-             results, out, len(json.loads(str(data["meta"]))) - n, len(failed), out.with_suffix(".skipped.txt"))
+             results, out, len(json.loads(str(data["meta"]))) - n, len(failed), skipped_path(out))
     return n
 
 

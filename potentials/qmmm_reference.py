@@ -506,8 +506,14 @@ def pending(cfg: LabelConfig, out: Path, shard: tuple[int, int] = (1, 1)) -> tup
     if out.exists():
         _check_level(out, cfg)
         done = frame_ids(out)
-    done |= skipped_ids(out.with_suffix(".skipped.txt"))
+    done |= skipped_ids(skipped_path(out))
     return tasks, [t for t in tasks if t.frame_id not in done], cache
+
+
+def skipped_path(dataset: Path) -> Path:
+    """The skipped-frames list of dataset ``dataset`` (``data.nc`` -> ``data.skipped.txt``), kept by `mlmm label`,
+    ``--import-labels`` and `mlmm learn` alike."""
+    return Path(dataset).with_suffix(".skipped.txt")
 
 
 def skipped_ids(path: Path) -> set[str]:
@@ -538,7 +544,7 @@ def run(cfg: LabelConfig, out: str | Path, point_charges: PointChargesFactory | 
     writer = DatasetWriter(out, prov)
     writer.add_history(f"{prov['created']} mlmm label session: git {prov['git_commit']}, pyscf "
                        f"{prov['pyscf_version']}, openmm {prov['openmm_version']}, {threads} thread(s)")
-    skipped_path = out.with_suffix(".skipped.txt")
+    skipped = skipped_path(out)
     limit = frames if frames is not None else len(todo)
     log.info("labelling %d of %d planned frames%s into %s (%d done, %d thread(s), MD cache %s)",
              min(limit, len(todo)), len(tasks), f" (shard {shard[0]}/{shard[1]})" if shard[1] > 1 else "", out,
@@ -552,7 +558,7 @@ def run(cfg: LabelConfig, out: str | Path, point_charges: PointChargesFactory | 
             rec = labeller.frame(task)
         except CalculationFailed as exc:
             log.warning("skip %s: %s", task.frame_id, exc)
-            add_skipped(skipped_path, [(task.frame_id, exc)])
+            add_skipped(skipped, [(task.frame_id, exc)])
             continue
         append_frame(writer, rec)
         n_new += 1

@@ -361,3 +361,20 @@ def test_seed_frames_exported_labelled_elsewhere_and_imported(tmp_path, capsys):
     assert cli(["learn", str(system), "--out", str(tmp_path / "x"), "--config", str(tmp_path / "learn.toml"),
                 "--export-jobs", str(jobs)]) == 2
     assert "--export-jobs goes with --seed-only" in capsys.readouterr().err
+
+
+def test_frames_skipped_by_label_import_or_learn_are_not_labelled_again(tmp_path):
+    """A learner's SCF failures live where `mlmm label` and `--import-labels` put them (``DIR/data.skipped.txt``);
+    the list earlier versions wrote (``DIR/skipped.txt``) is still honoured, and only the rest is pending."""
+    from types import SimpleNamespace
+
+    from driver.learn_label import _pending
+    from potentials.qmmm_reference import add_skipped, skipped_path
+
+    learner = SimpleNamespace(out=tmp_path, dataset=tmp_path / "data.nc")
+    np.savez(tmp_path / "frames.npz", frame_id=np.array(["a", "b", "c", "d"]))
+    assert skipped_path(learner.dataset) == tmp_path / "data.skipped.txt"
+    add_skipped(skipped_path(learner.dataset), [("b", "SCF did not converge")])
+    add_skipped(tmp_path / "skipped.txt", [("c", "SCF did not converge")])
+    _, todo = _pending(learner, tmp_path / "frames.npz", {"a"})
+    assert todo == [3]
