@@ -88,7 +88,9 @@ def molecules(numbers, positions) -> list[np.ndarray]:
 
 def training_domain(frames: list[dict]) -> dict:
     """The ``metadata["domain"]`` record of ``frames`` (dicts with numbers, positions Å, total_charge); its
-    ``graphs`` map each formula to the keys of the bond graphs it came in (:func:`graph_key`)."""
+    ``graphs`` map each formula to the keys of the bond graphs it came in (:func:`graph_key`), read from the
+    frames that are not displaced copies (``displaced``: their random displacements of up to 0.15 Å stretch a
+    ring bond past the graph threshold now and then, which named spurious graphs for HIP and HIE)."""
     elements, mols, sizes, most = set(), {}, [], 0
     for f in frames:
         z = np.asarray(f["numbers"], dtype=int)
@@ -99,11 +101,14 @@ def training_domain(frames: list[dict]) -> dict:
         sizes.append(len(z))
         for p in parts:
             key = (formula(z[p]), int(f["total_charge"]) if len(parts) == 1 else None)
-            i, j = np.nonzero(np.triu(near[np.ix_(p, p)]))
-            mols.setdefault(key, set()).add(graph_key(z[p], zip(i, j)))
+            keys = mols.setdefault(key, set())
+            if not f.get("displaced"):          # a displaced copy's stretched bonds name no real graph
+                i, j = np.nonzero(np.triu(near[np.ix_(p, p)]))
+                keys.add(graph_key(z[p], zip(i, j)))
     graphs: dict[str, set[str]] = {}
     for (m, _), keys in mols.items():
-        graphs.setdefault(m, set()).update(keys)
+        if keys:
+            graphs.setdefault(m, set()).update(keys)
     return {"elements": sorted(elements),
             "molecules": [{"formula": m, "charge": q} for m, q in sorted(mols, key=lambda t: (t[0], str(t[1])))],
             "graphs": {m: sorted(keys) for m, keys in sorted(graphs.items())},

@@ -18,7 +18,9 @@ Loss (units eV, Å, e; weights from the config)::
 with μ = −∂E/∂E₀, the response to a uniform field (:func:`predict`). Per-element self-energies are fitted by least
 squares on the training split and written into the model's float64 shift before training. Splits are the
 dataset's own (by trajectory). A checkpoint is written every epoch (``--resume`` continues bit-identically:
-the batch order depends only on seed and epoch); the best validation state is saved as the model.
+the batch order depends only on seed and epoch); the best validation state is saved as the model. With
+``ema_decay`` an exponential moving average of the weights is kept as well, and whichever of the two validates
+better each epoch is that epoch's candidate (:func:`_fit`).
 
 The mechanical-embedding baseline (:func:`predict` with the "mechanical" scheme) evaluates the SAME model in
 vacuum (φ = E = 0) and adds the Coulomb energy of its vacuum charges, held fixed, with the MM charges; a
@@ -413,13 +415,25 @@ CURVE_EVERY_S = 60.0          # the loss-curve PNG is redrawn at most this often
 def _fit(cfg: TrainConfig, model, opt, sched, state: "TrainState", best_state: dict, splits: dict, scheme,
          device, dtype) -> dict:
     """The epoch loop (checkpoint after every epoch, the curve at most every ``CURVE_EVERY_S``: drawing it takes
-    ~0.5 s, as long as an epoch of a few hundred frames); returns the best validation state."""
+    ~0.5 s, as long as an epoch of a few hundred frames); returns the best validation state.
+
+    With ``ema_decay`` the moving average of the weights (:func:`_averager`) is validated too, and each epoch the
+    better of the two (by validation score) is the epoch's candidate for the best state and drives the schedule.
+    """
     t_start = t_curve = time.time()
+    ema = _averager(cfg, model, state)
     while state.epoch < cfg.epochs:
         t0 = time.time()
-        running = _train_epoch(cfg, model, opt, splits["train"], state.epoch, scheme, device, dtype)
+        running = _train_epoch(cfg, model, opt, splits["train"], state.epoch, scheme, device, dtype, ema)
         model.eval()
         val = evaluate_loss(model, splits["val"], cfg, device, dtype, scheme)
+        candidate, extra = model, {}
+        if ema is not None:
+            ema.module.eval()
+            val_ema = evaluate_loss(ema.module, splits["val"], cfg, device, dtype, scheme)
+            extra = {"val_score_raw": val["score"], "val_score_ema": val_ema["score"]}
+            if val_ema["score"] <= val["score"]:
+                candidate, val = ema.module, val_ema
         sched.step(val["score"])
         lr = opt.param_groups[0]["lr"]
         state.epoch += 1
@@ -427,17 +441,18 @@ def _fit(cfg: TrainConfig, model, opt, sched, state: "TrainState", best_state: d
                               "val_loss": val["loss"], "val_score": val["score"],
                               "val_energy_mae": val["energy_mae"],
                               "val_force_mae": val["force_mae"], "val_mm_force_mae": val["mm_force_mae"],
-                              "lr": lr, "seconds": time.time() - t0})
+                              "lr": lr, "seconds": time.time() - t0, **extra})
         if val["score"] < state.best_val:
             state.best_val, state.best_epoch, state.bad_epochs = val["score"], state.epoch, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_state = {k: v.detach().clone() for k, v in candidate.state_dict().items()}
         else:
             state.bad_epochs += 1
         h = state.history[-1]
-        log.info("epoch %d: train %.4g val %.4g score %.3f | val MAE: E %.3f kcal/mol, F %.3f, MM F %.3f "
+        log.info("epoch %d: train %.4g val %.4g score %.3f%s | val MAE: E %.3f kcal/mol, F %.3f, MM F %.3f "
                  "kcal/mol/Å | lr %.2g | %.0f s", state.epoch, h["train_loss"], h["val_loss"], h["val_score"],
+                 f" (weights {extra['val_score_raw']:.3f}, average {extra['val_score_ema']:.3f})" if extra else "",
                  h["val_energy_mae"], h["val_force_mae"], h["val_mm_force_mae"], lr, h["seconds"])
-        _save_checkpoint(Path(cfg.checkpoint), model, opt, sched, state, best_state)
+        _save_checkpoint(Path(cfg.checkpoint), model, opt, sched, state, best_state, ema)
         if time.time() - t_curve >= CURVE_EVERY_S:
             plot_curve(state.history, cfg.curve)
             t_curve = time.time()
@@ -446,8 +461,27 @@ def _fit(cfg: TrainConfig, model, opt, sched, state: "TrainState", best_state: d
     return best_state
 
 
-def _train_epoch(cfg: TrainConfig, model, opt, frames: list[dict], epoch: int, scheme, device, dtype) -> float:
-    """One pass over the training frames; returns the summed loss (times batch sizes)."""
+def _averager(cfg: TrainConfig, model, state: "TrainState"):
+    """The exponential moving average of the weights (``torch.optim.swa_utils.AveragedModel``, updated after
+    every optimiser step with decay ``cfg.ema_decay``), or None when the config has none. A resumed run takes it
+    from the checkpoint (a checkpoint written without one starts it from the current weights)."""
+    if not cfg.ema_decay:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
+    ckpt = Path(cfg.checkpoint)
+    if state.epoch > 0 and ckpt.is_file():
+        saved = torch.load(ckpt, map_location=next(model.parameters()).device, weights_only=True).get("ema")
+        if saved is not None:
+            ema.load_state_dict(saved)
+    return ema
+
+
+def _train_epoch(cfg: TrainConfig, model, opt, frames: list[dict], epoch: int, scheme, device, dtype,
+                 ema=None) -> float:
+    """One pass over the training frames (``ema``: the weight average, updated after every step); returns the
+    summed loss (times batch sizes)."""
     from tqdm import tqdm
 
     model.train()
@@ -465,6 +499,8 @@ def _train_epoch(cfg: TrainConfig, model, opt, frames: list[dict], epoch: int, s
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
         opt.step()
+        if ema is not None:
+            ema.update_parameters(model)
         running += float(loss.detach()) * len(idx)
         bar.set_postfix(loss=f"{float(loss.detach()):.3g}")
     return running
@@ -514,10 +550,11 @@ def training_embedding(cfg: TrainConfig) -> dict:
                              name=cfg.dataset)
 
 
-def _save_checkpoint(path: Path, model, opt, sched, state: TrainState, best_state) -> None:
+def _save_checkpoint(path: Path, model, opt, sched, state: TrainState, best_state, ema=None) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "state": asdict(state), "best_model": best_state, "torch_rng": torch.get_rng_state()}, tmp)
+                "state": asdict(state), "best_model": best_state, "torch_rng": torch.get_rng_state(),
+                **({"ema": ema.state_dict()} if ema is not None else {})}, tmp)
     os.replace(tmp, path)                         # never leave a half-written checkpoint behind
 
 

@@ -35,6 +35,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-6
     clip_grad_norm: float = 10.0
+    ema_decay: float = 0.0               # > 0: also keep an exponential moving average of the weights (per step)
     plateau_factor: float = 0.5
     plateau_patience: int = 5
     min_lr: float = 1e-5                 # stop once the scheduler goes below this
@@ -73,6 +74,9 @@ class TrainConfig:
         cfg.curve = str((base / cfg.curve).resolve()) if cfg.curve else stem + "_curve.png"
         if cfg.init_model:
             cfg.init_model = str((base / cfg.init_model).resolve())
+        if not 0.0 <= cfg.ema_decay < 1.0:
+            raise SetupError(f"{where}: [optim] ema_decay must be in [0, 1) (0: off; 0.99-0.999 usual), "
+                             f"not {cfg.ema_decay}")
         if cfg.optimizer not in ("adamw", "radam"):
             raise SetupError(f"{where}: optimizer {cfg.optimizer!r} unknown; choose adamw or radam")
         if cfg.committee < 1:

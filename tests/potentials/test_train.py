@@ -131,6 +131,38 @@ def test_train_writes_model_curve_checkpoint_and_resume_is_exact(tmp_path):
         T.train(full)
 
 
+def test_weight_average_is_validated_checkpointed_and_resumed_exactly(tmp_path):
+    """``[optim] ema_decay``: each epoch the better of the weights and their moving average (by validation score)
+    is the candidate; the saved model re-evaluates to the recorded best score; resume restores the average."""
+    from potentials.model_io import load_model
+
+    full = _cfg(tmp_path / "a", optim={"ema_decay": 0.9}, train={"epochs": 3},
+                output={"model": str(tmp_path / "a" / "m.pt")})
+    T.train(full, scheme=ELECTROSTATIC)
+    part = _cfg(tmp_path / "b", optim={"ema_decay": 0.9}, train={"epochs": 1},
+                output={"model": str(tmp_path / "b" / "m.pt")})
+    T.train(part, scheme=ELECTROSTATIC)
+    part.epochs = 3
+    T.train(part, resume=True, scheme=ELECTROSTATIC)
+
+    ca = torch.load(tmp_path / "a" / "m.ckpt", weights_only=True)
+    cb = torch.load(tmp_path / "b" / "m.ckpt", weights_only=True)
+    for k, v in ca["ema"].items():
+        assert torch.equal(v, cb["ema"][k]), k
+    averaged = {k.removeprefix("module."): v for k, v in ca["ema"].items() if k.startswith("module.")}
+    assert any(not torch.equal(v, averaged[k]) for k, v in ca["model"].items() if v.is_floating_point())
+    for h in ca["state"]["history"]:
+        assert h["val_score"] == min(h["val_score_raw"], h["val_score_ema"])
+    untimed = [[{k: v for k, v in h.items() if k != "seconds"} for h in c["state"]["history"]] for c in (ca, cb)]
+    assert untimed[0] == untimed[1]
+    model = load_model(tmp_path / "a" / "m.pt")
+    val = T.load_frames(TINY, "val")
+    rescored = T.evaluate_loss(model, val, full, "cpu", next(model.parameters()).dtype, ELECTROSTATIC)["score"]
+    assert rescored == pytest.approx(ca["state"]["best_val"], rel=1e-5)
+    with pytest.raises(SetupError, match="ema_decay must be in"):
+        _cfg(tmp_path / "c", optim={"ema_decay": 1.0})
+
+
 def test_training_embedding_falls_back_to_the_labelling_defaults(tmp_path):
     """A dataset that records no embedding cutoff/switch: the model's metadata says so and assumes the defaults
     `mlmm label` uses (those of [coupling])."""
