@@ -25,8 +25,9 @@ Choices (documented here because the dataset depends on them):
   the solute centroid in a solvated cube, with the same flat-bottom restraint at the distance of the farthest
   kept oxygen + 0.02 nm (0.87–0.88 nm for 80 waters around methanol or acetate). Its chain id names the
   size (``MOH-cluster80-300K-s...``).
-* Pairs (solute ``"MAM+ACT"``, a salt bridge; any two or more solutes joined by ``+``): the molecules are built
-  one after the other, each next one mirrored and 0.55 nm further along +x (polar ends facing), minimised together, and
+* Pairs (solute ``"MAM+ACT"``, a salt bridge; ``"MGU+ACT"``, the Arg-Asp one; any two or more solutes joined by
+  ``+``): the molecules are built one after the other, each next one mirrored and 0.55 nm further along +x (polar
+  ends facing; further for long ones, so the two ends start ``PAIR_GAP_NM`` apart), minimised together, and
   kept in contact by a flat-bottom restraint (k = 500 kJ/mol/nm^2 beyond ``PAIR_RADIUS_NM``) on the distance of
   each one's centroid from the first's, in every kind; the pair is one QM zone, its charge the sum.
 * QM zones with waters (``qm_zone``): the solute plus its ``n`` nearest waters, by the minimum-image
@@ -68,6 +69,7 @@ WATER_NM3 = 0.0299           # volume per water molecule in liquid water at 300 
 TIP3P_CHARGES = (-0.834, 0.417, 0.417)
 PAIR_RADIUS_NM = 0.6         # flat-bottom radius of the pair restraint (centroid distance; contact ~0.4 nm)
 PAIR_STEP_NM = 0.55          # start: the next molecule of a pair, mirrored, this far along +x (polar ends facing)
+PAIR_GAP_NM = 0.16           # ... or further, so that the two polar ends start this far apart along x (MGU+ACT)
 
 
 def _methyl(center: np.ndarray, axis: np.ndarray, bond: float, phase: float = 0.0) -> list[np.ndarray]:
@@ -99,10 +101,16 @@ def _solute_atoms(name: str) -> list[tuple[str, str, np.ndarray]]:
         hn = _methyl(1.471 * x, x, 1.01, phase=np.pi / 3.0)
         return [("C", "C", o), ("H1", "H", h[0]), ("H2", "H", h[1]), ("H3", "H", h[2]),
                 ("N", "N", 1.471 * x), ("HN1", "H", hn[0]), ("HN2", "H", hn[1]), ("HN3", "H", hn[2])]
+    if name == "MGU":           # methylguanidinium, planar (xy): C-NE along +x, the guanidinium at +x
+        return [("C", "C", o)] + [(f"H{k + 1}", "H", h) for k, h in enumerate(_methyl(o, -x, 1.09))] + [
+            (n, e, np.array([px, py, 0.0])) for n, e, px, py in (
+                ("NE", "N", 1.460, 0.0), ("HE", "H", 1.942, -0.888), ("CZ", "C", 2.185, 1.116),
+                ("NH1", "N", 3.514, 1.047), ("HH11", "H", 3.973, 0.147), ("HH12", "H", 4.064, 1.894),
+                ("NH2", "N", 1.581, 2.301), ("HH21", "H", 2.131, 3.148), ("HH22", "H", 0.572, 2.354))]
     raise SetupError(f"unknown solute {name!r}; choose one of {sorted(SOLUTE_CHARGE)}")
 
 
-SOLUTE_CHARGE = {"HOH": 0, "MOH": 0, "ACT": -1, "MAM": 1}
+SOLUTE_CHARGE = {"HOH": 0, "MOH": 0, "ACT": -1, "MAM": 1, "MGU": 1}
 
 
 def solute_parts(name: str) -> list[str]:
@@ -187,7 +195,7 @@ def build(spec: ChainSpec) -> tuple[app.Topology, openmm.System, np.ndarray]:
     ff = app.ForceField("amber14/tip3p.xml", str(SOLUTES_XML))
     top = app.Topology()
     chain = top.addChain()
-    xyz, groups = [], []
+    xyz, groups, offset, reach = [], [], 0.0, 0.0
     for k, part in enumerate(solute_parts(spec.solute)):
         res = top.addResidue(part, chain)
         atoms = [top.addAtom(name, app.Element.getBySymbol(element), res) for name, element, _ in _solute_atoms(part)]
@@ -195,7 +203,9 @@ def build(spec: ChainSpec) -> tuple[app.Topology, openmm.System, np.ndarray]:
             top.addBond(atoms[a], atoms[b])
         local = np.array([pos for _, _, pos in _solute_atoms(part)]) * NM_PER_ANGSTROM
         if k:                   # mirrored, so that its polar end (+x in _solute_atoms) faces the one before
-            local = local * [-1.0, 1.0, 1.0] + [k * PAIR_STEP_NM, 0.0, 0.0]
+            offset += max(PAIR_STEP_NM, reach + local[:, 0].max() + PAIR_GAP_NM)
+            local = local * [-1.0, 1.0, 1.0] + [offset, 0.0, 0.0]
+        reach = local[:, 0].max() - offset         # how far this one extends past its own origin along +x
         xyz.extend(local)
         groups.append([a.index for a in atoms])
     positions = np.array(xyz)
@@ -273,9 +283,11 @@ def _with_pair_restraint(system: openmm.System, groups: list[list[int]], periodi
 
 def _bonds(name: str) -> list[tuple[int, int]]:
     """Bonds (atom-index pairs) of the geometries in :func:`_solute_atoms`: heavy atom 0 carries the
-    methyl hydrogens 1-3, heavy atom 4 the rest."""
+    methyl hydrogens 1-3, heavy atom 4 the rest (MGU: its own list)."""
     if name == "HOH":
         return [(0, 1), (0, 2)]
+    if name == "MGU":           # C(H1-3)-NE(HE)-CZ(NH1(HH11, HH12))(NH2(HH21, HH22))
+        return [(0, 1), (0, 2), (0, 3), (0, 4), (4, 5), (4, 6), (6, 7), (7, 8), (7, 9), (6, 10), (10, 11), (10, 12)]
     n = len(_solute_atoms(name))
     return [(0, 1), (0, 2), (0, 3), (0, 4)] + [(4, k) for k in range(5, n)]
 

@@ -28,6 +28,8 @@ def test_gas_phase_solute(solute):
             assert r == pytest.approx(0.09572, abs=0.003)
         elif key == ("C", "O") and solute == "ACT":
             assert r == pytest.approx(0.125, abs=0.004)          # carboxylate C-O
+        elif key == ("C", "N") and solute == "MGU" and "CZ" in (bond[0].name, bond[1].name):
+            assert r == pytest.approx(0.131, abs=0.004)          # guanidinium C-N (1.34 A, shortened by 1-4 terms)
         else:
             assert r == pytest.approx(BONDS_NM[key], abs=0.004), (key, r)
     assert top.getNumBonds() == len(els) - 1
@@ -111,3 +113,31 @@ def test_ion_pair_is_one_solute_held_in_contact(tmp_path):
     far[8:] += [0.5, 0.0, 0.0]
     ctx.setPositions(far)
     assert ctx.getState(getEnergy=True, groups={1}).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole) > 1.0
+
+
+def test_arg_asp_salt_bridge_is_planar_and_bidentate(tmp_path):
+    """'MGU+ACT' (methylguanidinium-acetate, the Arg-Asp/Glu salt bridge): built far enough apart to start
+    without overlap (the guanidinium is longer than methylammonium), minimised into a salt bridge, and the
+    guanidinium (its C, the three N and their H) stays planar in hot cluster MD."""
+    from potentials.sampling import solute_charge
+    assert solute_charge("MGU+ACT") == 0
+    top, system, pos = build(ChainSpec("MGU+ACT", "gas", 300.0, seed=1))
+    assert [r.name for r in top.residues()] == ["MGU", "ACT"] and top.getNumBonds() == 12 + 6
+    names = [(a.residue.name, a.name) for a in top.atoms()]
+    n = [i for i, (r, a) in enumerate(names) if r == "MGU" and a.startswith("N")]
+    o = [i for i, (r, a) in enumerate(names) if r == "ACT" and a.startswith("O")]
+    close = np.linalg.norm(pos[n][:, None] - pos[o][None], axis=-1) < 0.31
+    assert close.sum() >= 2 and close.any(axis=0).all()                   # both O accept: a bidentate bridge
+    plane = [i for i, (r, a) in enumerate(names) if r == "MGU" and (a in ("NE", "CZ", "NH1", "NH2") or a[:2] in
+                                                                    ("HE", "HH"))]
+    assert len(plane) == 9
+
+    def out_of_plane(x):
+        c = x[plane] - x[plane].mean(0)
+        return np.linalg.svd(c, compute_uv=False)[-1] / np.sqrt(len(plane))   # rms distance from the best plane
+
+    assert out_of_plane(pos) < 0.002
+    spec = ChainSpec("MGU+ACT", "cluster", 400.0, seed=2, cluster_waters=12, equil_ps=0.2, gap_ps=0.05,
+                     spacing_ps=0.1)
+    for x in Chain(spec, tmp_path).block(0, 3):
+        assert out_of_plane(x) < 0.02                       # nm: thermal wiggle, not a pyramidal N
