@@ -95,16 +95,18 @@ ZONE_SETS = {   # card heading -> (the next heading, shipped data file, zones in
                                             {"MOH+3HOH", "ACT+3HOH"}),
     "QM zones of 1–6 waters (test split": ("Ion pairs (test split", "qmmm_zones_b3lyp_svp.nc",
                                            {f"{s}+{n}HOH" for s in ("HOH", "MOH", "ACT") for n in range(1, 7)}),
-    "Ion pairs (test split": ("Capped fragments (test split", "qmmm_ionpairs_b3lyp_svp.nc",
+    "Ion pairs (test split": ("Hydrogen-bonded pairs (test split", "qmmm_ionpairs_b3lyp_svp.nc",
                               {"MAM+ACT", "MAM+ACT+1HOH", "MAM+ACT+2HOH"}),
+    "Hydrogen-bonded pairs (test split": ("Capped fragments (test split", "qmmm_hbpairs_b3lyp_svp.nc",
+                                          {f"{p}{w}" for p in ("MOH+ACT", "MOH+MOH") for w in ("", "+1HOH", "+2HOH")}),
 }
 
 
 @pytest.mark.parametrize("heading", list(ZONE_SETS))
 def test_zones_model_matches_its_card_on_the_shipped_zones(heading):
     """The model for multi-molecule zones (small_b3lyp_svp_zones.pt) reproduces its card's tables of the 3-water
-    clusters, the zones of 1-6 waters and the ion pairs on the test splits of the shipped data (never trained on),
-    and records zones of up to 7 molecules (a solute and 6 waters)."""
+    clusters, the zones of 1-6 waters, the ion pairs and the hydrogen-bonded pairs on the test splits of the shipped
+    data (never trained on), and records zones of up to 7 molecules (a solute and 6 waters)."""
     torch.set_num_threads(1)
     stop, name, zones = ZONE_SETS[heading]
     expected = _zones_card_rows(heading, stop)
