@@ -93,8 +93,8 @@ def train_member(cfg: "T.TrainConfig", k: int, device: str = "cpu", resume: bool
     opt = T._make_optimizer(model, mcfg)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=mcfg.plateau_factor,
                                                        patience=mcfg.plateau_patience)
-    state, best_state = T._restore(mcfg, resume, model, opt, sched, dev)
-    best_state = T._fit(mcfg, model, opt, sched, state, best_state, splits, scheme, dev, dtype)
+    state, best_state, ema = T._restore(mcfg, resume, model, opt, sched, dev)
+    best_state = T._fit(mcfg, model, opt, sched, state, best_state, splits, scheme, dev, dtype, ema)
     model.load_state_dict(best_state)
     model.eval()
     model.metadata = {"split": split, "committee_member": k}

@@ -282,8 +282,8 @@ def train(cfg: TrainConfig, device: str = "cpu", resume: bool = False,
     opt = _make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=cfg.plateau_factor,
                                                        patience=cfg.plateau_patience)
-    state, best_state = _restore(cfg, resume, model, opt, sched, device)
-    best_state = _fit(cfg, model, opt, sched, state, best_state, splits, scheme, device, dtype)
+    state, best_state, ema = _restore(cfg, resume, model, opt, sched, device)
+    best_state = _fit(cfg, model, opt, sched, state, best_state, splits, scheme, device, dtype, ema)
     model.load_state_dict(best_state)
     model.eval()
     return _save_result(cfg, model, state, splits, sae)
@@ -390,11 +390,13 @@ def widen_elements(init: torch.nn.Module, model: torch.nn.Module, frames: list[d
              ", ".join(f"Z={z} starts as Z={_like(z, old)}, self-energy {e:.3f} eV" for z, e in zip(added, fit)))
 
 
-def _restore(cfg: TrainConfig, resume: bool, model, opt, sched, device) -> tuple["TrainState", dict]:
-    """Training state and best weights: fresh, or from the checkpoint when resuming."""
+def _restore(cfg: TrainConfig, resume: bool, model, opt, sched, device) -> tuple["TrainState", dict, object]:
+    """Training state, best weights and the weight average (:func:`_averager`; None without ``ema_decay``): fresh,
+    or from the checkpoint when resuming (a checkpoint written without an average starts it from the weights)."""
     ckpt_path = Path(cfg.checkpoint)
     state = TrainState()
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ck: dict = {}
     if resume and ckpt_path.is_file():
         ck = torch.load(ckpt_path, map_location=device, weights_only=True)   # plain tensors/containers only
         model.load_state_dict(ck["model"])
@@ -406,22 +408,24 @@ def _restore(cfg: TrainConfig, resume: bool, model, opt, sched, device) -> tuple
         log.info("resumed from %s at epoch %d", ckpt_path, state.epoch)
     elif resume:
         log.warning("--resume: no checkpoint at %s, starting fresh", ckpt_path)
-    return state, best_state
+    ema = _averager(cfg, model)
+    if ema is not None and ck.get("ema") is not None:
+        ema.load_state_dict(ck["ema"])
+    return state, best_state, ema
 
 
 CURVE_EVERY_S = 60.0          # the loss-curve PNG is redrawn at most this often while training, and at the end
 
 
 def _fit(cfg: TrainConfig, model, opt, sched, state: "TrainState", best_state: dict, splits: dict, scheme,
-         device, dtype) -> dict:
+         device, dtype, ema=None) -> dict:
     """The epoch loop (checkpoint after every epoch, the curve at most every ``CURVE_EVERY_S``: drawing it takes
     ~0.5 s, as long as an epoch of a few hundred frames); returns the best validation state.
 
-    With ``ema_decay`` the moving average of the weights (:func:`_averager`) is validated too, and each epoch the
-    better of the two (by validation score) is the epoch's candidate for the best state and drives the schedule.
+    ``ema``, the moving average of the weights (:func:`_averager`), is validated too, and each epoch the better
+    of the two (by validation score) is the epoch's candidate for the best state and drives the schedule.
     """
     t_start = t_curve = time.time()
-    ema = _averager(cfg, model, state)
     while state.epoch < cfg.epochs:
         t0 = time.time()
         running = _train_epoch(cfg, model, opt, splits["train"], state.epoch, scheme, device, dtype, ema)
@@ -461,21 +465,14 @@ def _fit(cfg: TrainConfig, model, opt, sched, state: "TrainState", best_state: d
     return best_state
 
 
-def _averager(cfg: TrainConfig, model, state: "TrainState"):
-    """The exponential moving average of the weights (``torch.optim.swa_utils.AveragedModel``, updated after
-    every optimiser step with decay ``cfg.ema_decay``), or None when the config has none. A resumed run takes it
-    from the checkpoint (a checkpoint written without one starts it from the current weights)."""
+def _averager(cfg: TrainConfig, model):
+    """The exponential moving average of ``model``'s weights (``torch.optim.swa_utils.AveragedModel``, updated
+    after every optimiser step with decay ``cfg.ema_decay``), or None when the config has none."""
     if not cfg.ema_decay:
         return None
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
-    ckpt = Path(cfg.checkpoint)
-    if state.epoch > 0 and ckpt.is_file():
-        saved = torch.load(ckpt, map_location=next(model.parameters()).device, weights_only=True).get("ema")
-        if saved is not None:
-            ema.load_state_dict(saved)
-    return ema
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
 
 
 def _train_epoch(cfg: TrainConfig, model, opt, frames: list[dict], epoch: int, scheme, device, dtype,
