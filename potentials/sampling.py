@@ -282,14 +282,15 @@ def _with_pair_restraint(system: openmm.System, groups: list[list[int]], periodi
 
 
 def _bonds(name: str) -> list[tuple[int, int]]:
-    """Bonds (atom-index pairs) of the geometries in :func:`_solute_atoms`: heavy atom 0 carries the
-    methyl hydrogens 1-3, heavy atom 4 the rest (MGU: its own list)."""
+    """Bonds (atom-index pairs, into :func:`_solute_atoms`) of a solute: its residue template's, in the template's
+    order (``inputs/forcefields/solutes.xml``; water: TIP3P's two O-H bonds)."""
     if name == "HOH":
         return [(0, 1), (0, 2)]
-    if name == "MGU":           # C(H1-3)-NE(HE)-CZ(NH1(HH11, HH12))(NH2(HH21, HH22))
-        return [(0, 1), (0, 2), (0, 3), (0, 4), (4, 5), (4, 6), (6, 7), (7, 8), (7, 9), (6, 10), (10, 11), (10, 12)]
-    n = len(_solute_atoms(name))
-    return [(0, 1), (0, 2), (0, 3), (0, 4)] + [(4, k) for k in range(5, n)]
+    import xml.etree.ElementTree as ET
+
+    index = {atom: k for k, (atom, _, _) in enumerate(_solute_atoms(name))}
+    residue = ET.parse(SOLUTES_XML).getroot().find(f"Residues/Residue[@name='{name}']")
+    return [(index[b.get("atomName1")], index[b.get("atomName2")]) for b in residue.iter("Bond")]
 
 
 def _positions_nm(positions) -> np.ndarray:
