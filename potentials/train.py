@@ -556,7 +556,8 @@ def _save_checkpoint(path: Path, model, opt, sched, state: TrainState, best_stat
 
 
 def plot_curve(history: list[dict], path: str) -> None:
-    """Training/validation loss and validation MAE/RMSE vs epoch (PNG, matplotlib Agg)."""
+    """Training/validation loss and validation MAE vs epoch (PNG, matplotlib Agg); with a moving average of the
+    weights (``[optim] ema_decay``) a third panel puts the validation score of the weights beside the average's."""
     if not history:
         return
     import matplotlib
@@ -565,7 +566,9 @@ def plot_curve(history: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     ep = [h["epoch"] for h in history]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    averaged = all("val_score_ema" in h for h in history)     # [optim] ema_decay: both scores, every epoch
+    fig, axes = plt.subplots(1, 3 if averaged else 2, figsize=(15 if averaged else 10, 4))
+    a, b = axes[0], axes[1]
     a.semilogy(ep, [h["train_loss"] for h in history], label="train")
     a.semilogy(ep, [h["val_loss"] for h in history], label="validation")
     a.set_xlabel("epoch"), a.set_ylabel("loss"), a.legend()
@@ -573,6 +576,11 @@ def plot_curve(history: list[dict], path: str) -> None:
     b.semilogy(ep, [h["val_force_mae"] for h in history], label="ML force MAE (kcal/mol/Å)")
     b.semilogy(ep, [h["val_mm_force_mae"] for h in history], label="MM force MAE (kcal/mol/Å)")
     b.set_xlabel("epoch"), b.set_title("validation"), b.legend()
+    if averaged:
+        c = axes[2]
+        c.semilogy(ep, [h["val_score_raw"] for h in history], label="weights")
+        c.semilogy(ep, [h["val_score_ema"] for h in history], label="moving average")
+        c.set_xlabel("epoch"), c.set_ylabel("validation score"), c.set_title("weights vs their average"), c.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

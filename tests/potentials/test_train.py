@@ -159,6 +159,9 @@ def test_weight_average_is_validated_checkpointed_and_resumed_exactly(tmp_path):
     val = T.load_frames(TINY, "val")
     rescored = T.evaluate_loss(model, val, full, "cpu", next(model.parameters()).dtype, ELECTROSTATIC)["score"]
     assert rescored == pytest.approx(ca["state"]["best_val"], rel=1e-5)
+    # the curve gets a third panel, the validation score of the weights beside the average's (PNG width: IHDR)
+    width = int.from_bytes((tmp_path / "a" / "m_curve.png").read_bytes()[16:20], "big")
+    assert width == 15 * 90
     with pytest.raises(SetupError, match="ema_decay must be in"):
         _cfg(tmp_path / "c", optim={"ema_decay": 1.0})
 
