@@ -231,7 +231,8 @@ def test_qm_backend_choice(tmp_path):
 
 FRAGMENTS = {"ASP": ("C2H3O2", -1), "SER": ("CH4O", 0), "CYS": ("CH4S", 0), "CYM": ("CH3S", -1),
              "GLU": ("C3H5O2", -1), "THR": ("C2H6O", 0), "MET": ("C3H8S", 0), "HID": ("C4H6N2", 0),
-             "HIE": ("C4H6N2", 0), "HIP": ("C4H7N2", 1), "LYS": ("C4H12N", 1), "TYR": ("C7H8O", 0)}
+             "HIE": ("C4H6N2", 0), "HIP": ("C4H7N2", 1), "LYS": ("C4H12N", 1), "TYR": ("C7H8O", 0),
+             "ARG": ("C4H12N3", 1)}
 
 
 def test_shipped_fragments_are_what_their_readme_says():
