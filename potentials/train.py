@@ -49,6 +49,7 @@ from potentials.core.units import COULOMB_EV_ANGSTROM, KCALMOL_PER_EV
 from potentials.domain import training_domain
 from potentials.electrostatics import damped_field_excess, potential_and_field
 from potentials.train_config import PRESET_DIR, TrainConfig, _flatten, _load_preset  # noqa: F401 (re-exported)
+from potentials.widen import WIDTHS, check_widths, grown_state, like_element
 
 if TYPE_CHECKING:
     from potentials.core.contracts import TrainingScheme
@@ -316,7 +317,8 @@ def _training_frames(cfg: TrainConfig, resume: bool) -> dict[str, list[dict]]:
 def _initial_model(cfg: TrainConfig, train_frames: list[dict], device, scheme=None
                    ) -> tuple[torch.nn.Module, np.ndarray]:
     """A new model with self-energies fitted on the training frames, or ``init_model``'s weights (widened to the
-    config's elements when it asks for more, :func:`widen_elements`)."""
+    config's elements when it asks for more, :func:`widen_elements`; to its layer widths when they are wider,
+    :func:`potentials.widen.grown_state`)."""
     model = build_model(cfg, device)
     if not cfg.init_model:
         sae = fit_self_energies(train_frames, [int(z) for z in model.config.elements])
@@ -326,33 +328,24 @@ def _initial_model(cfg: TrainConfig, train_frames: list[dict], device, scheme=No
 
     init = load_model(cfg.init_model, device)
     analytic = ("d3", "d3_params", "pol_damping")     # weight-free settings: may change when fine-tuning
-    same = lambda c: {k: v for k, v in c.to_dict().items() if k not in analytic + ("elements",)}   # noqa: E731
+    def same(c):
+        return {k: v for k, v in c.to_dict().items() if k not in analytic + ("elements",) + WIDTHS}
     old, new = [int(z) for z in init.config.elements], [int(z) for z in model.config.elements]
     if same(init.config) != same(model.config) or not set(old) <= set(new):
         raise SetupError(f"init_model {cfg.init_model} has another architecture than [model]; use the same preset "
-                         "(its elements may only grow)")
+                         "(its elements and layer widths may only grow)")
+    check_widths(init.config, model.config, cfg.init_model)
     if old == new:
-        model.load_state_dict(init.state_dict())
+        model.load_state_dict(grown_state(init.state_dict(), model.state_dict()))
     else:
         widen_elements(init, model, train_frames, scheme)
     log.info("starting from the weights of %s", cfg.init_model)
     return model, model.shift.weight.detach().cpu().numpy()
 
 
-def _like(z: int, known: list[int]) -> int:
-    """The known element whose embedding a new element starts from: one of its periodic-table group (the
-    nearest period), else the nearest atomic number."""
-    same = [k for k in known if GROUPS.get(k) is not None and GROUPS.get(k) == GROUPS.get(z)]
-    return min(same or known, key=lambda k: abs(k - z))
-
-
-GROUPS = {1: 1, 3: 1, 11: 1, 19: 1, 4: 2, 12: 2, 20: 2, 5: 13, 13: 13, 6: 14, 14: 14, 7: 15, 15: 15, 8: 16, 16: 16,
-          34: 16, 9: 17, 17: 17, 35: 17, 53: 17}
-
-
 def widen_elements(init: torch.nn.Module, model: torch.nn.Module, frames: list[dict], scheme=None) -> None:
     """Load ``init``'s weights into ``model``, which knows more elements: every weight is copied; an added
-    element's embedding starts as that of a known element of its group (S from O: :func:`_like`) and its
+    element's embedding starts as that of a known element of its group (S from O: :func:`potentials.widen.like_element`) and its
     self-energy is the least-squares fit of what the widened network leaves unexplained on the training
     frames that hold it (the known elements keep theirs). SetupError when no training frame holds an added
     element (its embedding could not be trained)."""
@@ -363,13 +356,11 @@ def widen_elements(init: torch.nn.Module, model: torch.nn.Module, frames: list[d
     if missing:
         raise SetupError(f"the model grows by element(s) {missing} but no training frame holds them; add data with "
                          "them or leave them out of [model.config] elements")
-    sd, target = init.state_dict(), model.state_dict()
-    for k, v in sd.items():
-        if k not in ("embedding", "shift.weight"):
-            target[k] = v
+    sd = init.state_dict()
+    target = grown_state({k: v for k, v in sd.items() if k not in ("embedding", "shift.weight")}, model.state_dict())
     emb, shift = target["embedding"].clone(), torch.zeros_like(target["shift.weight"])
     for i, z in enumerate(new):
-        emb[i] = sd["embedding"][old.index(z if z in old else _like(z, old))]
+        emb[i] = sd["embedding"][old.index(z if z in old else like_element(z, old))]
         if z in old:
             shift[i] = sd["shift.weight"][old.index(z)]
     target["embedding"], target["shift.weight"] = emb, shift
@@ -387,7 +378,7 @@ def widen_elements(init: torch.nn.Module, model: torch.nn.Module, frames: list[d
         for z, e in zip(added, fit):
             model.shift.weight[new.index(z)] = float(e)
     log.info("widened the model from elements %s to %s: %s", old, new,
-             ", ".join(f"Z={z} starts as Z={_like(z, old)}, self-energy {e:.3f} eV" for z, e in zip(added, fit)))
+             ", ".join(f"Z={z} starts as Z={like_element(z, old)}, self-energy {e:.3f} eV" for z, e in zip(added, fit)))
 
 
 def _restore(cfg: TrainConfig, resume: bool, model, opt, sched, device) -> tuple["TrainState", dict, object]:

@@ -1,5 +1,7 @@
 """The training configuration of ``mlmm train``: :class:`TrainConfig` and the sectioned TOML layout it is read
 from ([model] [data] [loss] [optim] [train] [output]; relative paths are relative to the config file's folder).
+A top-level ``base = "OTHER.toml"`` starts from another config file and changes only the keys given (a later
+training stage that differs from the one before in its seed and outputs).
 """
 from __future__ import annotations
 
@@ -58,7 +60,7 @@ class TrainConfig:
         if not path.is_file():
             raise SetupError(f"training config {path} not found; give the path of a TOML file "
                              "(see inputs/models/train_*.toml)")
-        return cls.from_dict(read_toml(path, "training config"), base=path.parent, where=str(path))
+        return cls.from_dict(_read_with_base(path), base=path.parent, where=str(path))
 
     @classmethod
     def from_dict(cls, raw: dict, base: Path | str = ".", where: str = "training config") -> "TrainConfig":
@@ -84,6 +86,61 @@ class TrainConfig:
         if cfg.batch_size < 1 or cfg.epochs < 0:
             raise SetupError(f"{where}: batch_size must be >= 1 and epochs >= 0")
         return cfg
+
+
+# keys holding paths (relative to their file's folder), by section; "" is the top level
+_PATH_KEYS = {"data": ("path", "extra"), "output": ("model", "checkpoint", "curve"), "train": ("init_model",),
+              "": ("dataset", "extra", "output", "checkpoint", "curve", "init_model")}
+
+
+def _read_with_base(path: Path, chain: tuple = ()) -> dict:
+    """The TOML file as a dict, with ``base = "OTHER.toml"`` resolved: OTHER (itself possibly based on a third
+    file) read first, its relative paths made absolute against its own folder, then this file's keys laid over
+    it table by table ([model.config] key by key; lists such as [data] extra are replaced, not appended)."""
+    path = path.resolve()
+    if path in chain:
+        raise SetupError(f"training config {chain[0]}: base files form a loop "
+                         f"({' -> '.join(p.name for p in (*chain, path))}); remove one base key")
+    raw = read_toml(path, "training config")
+    ref = raw.pop("base", None)
+    if ref is None:
+        return raw
+    if not isinstance(ref, str):
+        raise SetupError(f"{path}: base must be the path of another training config (a string), not {ref!r}")
+    parent_path = (path.parent / ref)
+    if not parent_path.is_file():
+        raise SetupError(f"{path}: base = {ref!r}: no such file (relative paths are relative to {path.parent})")
+    parent = _absolute_paths(_read_with_base(parent_path, (*chain, path)), parent_path.resolve().parent)
+    return _overlay(parent, raw)
+
+
+def _absolute_paths(raw: dict, folder: Path) -> dict:
+    """``raw`` with its relative path values made absolute against ``folder`` (so a base file's paths keep meaning
+    what they meant there); a [model] preset is rebased only when it names a file there, not a preset name."""
+    def fix(v):
+        if isinstance(v, list):
+            return [fix(x) for x in v]
+        return str((folder / v).resolve()) if isinstance(v, str) and v else v
+
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for section, keys in _PATH_KEYS.items():
+        table = out if section == "" else out.get(section)
+        if isinstance(table, dict):
+            for k in keys:
+                if k in table and not (section == "" and isinstance(table[k], dict)):
+                    table[k] = fix(table[k])
+    model = out.get("model")
+    if isinstance(model, dict) and isinstance(model.get("preset"), str) and (folder / model["preset"]).is_file():
+        model["preset"] = str((folder / model["preset"]).resolve())
+    return out
+
+
+def _overlay(parent: dict, child: dict) -> dict:
+    """``child`` laid over ``parent``: tables merge key by key (recursively), anything else is replaced."""
+    out = dict(parent)
+    for k, v in child.items():
+        out[k] = _overlay(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _flatten(raw: dict, base: Path) -> dict:

@@ -275,3 +275,69 @@ def test_init_model_widened_to_a_new_element(tmp_path, frames):
                                atol=1e-9)
     with pytest.raises(SetupError, match=r"no training frame holds them"):
         T._initial_model(cfg, frames, "cpu", ELECTROSTATIC)
+
+
+def test_config_base_key_layers_a_config_over_another(tmp_path):
+    """``base = "OTHER.toml"``: the other file's keys, its relative paths kept meaning what they meant in its own
+    folder, this file's keys laid over table by table ([model.config] key by key, lists replaced)."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "stage1.toml").write_text(
+        '[model]\npreset = "tiny"\n[model.config]\nelements = [1, 8]\nd3 = true\n'
+        '[data]\npath = "d.nc"\nextra = ["e.nc", "f.nc"]\n[loss]\nenergy = 30.0\nforces = 4.0\n'
+        '[optim]\nlr = 5e-5\nema_decay = 0.998\n[train]\nseed = 1\ninit_model = "start.pt"\n'
+        '[output]\nmodel = "one.pt"\n')
+    (tmp_path / "b" / "stage2.toml").write_text(
+        'base = "../a/stage1.toml"\n[model.config]\nelements = [1, 6, 8]\n[data]\nextra = ["g.nc"]\n'
+        '[train]\nseed = 2\n[output]\nmodel = "two.pt"\n')
+    cfg = T.TrainConfig.from_toml(tmp_path / "b" / "stage2.toml")
+    a, b = (tmp_path / "a").resolve(), (tmp_path / "b").resolve()
+    assert cfg.seed == 2 and cfg.lr == 5e-5 and cfg.ema_decay == 0.998 and cfg.w_energy == 30.0
+    assert cfg.model["elements"] == [1, 6, 8] and cfg.model["d3"] is True      # merged key by key
+    assert cfg.dataset == str(a / "d.nc") and cfg.init_model == str(a / "start.pt")   # the base's folder
+    assert cfg.extra == [str(b / "g.nc")]                                     # replaced, this file's folder
+    assert cfg.output == str(b / "two.pt") and cfg.checkpoint == str(b / "two.ckpt")
+    base_alone = T.TrainConfig.from_toml(tmp_path / "a" / "stage1.toml")
+    assert base_alone.seed == 1 and base_alone.extra == [str(a / "e.nc"), str(a / "f.nc")]
+
+    (tmp_path / "a" / "stage1.toml").write_text('base = "../b/stage2.toml"\n')
+    with pytest.raises(SetupError, match="loop"):
+        T.TrainConfig.from_toml(tmp_path / "b" / "stage2.toml")
+    (tmp_path / "c.toml").write_text('base = "nowhere.toml"\n')
+    with pytest.raises(SetupError, match="nowhere.toml.*no such file"):
+        T.TrainConfig.from_toml(tmp_path / "c.toml")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "inputs" / "models").glob("train_*.toml")), ids=lambda p: p.name)
+def test_shipped_training_configs_read(path):
+    """Every training config the model cards cite is a valid one (keys, types, presets, base files)."""
+    cfg = T.TrainConfig.from_toml(path)
+    assert cfg.model and cfg.dataset.endswith(".nc") and cfg.output.endswith(".pt")
+
+
+def test_init_model_widened_to_wider_layers(tmp_path, frames):
+    """Fine-tuning into wider layers (hidden, aim_size, out_hidden): the widened network computes what the initial
+    one did (energies, ML and MM forces) before training; the added units train (their weights get gradients);
+    narrower or deeper layers are refused with the sizes named."""
+    from potentials.model_io import load_model
+
+    init_path = T.train(_cfg(tmp_path, train={"epochs": 1}), "cpu", scheme=ELECTROSTATIC)
+    init = load_model(init_path, "cpu").double()
+    wide = {"hidden": [[48, 24], [40, 16], [32, 20]], "aim_size": 24, "out_hidden": [20]}
+    cfg = _cfg(tmp_path, model={"config": wide}, train={"init_model": str(init_path)})
+    model, _ = T._initial_model(cfg, frames, "cpu", ELECTROSTATIC)
+    model = model.double()
+    assert model.passes[0][0].weight.shape[0] == 48 and model.output[0].weight.shape[1] == 24
+    batch = T.collate(frames[:6], "cpu", torch.float64)
+    a, b = T.predict(init, batch, ELECTROSTATIC), T.predict(model, batch, ELECTROSTATIC)
+    for key in ("energy", "forces", "mm_forces"):
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-10)
+    loss = T.predict(model.train(), batch, ELECTROSTATIC, create_graph=True)["forces"].square().sum()
+    loss.backward()
+    assert model.passes[0][2].weight.grad[:, 32:].abs().sum() > 0       # reads the added units of layer 1
+    assert model.output[0].weight.grad[:, 16:].abs().sum() > 0            # reads the added AIM channels
+    for bad in ({"hidden": [[16, 16], [32, 16], [32, 16]]}, {"hidden": [[32, 16, 8], [32, 16], [32, 16]]},
+                {"out_hidden": [16, 16]}):
+        with pytest.raises(SetupError, match="may only be widened"):
+            T._initial_model(_cfg(tmp_path, model={"config": bad}, train={"init_model": str(init_path)}),
+                             frames, "cpu", ELECTROSTATIC)
