@@ -1,11 +1,19 @@
 """Fixtures shared by the test folders."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # the README's test command runs two workers (pytest -n 2): one torch thread each, so that the workers do not
+    # oversubscribe a 2-core machine (the clients and i-PI that tests start are separate processes)
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
