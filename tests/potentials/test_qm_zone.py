@@ -152,8 +152,8 @@ def test_old_config_frame_ids_unchanged():
     assert "HOH-droplet-300K-s20915262/b011/f00/c0" in ids
     assert solutes == {t.zone_name for t in old} == {"HOH", "MOH", "ACT", "MAM"}
     new = plan(LabelConfig.from_toml(REPO / "inputs" / "data" / "label_config_clusters.toml"))
-    assert len(new) == 2 * 2 * 60 * 5 * 2 and len({t.frame_id for t in new}) == len(new)
-    with Dataset.open(REPO / "inputs" / "data" / "qmmm_clusters_b3lyp_svp.nc") as ds:   # 60 blocks extend 20
+    assert len(new) == 2 * 2 * 100 * 5 * 2 and len({t.frame_id for t in new}) == len(new)
+    with Dataset.open(REPO / "inputs" / "data" / "qmmm_clusters_b3lyp_svp.nc") as ds:   # 100 blocks extend 60, 60 extended 20
         assert {str(i) for i in ds.meta["frame_id"]} <= {t.frame_id for t in new}
     for name in ("zones", "ionpairs"):          # shipped partial datasets: frames of their configs' plans
         planned = {t.frame_id: t for t in plan(LabelConfig.from_toml(REPO / "inputs" / "data" /
