@@ -153,7 +153,7 @@ def test_old_config_frame_ids_unchanged():
     assert solutes == {t.zone_name for t in old} == {"HOH", "MOH", "ACT", "MAM"}
     new = plan(LabelConfig.from_toml(REPO / "inputs" / "data" / "label_config_clusters.toml"))
     assert len(new) == 2 * 2 * 100 * 5 * 2 and len({t.frame_id for t in new}) == len(new)
-    with Dataset.open(REPO / "inputs" / "data" / "qmmm_clusters_b3lyp_svp.nc") as ds:   # 100 blocks extend 60, 60 extended 20
+    with Dataset.open(REPO / "inputs" / "data" / "qmmm_clusters_b3lyp_svp.nc") as ds:   # 100 blocks extend 60
         assert {str(i) for i in ds.meta["frame_id"]} <= {t.frame_id for t in new}
     for name in ("zones", "ionpairs"):          # shipped partial datasets: frames of their configs' plans
         planned = {t.frame_id: t for t in plan(LabelConfig.from_toml(REPO / "inputs" / "data" /
