@@ -4,6 +4,7 @@ frame ids for the configs written before."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import openmm
 import pytest
 from label_configs import cluster_toml
 
-from potentials.qmmm_reference import LabelConfig, Labeller, Task, plan
+from potentials.qmmm_reference import LabelConfig, Labeller, Task, plan, shard_of
 from potentials.sampling import (Chain, ChainSpec, ChainSystem, TIP3P_CHARGES, build, nearest_waters, qm_zone,
                                  system_data, water_residues)
 
@@ -155,6 +156,14 @@ def test_old_config_frame_ids_unchanged():
     assert len(new) == 2 * 2 * 100 * 5 * 2 and len({t.frame_id for t in new}) == len(new)
     with Dataset.open(REPO / "inputs" / "data" / "qmmm_clusters_b3lyp_svp.nc") as ds:   # 100 blocks extend 60
         assert {str(i) for i in ds.meta["frame_id"]} <= {t.frame_id for t in new}
+    # more blocks only append: the 60-block plan (ids, splits, MD chains) is the head of the 100-block one, and
+    # so is each shard's task list, so labelling resumes where a shorter plan stopped
+    cfg100 = LabelConfig.from_toml(REPO / "inputs" / "data" / "label_config_clusters.toml")
+    new60 = plan(dataclasses.replace(cfg100, trajectories=60))
+    assert len(new60) == 2 * 2 * 60 * 5 * 2 and new[:len(new60)] == new60
+    for k in (1, 2):
+        head = shard_of(new60, (k, 2))
+        assert head and shard_of(new, (k, 2))[:len(head)] == head
     for name in ("zones", "ionpairs"):          # shipped partial datasets: frames of their configs' plans
         planned = {t.frame_id: t for t in plan(LabelConfig.from_toml(REPO / "inputs" / "data" /
                                                                      f"label_config_{name}.toml"))}
