@@ -152,14 +152,14 @@ def test_old_config_frame_ids_unchanged():
     assert ids[:2] == ["HOH-periodic-300K-s20340856/b000/f00/c0", "MOH-periodic-300K-s20849029/b000/f00/c0"]
     assert "HOH-droplet-300K-s20915262/b011/f00/c0" in ids
     assert solutes == {t.zone_name for t in old} == {"HOH", "MOH", "ACT", "MAM"}
-    new = plan(LabelConfig.from_toml(REPO / "inputs" / "data" / "label_config_clusters.toml"))
+    clusters = LabelConfig.from_toml(REPO / "inputs" / "data" / "label_config_clusters.toml")
+    new = plan(clusters)
     assert len(new) == 2 * 2 * 100 * 5 * 2 and len({t.frame_id for t in new}) == len(new)
     with Dataset.open(REPO / "inputs" / "data" / "qmmm_clusters_b3lyp_svp.nc") as ds:   # 100 blocks extend 60
         assert {str(i) for i in ds.meta["frame_id"]} <= {t.frame_id for t in new}
     # more blocks only append: the 60-block plan (ids, splits, MD chains) is the head of the 100-block one, and
     # so is each shard's task list, so labelling resumes where a shorter plan stopped
-    cfg100 = LabelConfig.from_toml(REPO / "inputs" / "data" / "label_config_clusters.toml")
-    new60 = plan(dataclasses.replace(cfg100, trajectories=60))
+    new60 = plan(dataclasses.replace(clusters, trajectories=60))
     assert len(new60) == 2 * 2 * 60 * 5 * 2 and new[:len(new60)] == new60
     for k in (1, 2):
         head = shard_of(new60, (k, 2))
