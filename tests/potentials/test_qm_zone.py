@@ -154,16 +154,17 @@ def test_old_config_frame_ids_unchanged():
     assert solutes == {t.zone_name for t in old} == {"HOH", "MOH", "ACT", "MAM"}
     clusters = LabelConfig.from_toml(REPO / "inputs" / "data" / "label_config_clusters.toml")
     new = plan(clusters)
-    assert len(new) == 2 * 2 * 100 * 5 * 2 and len({t.frame_id for t in new}) == len(new)
-    with Dataset.open(REPO / "inputs" / "data" / "qmmm_clusters_b3lyp_svp.nc") as ds:   # 100 blocks extend 60
+    assert len(new) == 2 * 2 * 140 * 5 * 2 and len({t.frame_id for t in new}) == len(new)
+    with Dataset.open(REPO / "inputs" / "data" / "qmmm_clusters_b3lyp_svp.nc") as ds:   # 140 blocks extend 100 and 60
         assert {str(i) for i in ds.meta["frame_id"]} <= {t.frame_id for t in new}
-    # more blocks only append: the 60-block plan (ids, splits, MD chains) is the head of the 100-block one, and
-    # so is each shard's task list, so labelling resumes where a shorter plan stopped
-    new60 = plan(dataclasses.replace(clusters, trajectories=60))
-    assert len(new60) == 2 * 2 * 60 * 5 * 2 and new[:len(new60)] == new60
-    for k in (1, 2):
-        head = shard_of(new60, (k, 2))
-        assert head and shard_of(new, (k, 2))[:len(head)] == head
+    # more blocks only append: the 60- and 100-block plans (ids, splits, MD chains) are the head of the 140-block
+    # one, and so is each shard's task list, so labelling resumes where a shorter plan stopped
+    for blocks in (60, 100):
+        shorter = plan(dataclasses.replace(clusters, trajectories=blocks))
+        assert len(shorter) == 2 * 2 * blocks * 5 * 2 and new[:len(shorter)] == shorter
+        for k in (1, 2):
+            head = shard_of(shorter, (k, 2))
+            assert head and shard_of(new, (k, 2))[:len(head)] == head
     for name in ("zones", "ionpairs"):          # shipped partial datasets: frames of their configs' plans
         planned = {t.frame_id: t for t in plan(LabelConfig.from_toml(REPO / "inputs" / "data" /
                                                                      f"label_config_{name}.toml"))}
