@@ -207,6 +207,8 @@ def _add_label(sub) -> None:
     s.add_argument("--shard", default=None, metavar="K/N", help="label only shard K of N of the planned frames "
                    "(split by a hash of the frame id): run N jobs, one per core or node, with the same --out and "
                    "config")
+    s.add_argument("--solutes", default=None, metavar="A,B", help="label only these of the config's solutes (same "
+                   "frame ids, splits and shards as the full plan; a later run without it fills in the rest)")
     s.add_argument("--qm-device", choices=("auto", "cpu", "gpu"), default=None,
                    help="QM on the CPU (PySCF) or a CUDA GPU (gpu4pyscf); default: the config's qm_device (auto: "
                         "the GPU when gpu4pyscf and a device are there)")

@@ -23,15 +23,15 @@ LABEL_SCHEME = "electrostatic"
 
 
 def label_main(args: argparse.Namespace) -> int:
-    """``mlmm label --out FILE [--config TOML] [--frames N] [--shard K/N] [--qm-device auto|cpu|gpu]
+    """``mlmm label --out FILE [--config TOML] [--frames N] [--shard K/N] [--solutes A,B] [--qm-device auto|cpu|gpu]
     [--export-jobs JOBS.npz | --import-labels RESULTS.npz] [--print-config]``."""
     import torch
 
     from coupling.schemes import SCHEMES
-    from potentials.qmmm_reference import DEFAULT_CONFIG, LabelConfig, run
+    from potentials.qmmm_reference import DEFAULT_CONFIG, LabelConfig, only_solutes, run
 
     config_path = args.config if args.config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
-    cfg = LabelConfig.from_toml(config_path)
+    cfg = only_solutes(LabelConfig.from_toml(config_path), getattr(args, "solutes", None))
     if getattr(args, "qm_device", None):
         cfg = dataclasses.replace(cfg, qm_device=args.qm_device)
     if getattr(args, "print_config", False):

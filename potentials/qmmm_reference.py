@@ -302,6 +302,22 @@ class Task:
         return self.chain.solute + (f"+{self.ml_waters}HOH" if self.ml_waters else "")
 
 
+def only_solutes(cfg: LabelConfig, names: str | None) -> LabelConfig:
+    """``cfg`` restricted to some of its solutes (``names``: comma-separated, e.g. ``"ACT"``; None: all).
+
+    Chain seeds, frame ids, splits and shards depend on (solute, kind, temperature, block, frame) only, so the
+    restricted plan is the full plan's frames of those solutes, in the same order and shards: a job may label the
+    solute whose held-out error lags, and a later job with the full config fills in the rest of the same plan."""
+    if names is None:
+        return cfg
+    wanted = tuple(dict.fromkeys(n.strip() for n in names.split(",") if n.strip()))
+    missing = [n for n in wanted if n not in cfg.solutes]
+    if not wanted or missing:
+        raise SetupError(f"--solutes {names!r}: give a comma-separated subset of the config's solutes "
+                         f"({','.join(cfg.solutes)})" + (f"; {','.join(missing)} is not one" if missing else ""))
+    return dataclasses.replace(cfg, solutes=tuple(s for s in cfg.solutes if s in wanted))
+
+
 def plan(cfg: LabelConfig) -> list[Task]:
     """All frames of the config in balanced round-robin order.
 
@@ -543,7 +559,8 @@ def run(cfg: LabelConfig, out: str | Path, point_charges: PointChargesFactory | 
     prov = provenance(cfg, config_text)
     writer = DatasetWriter(out, prov)
     writer.add_history(f"{prov['created']} mlmm label session: git {prov['git_commit']}, pyscf "
-                       f"{prov['pyscf_version']}, openmm {prov['openmm_version']}, {threads} thread(s)")
+                       f"{prov['pyscf_version']}, openmm {prov['openmm_version']}, {threads} thread(s), "
+                       f"solutes {','.join(cfg.solutes)}")
     skipped = skipped_path(out)
     limit = frames if frames is not None else len(todo)
     log.info("labelling %d of %d planned frames%s into %s (%d done, %d thread(s), MD cache %s)",

@@ -33,6 +33,10 @@ def test_print_config_runs_nothing(tmp_path, capsys):
     text = capsys.readouterr().out
     assert text.startswith("# mlmm label configuration") and "embedding_cutoff_nm = 1.2" in text
     assert "[level]" in text and not out.exists()
+    clusters = ROOT / "inputs" / "data" / "label_config_clusters.toml"     # --solutes: a subset of the plan
+    assert label_main(argparse.Namespace(out=str(out), config=str(clusters), frames=None, solutes="ACT",
+                                         print_config=True)) == 0
+    assert "solutes = [\n    \"ACT\",\n]" in capsys.readouterr().out and not out.exists()
 
 
 def test_train_resolves_the_configured_scheme(tmp_path):

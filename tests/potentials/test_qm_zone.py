@@ -165,7 +165,7 @@ def test_old_config_frame_ids_unchanged():
         for k in (1, 2):
             head = shard_of(shorter, (k, 2))
             assert head and shard_of(new, (k, 2))[:len(head)] == head
-    for name in ("zones", "ionpairs"):          # shipped partial datasets: frames of their configs' plans
+    for name in ("zones", "ionpairs", "clusters"):   # shipped partial datasets: frames of their configs' plans
         planned = {t.frame_id: t for t in plan(LabelConfig.from_toml(REPO / "inputs" / "data" /
                                                                      f"label_config_{name}.toml"))}
         with Dataset.open(REPO / "inputs" / "data" / f"qmmm_{name}_b3lyp_svp.nc") as ds:
@@ -245,6 +245,24 @@ def test_label_cluster_zone_end_to_end(tmp_path):
         fr = ds.frame(0)
         # net force ~ 0 (translation invariance), up to the grid-level-1 XC grid without grid response
         assert fr["forces"].shape == (12, 3) and np.abs(fr["forces"].sum(0) + fr["mm_forces"].sum(0)).max() < 0.03
+
+
+def test_label_only_some_solutes_keeps_the_full_plan():
+    """`mlmm label --solutes ACT` labels the acetate frames of the cluster plan: the same ids, splits, MD chains
+    and shards as the full plan, in its order, so a later run with the full config fills in the rest."""
+    from potentials.core.errors import SetupError
+    from potentials.qmmm_reference import only_solutes
+    full = dataclasses.replace(LabelConfig.from_toml(REPO / "inputs" / "data" / "label_config_clusters.toml"),
+                               trajectories=12)
+    act = only_solutes(full, "ACT")
+    assert act.solutes == ("ACT",) and only_solutes(full, None) is full
+    assert plan(act) == [t for t in plan(full) if t.chain.solute == "ACT"]
+    for k in (1, 2):
+        assert shard_of(plan(act), (k, 2)) == [t for t in shard_of(plan(full), (k, 2)) if t.chain.solute == "ACT"]
+    assert only_solutes(full, " ACT, MOH ").solutes == ("MOH", "ACT")       # the config's order
+    for bad in ("HOH", "", "ACT,MAM"):
+        with pytest.raises(SetupError, match="subset of the config's solutes \\(MOH,ACT\\)"):
+            only_solutes(full, bad)
 
 
 def test_zone_config_errors(tmp_path):
