@@ -96,6 +96,13 @@ class _FixedCharges(torch.nn.Module):
         return out
 
 
+def offset_removed_mae(errors_by_set) -> float:
+    """MAE of signed errors after subtracting each set's own mean: ``errors_by_set`` is an iterable of arrays,
+    one per set (solute, zone). The "offset removed" energy MAE of :func:`evaluate` and
+    ``tests/bench/energy_residuals.py``."""
+    return float(np.mean(np.concatenate([np.abs(np.asarray(e) - np.mean(e)) for e in errors_by_set])))
+
+
 def evaluate(model: torch.nn.Module, frames: list[dict], device="cpu", batch_size: int = 16,
              gas_energy: dict[int, float] | None = None, *, schemes: "dict[str, TrainingScheme]",
              fixed: tuple[str, ...] = FIXED_CHARGE_SCHEMES) -> dict[str, dict[str, dict[str, float]]]:
@@ -156,8 +163,7 @@ def evaluate(model: torch.nn.Module, frames: list[dict], device="cpu", batch_siz
                     scale = 1.0 if m in ("energy", "e_int", "dipole") else KCALMOL_PER_EV
                     r[m] = float(v.mean()) * scale
             sets = signed[mode] if solute == "all" else {solute: signed[mode][solute]}
-            r["energy_offset_removed"] = float(np.mean(np.concatenate(
-                [np.abs(np.asarray(e) - np.mean(e)) for e in sets.values()])))
+            r["energy_offset_removed"] = offset_removed_mae(sets.values())
             out[mode][solute] = r
     return out
 

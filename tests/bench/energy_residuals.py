@@ -72,7 +72,9 @@ def pair_features(f: dict, pairs: list[tuple[int, int]]) -> np.ndarray:
 
 def offset_mae(err: np.ndarray, zone: np.ndarray) -> float:
     """Energy MAE after removing each zone's mean signed error (`mlmm evaluate`'s "offset removed")."""
-    return float(np.mean(np.concatenate([np.abs(err[zone == z] - err[zone == z].mean()) for z in np.unique(zone)])))
+    from potentials.evaluate import offset_removed_mae
+
+    return offset_removed_mae(err[zone == z] for z in np.unique(zone))
 
 
 def ridge_residuals(x: dict, err: dict, zone: dict, lam: float) -> dict:

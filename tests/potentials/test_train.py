@@ -242,6 +242,12 @@ def test_energy_offset_removed_ignores_a_constant_per_solute(tmp_path, frames):
     assert "mean error removed" in EV.format_table({"electrostatic": a})
 
 
+def test_offset_removed_mae_weights_frames_not_sets():
+    """Each set loses its own mean; the MAE is over all frames, so a set of one frame adds a zero."""
+    assert EV.offset_removed_mae([[1.0, 3.0], [10.0]]) == pytest.approx(2.0 / 3.0)
+    assert EV.offset_removed_mae([np.array([5.0, 5.0, 5.0])]) == 0.0
+
+
 def test_init_model_widened_to_a_new_element(tmp_path, frames):
     """Fine-tuning a model on data with an element it lacks (S): every weight is kept, sulfur's embedding starts
     as oxygen's (same group), and its self-energy is fitted so that the widened model reproduces the S frames'
