@@ -52,8 +52,8 @@ def evaluate_pair(new: str, old: str) -> dict:
     for name, path in card_sets().items():
         frames, gas = load_frames(path, "test"), read_gas_energies(path)
         res[name] = {}
-        for tag, (model, schemes) in models.items():
-            out = evaluate(model, frames, "cpu", gas_energy=gas, schemes={schemes[0]: SCHEMES.get(schemes[0])()})
+        for tag, (model, names) in models.items():           # names: the model's embedding schemes, first = card's
+            out = evaluate(model, frames, "cpu", gas_energy=gas, schemes={names[0]: SCHEMES.get(names[0])()})
             res[name][tag] = next(iter(out.values()))
         a, b = res[name]["old"]["all"], res[name]["new"]["all"]
         print(f"{name:20s} n={b['n']:4d}  F {a['forces']:.3f} -> {b['forces']:.3f}  Eoff "
