@@ -27,7 +27,6 @@ import shutil
 import subprocess
 import sys
 import time
-import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -71,9 +70,11 @@ def trajectory(run: Path, system: Path):
     """(MDTraj trajectory of the run, the ML indices, the prepared structure)."""
     import mdtraj as md
 
-    ml = tomllib.loads(system.read_text())["ml"]["indices"]
-    pdb = system.parent / "system.pdb"
-    return md.load(str(run / "sim.pos_0.nc"), top=str(pdb)), ml, md.load(str(pdb))
+    from potentials.core.spec import SystemSpec
+
+    spec = SystemSpec.load(system)
+    pdb = str(spec.structure_path)
+    return md.load(str(run / "sim.pos_0.nc"), top=pdb), spec.ml.indices, md.load(pdb)
 
 
 def span(d: np.ndarray) -> list[float]:
