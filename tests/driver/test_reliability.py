@@ -166,7 +166,9 @@ def test_killed_ml_client_recovers(model, example, tmp_path, caplog):
     restarts = [r.getMessage() for r in caplog.records if "automatic restart 1 of 3" in r.getMessage()]
     assert len(restarts) == 1 and "client 'ml' died (killed by SIGKILL)" in restarts[0]
     restart_step = int(restarts[0].split("from RESTART at step ")[1].split()[0])
-    assert restart_step % 10 == 0 and restart_step <= 2 * (killed[1] - 1)
+    # the kill lands a moment after the rows were counted; with a tiny model (ms a step) i-PI may have finished the
+    # next steps by then, and written RESTART at the next multiple of safe_stride, but no further
+    assert restart_step % 10 == 0 and restart_step <= 2 * (killed[1] - 1) + 10
     if 2 * (killed[1] - 1) > restart_step:      # rows past RESTART's step existed: they must have been cut
         assert any("sim.out: removed" in r.getMessage() for r in caplog.records)
     log = (out / "client_ml.log").read_text()
