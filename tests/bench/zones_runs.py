@@ -36,14 +36,23 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 TEMPLATE = ROOT / "inputs" / "templates" / "nvt_bussi.xml"
+def readme_prepare(out: str) -> list[str]:
+    """The arguments of the README's ``mlmm prepare ... --out OUT`` command, without ``--out``, the input path made
+    absolute: the bench runs the tutorial's own commands, so the two cannot drift apart."""
+    import shlex
+
+    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    for line in text.splitlines():
+        words = shlex.split(line) if line.startswith("mlmm prepare ") else []
+        if "--out" in words and words[words.index("--out") + 1] == out:
+            i = words.index("--out")
+            args = words[2:i] + words[i + 2:]
+            return [str(ROOT / args[0]), *args[1:]]
+    sys.exit(f"zones_runs: README.md has no `mlmm prepare ... --out {out}` command")
+
+
 # the README's `mlmm prepare` commands of tutorial steps 6 (pocket waters) and 7
-PREPARE = {
-    "dhfr-pocket": [str(ROOT / "inputs/examples/dhfr/dhfr_jac.pdb.gz"), "--ml",
-                    "(resid 27 and resname ASP and name CB HB2 HB3 CG OD1 OD2) or byres (resname HOH and name O "
-                    "and within 0.3 of (resid 27 and resname ASP and name OD1 OD2))"],
-    "dip": [str(ROOT / "inputs/examples/alanine-dipeptide/input.pdb"), "--nonperiodic", "--solvate", "1.0", "--ml",
-            "resname ALA or (resname ACE and name C O) or (resname NME and name N H)"],
-}
+PREPARE = {"dhfr-pocket": readme_prepare("dhfr-pocket/"), "dip": readme_prepare("dip/")}
 
 
 def mlmm(args: list[str], log: Path) -> tuple[int, float]:

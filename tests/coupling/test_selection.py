@@ -181,3 +181,6 @@ def test_pocket_waters_of_the_dhfr_tutorial(tmp_path):
                                        "(resid 27 and resname ASP and name OD1 OD2))", pos, box)
     by_index = select(pdb.topology, f"({side}) or index 10937-10939 10946-10948 11042-11044")
     assert np.array_equal(by_distance, by_index) and len(by_index) == 15
+    readme = (EXAMPLES.parents[1] / "README.md").read_text()     # the tutorial names this very selection
+    assert (f'--ml "({side}) or byres (resname HOH and name O and within 0.3 of '
+            '(resid 27 and resname ASP and name OD1 OD2))"') in readme

@@ -20,6 +20,13 @@ MODEL = ROOT / "inputs" / "models" / "small_b3lyp_svp_zones.pt"
 CUT_ZONE = "resname ALA or (resname ACE and name C O) or (resname NME and name N H)"
 
 
+def test_the_readme_tutorial_prepares_this_zone():
+    """README tutorial step 7 prepares the zone (and droplet) that the tests below run, so the two cannot drift."""
+    readme = " ".join((ROOT / "README.md").read_text().replace("\\\n", " ").split())
+    assert ('mlmm prepare inputs/examples/alanine-dipeptide/input.pdb --nonperiodic --solvate 1.0 --out dip/ '
+            f'--ml "{CUT_ZONE}"') in readme
+
+
 @pytest.mark.slow
 def test_prepare_and_run_a_zone_that_cuts_the_peptide(tmp_path, caplog):
     caplog.set_level(logging.INFO)
