@@ -36,6 +36,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 TEMPLATE = ROOT / "inputs" / "templates" / "nvt_bussi.xml"
+
+
 def readme_prepare(out: str) -> list[str]:
     """The arguments of the README's ``mlmm prepare ... --out OUT`` command, without ``--out``, the input path made
     absolute: the bench runs the tutorial's own commands, so the two cannot drift apart."""
@@ -44,8 +46,8 @@ def readme_prepare(out: str) -> list[str]:
     text = (ROOT / "README.md").read_text().replace("\\\n", " ")
     for line in text.splitlines():
         words = shlex.split(line) if line.startswith("mlmm prepare ") else []
-        if "--out" in words and words[words.index("--out") + 1] == out:
-            i = words.index("--out")
+        i = words.index("--out") if "--out" in words else -1
+        if i > 0 and words[i + 1] == out:
             args = words[2:i] + words[i + 2:]
             return [str(ROOT / args[0]), *args[1:]]
     sys.exit(f"zones_runs: README.md has no `mlmm prepare ... --out {out}` command")
