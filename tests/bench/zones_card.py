@@ -22,13 +22,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from zones_card_tables import CARD_TABLES  # noqa: E402
 
 DATA = ROOT / "inputs" / "data"
-SETS = {"clusters": "qmmm_clusters_b3lyp_svp.nc", "zones": "qmmm_zones_b3lyp_svp.nc",
-        "ionpairs": "qmmm_ionpairs_b3lyp_svp.nc", "hbpairs": "qmmm_hbpairs_b3lyp_svp.nc",
-        "solutes": "test_b3lyp_svp.nc"}
-# the card's tables in their order: the first word of each heading row -> set
-TABLE_ORDER = ("clusters", "zones", "ionpairs", "hbpairs", "fragments", "solutes")
+SETS = {name: f for _, name, f in CARD_TABLES if f}       # set -> shipped data file (the fragments: one file each)
+TABLE_ORDER = tuple(name for _, name, _ in CARD_TABLES)   # the card's tables in their order
 
 
 def card_sets() -> dict[str, Path]:

@@ -11,6 +11,7 @@ from coupling.schemes import SCHEMES
 from potentials import evaluate as EV
 from potentials import train as T
 from potentials.model_io import load_model
+from zones_card_tables import CARD_TABLES
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = ROOT / "inputs" / "models"
@@ -90,12 +91,8 @@ def _assert_rows(expected: dict, got: dict, where: str) -> None:
         assert got[k] == pytest.approx(expected[k], abs=1.5e-3, rel=1e-3), (where, k, got[k], expected[k])
 
 
-ZONE_SETS = {   # card heading -> (the next heading, shipped data file)
-    "Multi-molecule clusters (test split": ("QM zones of 1–6 waters (test split", "qmmm_clusters_b3lyp_svp.nc"),
-    "QM zones of 1–6 waters (test split": ("Ion pairs (test split", "qmmm_zones_b3lyp_svp.nc"),
-    "Ion pairs (test split": ("Hydrogen-bonded pairs (test split", "qmmm_ionpairs_b3lyp_svp.nc"),
-    "Hydrogen-bonded pairs (test split": ("Capped fragments (test split", "qmmm_hbpairs_b3lyp_svp.nc"),
-}
+ZONE_SETS = {   # card heading -> (the next heading, shipped data file), for the tables of multi-molecule zones
+    heading: (CARD_TABLES[i + 1][0], f) for i, (heading, _, f) in enumerate(CARD_TABLES[:-1]) if f}
 
 
 @pytest.mark.parametrize("heading", list(ZONE_SETS))
@@ -120,7 +117,7 @@ def test_zones_model_matches_its_card_on_each_capped_fragment():
     """The card's errors per fragment kind are those of the model on each shipped fragment's test split, and the
     model knows sulfur (Cys, Cys-) and records every fragment's formula in its domain."""
     torch.set_num_threads(1)
-    expected = _zones_card_rows("Capped fragments (test split", "Single solutes")
+    expected = _zones_card_rows(*(h for h, name, _ in CARD_TABLES if name in ("fragments", "solutes")))
     files = sorted((ROOT / "inputs" / "data" / "fragments").glob("*.nc"))
     assert {name.split()[0] for name in expected} == {f.stem for f in files}
     model = load_model(ZONES)
