@@ -200,14 +200,22 @@ class Learner:
         while True:
             st = self.state(r)
             if r == 0:
-                self.seed(st)
+                # --seed-only into a dataset that already holds the frame budget (a shipped one, copied into a
+                # fresh checkout): nothing left to label, so no seed MD either (a protein's costs ~half an hour)
+                full = (seed_only and not export_jobs and "selected" not in st["stages"]
+                        and bool(self.cfg.budget.max_frames) and self.n_labelled() >= self.cfg.budget.max_frames)
+                if not full:
+                    self.seed(st)
                 if export_jobs:
                     from driver.learn_label import export_round
                     n = export_round(self, 0, export_jobs)
                     return {"reason": "seed only, exported (--export-jobs)", "round": 0, "jobs": n}
                 if seed_only:
-                    self.label(0, st)
-                    result = {"reason": "seed only (--seed-only): sampled and labelled, not trained", "round": 0,
+                    if not full:
+                        self.label(0, st)
+                    done = ("the dataset held the frame budget already, nothing sampled" if full else
+                            "sampled and labelled, not trained")
+                    result = {"reason": f"seed only (--seed-only): {done}", "round": 0,
                               "frames": self.n_labelled(), "data": str(self.dataset)}
                     self._save_meta(seed_only=result)
                     log.info("done (seed only): %d labelled frames in %s, usable as [data] path or extra of "

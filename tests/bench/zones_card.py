@@ -6,8 +6,10 @@ table for: the 3-water clusters, the zones of 1–6 waters, the ion pairs, the h
 fragment of `inputs/data/fragments/` and the single solutes. It prints "old -> new" per set (ML forces, energy with
 the offset removed, energy) and, with ``--json``, writes every number. With ``--update-card CARD --old-label
 "stage N"`` it rewrites the rows of the card's six tables (NEW's columns, OLD's in the last one, whose heading gets
-OLD's label); run on the shipped model and its predecessor it leaves the card unchanged, which is what
-`tests/potentials/test_shipped_model.py` checks of the numbers.
+OLD's label). The fragment table gets one row per file of `inputs/data/fragments/` (the droplet fragments first, then
+those in DHFR, each by name; a new file gets a row, its formula that of its QM zone). Run on the shipped model and its
+predecessor it leaves the card unchanged, which is what `tests/potentials/test_shipped_model.py` checks of the
+numbers.
 
     OMP_NUM_THREADS=2 python tests/bench/zones_card.py data/small_stageN.pt old.pt --json s.json \\
         --update-card inputs/models/small_b3lyp_svp_zones.md --old-label "stage M"
@@ -44,6 +46,7 @@ def evaluate_pair(new: str, old: str) -> dict:
 
     from coupling.schemes import SCHEMES
     from driver.pipeline import evaluated_model
+    from potentials.domain import formula
     from potentials.evaluate import evaluate, load_frames, read_gas_energies
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
@@ -51,7 +54,7 @@ def evaluate_pair(new: str, old: str) -> dict:
     res: dict = {}
     for name, path in card_sets().items():
         frames, gas = load_frames(path, "test"), read_gas_energies(path)
-        res[name] = {}
+        res[name] = {"formula": formula(frames[0]["numbers"])} if name.startswith("fragment:") else {}
         for tag, (model, names) in models.items():           # names: the model's embedding schemes, first = card's
             out = evaluate(model, frames, "cpu", gas_energy=gas, schemes={names[0]: SCHEMES.get(names[0])()})
             res[name][tag] = next(iter(out.values()))
@@ -62,37 +65,50 @@ def evaluate_pair(new: str, old: str) -> dict:
     return res
 
 
+def fragment_order(name: str) -> tuple[bool, str]:
+    """The fragment table's order: the droplet fragments, then those inside DHFR (``DHFR-<residue>``), by name."""
+    return name.startswith("DHFR-"), name
+
+
+def _row(kind: str, first: str, new: dict, old: dict) -> list[str]:
+    f3 = "{:.3f}".format
+    row = [first, str(new["n"])] + [f3(new[m]) for m in ("energy", "forces", "mm_forces", "dipole",
+                                                           "energy_offset_removed")]
+    if kind == "solutes":
+        row.append(f3(new["e_int"]))
+    last = [old["energy"], old["forces"]] + ([] if kind in ("fragments", "solutes") else [old["mm_forces"]])
+    return row + [" / ".join(map(f3, last))]
+
+
 def update_card(text: str, res: dict, old_label: str) -> str:
     """The card with the rows of its six held-out tables rewritten from ``res`` (see the module docstring)."""
-    f3 = "{:.3f}".format
-    lines, k, in_table = text.split("\n"), -1, False
-    for i, line in enumerate(lines):
+    frags = sorted((k.split(":", 1)[1] for k in res if k.startswith("fragment:")), key=fragment_order)
+    lines, k, in_table, out = text.split("\n"), -1, False, []
+    for line in lines:
         if re.match(r"\| (zone|fragment|solute) ", line):
             k, in_table = k + 1, True
-            lines[i] = re.sub(r"stage \d+:", old_label + ":", line)
+            out.append(re.sub(r"stage \d+:", old_label + ":", line))
             continue
         in_table = in_table and line.startswith("|")
         if not in_table or line.startswith("|---") or line.startswith("| target"):
+            out.append(line)
+            if in_table and line.startswith("|---") and TABLE_ORDER[k] == "fragments":   # the rows, from the files
+                for name in frags:
+                    pair = res["fragment:" + name]
+                    row = _row("fragments", f"{name} ({pair['formula']})", pair["new"]["all"], pair["old"]["all"])
+                    out.append("| " + " | ".join(row) + " |")
             continue
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         kind = TABLE_ORDER[k]
-        if kind == "fragments":
-            pair = res["fragment:" + cells[0].split()[0]]
-            new, old = pair["new"]["all"], pair["old"]["all"]
-        else:
-            new, old = res[kind]["new"][cells[0]], res[kind]["old"][cells[0]]
-        row = [cells[0], str(new["n"])] + [f3(new[m]) for m in ("energy", "forces", "mm_forces", "dipole",
-                                                                   "energy_offset_removed")]
-        if kind == "solutes":
-            row.append(f3(new["e_int"]))
-        last = [old["energy"], old["forces"]] + ([] if kind in ("fragments", "solutes") else [old["mm_forces"]])
-        row.append(" / ".join(map(f3, last)))
+        if kind == "fragments":                # written above from the files
+            continue
+        row = _row(kind, cells[0], res[kind]["new"][cells[0]], res[kind]["old"][cells[0]])
         if len(row) != len(cells):
             raise SystemExit(f"card row has {len(cells)} cells, expected {len(row)}: {line}")
-        lines[i] = "| " + " | ".join(row) + " |"
+        out.append("| " + " | ".join(row) + " |")
     if k != len(TABLE_ORDER) - 1:
         raise SystemExit(f"found {k + 1} held-out tables in the card, expected {len(TABLE_ORDER)}")
-    return "\n".join(lines)
+    return "\n".join(out)
 
 
 def main(argv=None) -> None:

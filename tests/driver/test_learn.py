@@ -5,6 +5,7 @@ config's refusals."""
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -250,6 +251,12 @@ def test_learn_labels_a_link_atom_zone_with_its_caps(tmp_path):
     assert cli([*args, "--seed-only"]) == 0                 # a dataset only: sampled, labelled, not trained
     assert json.loads((out / "learn.json").read_text())["seed_only"]["frames"] == 8
     assert not list(out.glob("round_000/committee*.pt")) and not (out / "model.pt").exists()
+    fresh = tmp_path / "fresh"          # that dataset shipped and copied into a fresh checkout's folder (as
+    fresh.mkdir()                       # label_fragments.sh does): it holds the budget, so no seed MD runs again
+    shutil.copy(out / "data.nc", fresh / "data.nc")
+    assert cli([*args[:3], str(fresh), *args[4:], "--seed-only", "--max-frames", "8"]) == 0
+    assert "held the frame budget" in json.loads((fresh / "learn.json").read_text())["seed_only"]["reason"]
+    assert not (fresh / "round_000" / "seed").exists()
     assert cli(args) == 0                                   # the same folder goes on to a committee
     with Dataset.open(out / "data.nc") as ds:
         frames = [ds.frame(i) for i in range(len(ds))]

@@ -232,18 +232,24 @@ def test_qm_backend_choice(tmp_path):
 FRAGMENTS = {"ASP": ("C2H3O2", -1), "SER": ("CH4O", 0), "CYS": ("CH4S", 0), "CYM": ("CH3S", -1),
              "GLU": ("C3H5O2", -1), "THR": ("C2H6O", 0), "MET": ("C3H8S", 0), "HID": ("C4H6N2", 0),
              "HIE": ("C4H6N2", 0), "HIP": ("C4H7N2", 1), "LYS": ("C4H12N", 1), "TYR": ("C7H8O", 0),
-             "ARG": ("C4H12N3", 1)}
+             "ARG": ("C4H12N3", 1), "DIPEPTIDE": ("C4H8N2O2", 0)}
+DHFR_FRAGMENTS = {"DHFR-ASP27": ("C2H3O2", -1), "DHFR-GLU17": ("C3H5O2", -1), "DHFR-HIS45": ("C4H6N2", 0),
+                  "DHFR-SER49": ("CH4O", 0), "DHFR-THR46": ("C2H6O", 0), "DHFR-LYS32": ("C4H12N", 1),
+                  "DHFR-ARG57": ("C4H12N3", 1), "DHFR-TYR100": ("C7H8O", 0), "DHFR-MET20": ("C3H8S", 0),
+                  "DHFR-CYS152": ("CH4S", 0)}       # the same side chains inside DHFR (HIS45 is HID there)
 
 
 def test_shipped_fragments_are_what_their_readme_says():
     """inputs/data/fragments/<NAME>.nc (label_fragments.sh): 80 frames of one capped side chain each, split by MD
-    segment, and a label (the methanethiol one: sulfur) recomputed here equals the stored one."""
+    segment, and a label (the methanethiol one: sulfur; in DHFR, Cys152's, with the protein's charges around it)
+    recomputed here equals the stored one. Every droplet fragment is shipped; the DHFR ones as far as labelled."""
     from potentials.dataset import Dataset
     from potentials.domain import formula
     root = Path(__file__).resolve().parents[2] / "inputs" / "data" / "fragments"
     shipped = sorted(p.stem for p in root.glob("*.nc"))
-    assert set(FRAGMENTS) <= set(shipped), shipped
-    for name, (chem, charge) in FRAGMENTS.items():
+    assert set(FRAGMENTS) <= set(shipped) <= set(FRAGMENTS) | set(DHFR_FRAGMENTS), shipped
+    for name in shipped:
+        chem, charge = {**FRAGMENTS, **DHFR_FRAGMENTS}[name]
         with Dataset.open(root / f"{name}.nc") as ds:
             assert len(ds) == 80 and ds.attrs["qm_xc"] == "b3lypg" and ds.attrs["qm_basis"] == "def2-svp"
             fr = ds.frame(0)
@@ -252,7 +258,9 @@ def test_shipped_fragments_are_what_their_readme_says():
             assert {str(s): int(np.sum(split == s)) for s in ("train", "val", "test")} == {"train": 48, "val": 16,
                                                                                            "test": 16}
             assert all(len(set(split[traj == t])) == 1 for t in set(traj))
-            if name == "CYS":
+            if name.startswith("DHFR-"):         # the protein and its waters within the 1.2 nm embedding
+                assert len(fr["mm_charges"]) > 500, (name, len(fr["mm_charges"]))
+            if name in ("CYS", "DHFR-CYS152"):
                 lab = label_frame(fr["numbers"], fr["positions"], charge, fr["mm_positions"], fr["mm_charges"])
                 assert lab.energy == pytest.approx(float(fr["energy"]), abs=1e-5)
                 np.testing.assert_allclose(lab.forces, fr["forces"], atol=1e-4)
