@@ -41,8 +41,9 @@ for name in "${names[@]}"; do
             --solvate 1.0 --out "$prep" ;;
     esac
   fi
-  # a fragment shipped as inputs/data/fragments/NAME.nc (labelled in an earlier session) continues from it: the
-  # seed MD is re-made (seeded), and frames already in data.nc are skipped by id
+  # a fragment shipped as inputs/data/fragments/NAME.nc (labelled in an earlier session) continues from it: one with
+  # all its frames is not sampled again (`mlmm learn --seed-only` skips the seed MD of a dataset that holds the frame
+  # budget); otherwise the seed MD is re-made (seeded), and frames already in data.nc are skipped by id
   if [ -f "inputs/data/fragments/$name.nc" ] && [ ! -f "data/fragments/$name/data.nc" ]; then
     mkdir -p "data/fragments/$name" && cp "inputs/data/fragments/$name.nc" "data/fragments/$name/data.nc"
   fi
