@@ -86,7 +86,7 @@ def update_card(text: str, res: dict, old_label: str) -> str:
     lines, k, in_table, out = text.split("\n"), -1, False, []
     for line in lines:
         if re.match(r"\| (zone|fragment|solute) ", line):
-            k, in_table = k + 1, True
+            k, in_table, header = k + 1, True, line
             out.append(re.sub(r"stage \d+:", old_label + ":", line))
             continue
         in_table = in_table and line.startswith("|")
@@ -96,6 +96,9 @@ def update_card(text: str, res: dict, old_label: str) -> str:
                 for name in frags:
                     pair = res["fragment:" + name]
                     row = _row("fragments", f"{name} ({pair['formula']})", pair["new"]["all"], pair["old"]["all"])
+                    if len(row) != header.count("|") - 1:     # the cells the table's heading names
+                        raise SystemExit(f"card table has {header.count('|') - 1} columns, expected {len(row)}: "
+                                         f"{header}")
                     out.append("| " + " | ".join(row) + " |")
             continue
         cells = [c.strip() for c in line.strip().strip("|").split("|")]

@@ -247,9 +247,10 @@ def test_shipped_fragments_are_what_their_readme_says():
     from potentials.domain import formula
     root = Path(__file__).resolve().parents[2] / "inputs" / "data" / "fragments"
     shipped = sorted(p.stem for p in root.glob("*.nc"))
-    assert set(FRAGMENTS) <= set(shipped) <= set(FRAGMENTS) | set(DHFR_FRAGMENTS), shipped
+    known = {**FRAGMENTS, **DHFR_FRAGMENTS}
+    assert set(FRAGMENTS) <= set(shipped) <= set(known), shipped
     for name in shipped:
-        chem, charge = {**FRAGMENTS, **DHFR_FRAGMENTS}[name]
+        chem, charge = known[name]
         with Dataset.open(root / f"{name}.nc") as ds:
             assert len(ds) == 80 and ds.attrs["qm_xc"] == "b3lypg" and ds.attrs["qm_basis"] == "def2-svp"
             fr = ds.frame(0)
