@@ -292,7 +292,8 @@ def _add_learn(sub) -> None:
                    "sampled independently of it (fresh MM chain + ML/MM MD with the final committee) and report the "
                    "final committee's errors on them (overrides [validate] frames; default 40, 0: none)")
     s.add_argument("--seed-only", action="store_true", help="only sample and label round 0 (the MM seed) into "
-                   "DIR/data.nc and stop: a dataset for `mlmm train`, e.g. capped fragments for a general model")
+                   "DIR/data.nc and stop: a dataset for `mlmm train`, e.g. capped fragments for a general model (a "
+                   "DIR/data.nc that already holds [budget] max_frames is not sampled again)")
     s.add_argument("--export-jobs", default=None, metavar="JOBS.npz", help="with --seed-only: sample round 0 and "
                    "write the QM inputs of its frames to JOBS.npz instead of labelling them (label elsewhere with "
                    "`python -m potentials.qm_jobs`, import with `mlmm label --out DIR/data.nc --import-labels`)")
