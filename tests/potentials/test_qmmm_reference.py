@@ -242,13 +242,13 @@ DHFR_FRAGMENTS = {"DHFR-ASP27": ("C2H3O2", -1), "DHFR-GLU17": ("C3H5O2", -1), "D
 def test_shipped_fragments_are_what_their_readme_says():
     """inputs/data/fragments/<NAME>.nc (label_fragments.sh): 80 frames of one capped side chain each, split by MD
     segment, and a label (the methanethiol one: sulfur; in DHFR, Cys152's, with the protein's charges around it)
-    recomputed here equals the stored one. Every droplet fragment is shipped; the DHFR ones as far as labelled."""
+    recomputed here equals the stored one. Every fragment of the script's plan is shipped, in water and in DHFR."""
     from potentials.dataset import Dataset
     from potentials.domain import formula
     root = Path(__file__).resolve().parents[2] / "inputs" / "data" / "fragments"
     shipped = sorted(p.stem for p in root.glob("*.nc"))
     known = {**FRAGMENTS, **DHFR_FRAGMENTS}
-    assert set(FRAGMENTS) <= set(shipped) <= set(known), shipped
+    assert set(shipped) == set(known), shipped
     for name in shipped:
         chem, charge = known[name]
         with Dataset.open(root / f"{name}.nc") as ds:
