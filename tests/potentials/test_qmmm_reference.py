@@ -260,7 +260,7 @@ def test_shipped_fragments_are_what_their_readme_says():
                                                                                            "test": 16}
             assert all(len(set(split[traj == t])) == 1 for t in set(traj))
             distinct = len(np.unique(np.round(fr["mm_charges"], 4)))     # the environment's partial charges:
-            assert (distinct > 200) == name.startswith("DHFR-"), (name, distinct)  # a protein's residues (330-410
+            assert (distinct > 200) == name.startswith("DHFR-"), (name, distinct)  # a protein's residues (330-425
             #                                       in these), or a droplet's waters and capped peptide (40-130)
             if name in ("CYS", "DHFR-CYS152"):
                 lab = label_frame(fr["numbers"], fr["positions"], charge, fr["mm_positions"], fr["mm_charges"])
