@@ -96,9 +96,9 @@ def update_card(text: str, res: dict, old_label: str) -> str:
                 for name in frags:
                     pair = res["fragment:" + name]
                     row = _row("fragments", f"{name} ({pair['formula']})", pair["new"]["all"], pair["old"]["all"])
-                    if len(row) != header.count("|") - 1:     # the cells the table's heading names
-                        raise SystemExit(f"card table has {header.count('|') - 1} columns, expected {len(row)}: "
-                                         f"{header}")
+                    ncols = header.count("|") - 1              # the cells the table's heading names
+                    if len(row) != ncols:
+                        raise SystemExit(f"card table has {ncols} columns, expected {len(row)}: {header}")
                     out.append("| " + " | ".join(row) + " |")
             continue
         cells = [c.strip() for c in line.strip().strip("|").split("|")]

@@ -3,6 +3,7 @@ charges and QM atoms, and the end-to-end `mlmm label` pipeline (sampling, embedd
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import numpy as np
@@ -249,6 +250,10 @@ def test_shipped_fragments_are_what_their_readme_says():
     shipped = sorted(p.stem for p in root.glob("*.nc"))
     known = {**FRAGMENTS, **DHFR_FRAGMENTS}
     assert set(shipped) == set(known), shipped
+    script = (root.parent / "label_fragments.sh").read_text()           # the plan: its WATER and PROTEIN lists
+    plan_lists = {k: v.split() for k, v in re.findall(r"^(WATER|PROTEIN)=\((.*)\)$", script, re.MULTILINE)}
+    assert set(plan_lists["WATER"]) == set(FRAGMENTS), plan_lists
+    assert {f"DHFR-{r}" for r in plan_lists["PROTEIN"]} == set(DHFR_FRAGMENTS), plan_lists
     for name in shipped:
         chem, charge = known[name]
         with Dataset.open(root / f"{name}.nc") as ds:
