@@ -3,9 +3,11 @@
 # CA-CB), sample it by MM at 300 and 400 K with displaced copies and label 80 frames at B3LYP/def2-SVP with
 # `mlmm learn --seed-only` (inputs/data/learn_fragments.toml). First in a TIP3P droplet
 # (inputs/examples/fragments/), then the same side chains inside DHFR (inputs/examples/dhfr, the protein and its
-# waters as the MM environment); DIPEPTIDE is the capped alanine-dipeptide zone of the README (two amide groups). Resumable: run it again and it goes on where it stopped (prepared systems are
-# kept, `mlmm learn` skips what it has). Each fragment's frames end up in data/fragments/<name>/data.nc, the
-# record format of `mlmm label` (add them as [data] extra of `mlmm train`).
+# waters as the MM environment); DIPEPTIDE is the capped alanine-dipeptide zone of the README (two amide groups),
+# CYS-DISP Cys's side chain again, sampled by inputs/data/learn_fragments_displaced.toml (60 of its 80 frames
+# displaced copies: the compressed S-H bonds its own set lacks). Resumable: run it again and it goes on where it
+# stopped (prepared systems are kept, `mlmm learn` skips what it has). Each fragment's frames end up in
+# data/fragments/<name>/data.nc, the record format of `mlmm label` (add them as [data] extra of `mlmm train`).
 #   OMP_NUM_THREADS=1 bash inputs/data/label_fragments.sh [NAME ...]      # default: all, smallest first
 # With EXPORT_JOBS=DIR the QM is left for another machine: each fragment's sampled frames go to DIR/<name>.npz
 # (`mlmm learn --seed-only --export-jobs`); label them with `python -m potentials.qm_jobs DIR/<name>.npz
@@ -16,7 +18,7 @@ cd "$(dirname "$0")/../.."
 MLMM=${MLMM:-mlmm}
 CFG=inputs/data/learn_fragments.toml
 SIDE="not name N H CA HA C O"
-WATER=(ASP SER CYS CYM GLU THR MET HID HIE HIP LYS ARG TYR DIPEPTIDE)
+WATER=(ASP SER CYS CYM GLU THR MET HID HIE HIP LYS ARG TYR DIPEPTIDE CYS-DISP)
 PROTEIN=(ASP27 GLU17 HIS45 SER49 THR46 LYS32 ARG57 TYR100 MET20 CYS152)
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=("${WATER[@]}" "${PROTEIN[@]/#/DHFR-}")
@@ -36,8 +38,8 @@ for name in "${names[@]}"; do
       CYM)
         "$MLMM" prepare inputs/examples/fragments/ACE-CYM-NME.pdb --ml "resid 2 and $SIDE" --nonperiodic \
             --solvate 1.0 --no-fix --out "$prep" ;;
-      *)
-        "$MLMM" prepare "inputs/examples/fragments/ACE-$name-NME.pdb" --ml "resid 2 and $SIDE" --nonperiodic \
+      *)               # NAME-DISP: NAME's side chain again, sampled with learn_fragments_displaced.toml
+        "$MLMM" prepare "inputs/examples/fragments/ACE-${name%-DISP}-NME.pdb" --ml "resid 2 and $SIDE" --nonperiodic \
             --solvate 1.0 --out "$prep" ;;
     esac
   fi
@@ -47,7 +49,8 @@ for name in "${names[@]}"; do
   if [ -f "inputs/data/fragments/$name.nc" ] && [ ! -f "data/fragments/$name/data.nc" ]; then
     mkdir -p "data/fragments/$name" && cp "inputs/data/fragments/$name.nc" "data/fragments/$name/data.nc"
   fi
-  "$MLMM" learn "$prep/system.toml" --out "data/fragments/$name" --config "$CFG" --seed-only \
+  cfg=$CFG; [[ $name == *-DISP ]] && cfg=inputs/data/learn_fragments_displaced.toml
+  "$MLMM" learn "$prep/system.toml" --out "data/fragments/$name" --config "$cfg" --seed-only \
       ${EXPORT_JOBS:+--export-jobs "$EXPORT_JOBS/$name.npz"} || [ -n "${EXPORT_JOBS:-}" ]   # exporting: a
   #                                                           fragment with every frame labelled has nothing to export
 done

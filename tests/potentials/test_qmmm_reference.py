@@ -233,7 +233,8 @@ def test_qm_backend_choice(tmp_path):
 FRAGMENTS = {"ASP": ("C2H3O2", -1), "SER": ("CH4O", 0), "CYS": ("CH4S", 0), "CYM": ("CH3S", -1),
              "GLU": ("C3H5O2", -1), "THR": ("C2H6O", 0), "MET": ("C3H8S", 0), "HID": ("C4H6N2", 0),
              "HIE": ("C4H6N2", 0), "HIP": ("C4H7N2", 1), "LYS": ("C4H12N", 1), "TYR": ("C7H8O", 0),
-             "ARG": ("C4H12N3", 1), "DIPEPTIDE": ("C4H8N2O2", 0)}
+             "ARG": ("C4H12N3", 1), "DIPEPTIDE": ("C4H8N2O2", 0),
+             "CYS-DISP": ("CH4S", 0)}           # Cys again, 60 of 80 frames displaced (learn_fragments_displaced)
 DHFR_FRAGMENTS = {"DHFR-ASP27": ("C2H3O2", -1), "DHFR-GLU17": ("C3H5O2", -1), "DHFR-HIS45": ("C4H6N2", 0),
                   "DHFR-SER49": ("CH4O", 0), "DHFR-THR46": ("C2H6O", 0), "DHFR-LYS32": ("C4H12N", 1),
                   "DHFR-ARG57": ("C4H12N3", 1), "DHFR-TYR100": ("C7H8O", 0), "DHFR-MET20": ("C3H8S", 0),
@@ -264,6 +265,7 @@ def test_shipped_fragments_are_what_their_readme_says():
             assert {str(s): int(np.sum(split == s)) for s in ("train", "val", "test")} == {"train": 48, "val": 16,
                                                                                            "test": 16}
             assert all(len(set(split[traj == t])) == 1 for t in set(traj))
+            assert int(np.sum(ds.meta["displaced"] > 0)) == (60 if name.endswith("-DISP") else 40), name
             distinct = len(np.unique(np.round(fr["mm_charges"], 4)))     # the environment's partial charges:
             assert (distinct > 200) == name.startswith("DHFR-"), (name, distinct)  # a protein's residues (330-425
             #                                       in these), or a droplet's waters and capped peptide (40-130)
