@@ -24,11 +24,13 @@ names=("$@")
 [ ${#names[@]} -gt 0 ] || names=("${WATER[@]}" "${PROTEIN[@]/#/DHFR-}")
 mkdir -p data/fragments
 for name in "${names[@]}"; do
-  prep=data/fragments/prep-$name
+  zone=${name%-DISP}   # NAME-DISP: NAME's prepared system again, sampled with learn_fragments_displaced.toml
+  cfg=$CFG; [ "$zone" = "$name" ] || cfg=inputs/data/learn_fragments_displaced.toml
+  prep=data/fragments/prep-$zone
   if [ ! -f "$prep/system.toml" ]; then
-    case $name in
+    case $zone in
       DHFR-*)
-        r=${name#DHFR-}; resname=${r//[0-9]/}; resid=${r//[A-Z]/}
+        r=${zone#DHFR-}; resname=${r//[0-9]/}; resid=${r//[A-Z]/}
         "$MLMM" prepare inputs/examples/dhfr/dhfr_jac.pdb.gz --ml "resid $resid and resname $resname and $SIDE" \
             --out "$prep" ;;
       DIPEPTIDE)       # the ALA residue and both peptide groups, cut at the two terminal methyl carbons
@@ -38,8 +40,8 @@ for name in "${names[@]}"; do
       CYM)
         "$MLMM" prepare inputs/examples/fragments/ACE-CYM-NME.pdb --ml "resid 2 and $SIDE" --nonperiodic \
             --solvate 1.0 --no-fix --out "$prep" ;;
-      *)               # NAME-DISP: NAME's side chain again, sampled with learn_fragments_displaced.toml
-        "$MLMM" prepare "inputs/examples/fragments/ACE-${name%-DISP}-NME.pdb" --ml "resid 2 and $SIDE" --nonperiodic \
+      *)
+        "$MLMM" prepare "inputs/examples/fragments/ACE-$zone-NME.pdb" --ml "resid 2 and $SIDE" --nonperiodic \
             --solvate 1.0 --out "$prep" ;;
     esac
   fi
@@ -49,7 +51,6 @@ for name in "${names[@]}"; do
   if [ -f "inputs/data/fragments/$name.nc" ] && [ ! -f "data/fragments/$name/data.nc" ]; then
     mkdir -p "data/fragments/$name" && cp "inputs/data/fragments/$name.nc" "data/fragments/$name/data.nc"
   fi
-  cfg=$CFG; [[ $name == *-DISP ]] && cfg=inputs/data/learn_fragments_displaced.toml
   "$MLMM" learn "$prep/system.toml" --out "data/fragments/$name" --config "$cfg" --seed-only \
       ${EXPORT_JOBS:+--export-jobs "$EXPORT_JOBS/$name.npz"} || [ -n "${EXPORT_JOBS:-}" ]   # exporting: a
   #                                                           fragment with every frame labelled has nothing to export
